@@ -1,0 +1,639 @@
+"""Build datasets in EDM2's layout (spec §1.5): `convert` images to PNGs, `encode` them to Stable Diffusion VAE
+latents, `decode` latents back to PNGs.
+
+Output layout (a zip, stored uncompressed, or a folder): `00000/img00000000.png`, `00000/img00000001.png`, ...
+(the first five of the eight index digits name the sub-folder) and `dataset.json`, written last, holding
+`{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`. The same input always gives a
+byte-identical output. The output appears under its final name only when everything has been written.
+
+Sources for `convert`:
+  * a folder of images (searched recursively) or a zip of images. Labels come from a `dataset.json` at its root
+    if there is one; otherwise, when the images sit in two or more top-level sub-folders (like ImageNet's
+    `train/n01440764/...`), the label is the index of the sub-folder name in sorted order; otherwise none.
+  * MNIST-format IDX files (MNIST, Fashion-MNIST): name the image file, e.g.
+    `--source=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz`; the labels are read from the file
+    next to it with `images-idx3` replaced by `labels-idx1`. Naming the folder instead takes its training split
+    (`train-images-idx3-ubyte[.gz]`), or its only IDX image file.
+
+Examples:
+  python dataset_tool.py convert --source=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \\
+      --dest=datasets/fashion-mnist-32.zip --resolution=32x32
+  python dataset_tool.py convert --source=downloads/imagenet/ILSVRC/Data/CLS-LOC/train \\
+      --dest=datasets/img64.zip --resolution=64x64 --transform=center-crop-dhariwal
+"""
+
+import contextlib
+import functools
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+import zipfile
+import zlib
+
+import click
+import numpy as np
+import PIL.Image
+from tqdm import tqdm
+
+import dnnlib
+
+#----------------------------------------------------------------------------
+# Errors of the library functions: one line naming the file or option at fault. The CLI shows them as
+# `Error: <message>`.
+
+class DatasetToolError(Exception):
+    pass
+
+#----------------------------------------------------------------------------
+# Input images. Every source yields InputImage records in a fixed (sorted) order.
+
+class InputImage:
+    def __init__(self, name, image, label):
+        self.name = name        # Name for error messages (archive-relative path or `<file>[index]`).
+        self.image = image      # np.ndarray: uint8 [H,W,3] RGB, or the array of a latent .npy file.
+        self.label = label      # int, list of numbers, or None.
+
+class Source:
+    """An ordered list of inputs: `len()` gives their count, `read(i)` the i-th InputImage."""
+    def __init__(self, names, read_fn, labels, label_origin):
+        self.names = names                 # Input names, in order, already cut to --max-images.
+        self.labels = labels               # One label (or None) per input.
+        self.label_origin = label_origin   # Where the labels came from, for the summary line.
+        self._read_fn = read_fn            # i -> np.ndarray.
+
+    def __len__(self):
+        return len(self.names)
+
+    def read(self, i):
+        return InputImage(self.names[i], self._read_fn(i), self.labels[i])
+
+def _file_ext(name):
+    return os.path.splitext(name)[1].lower()
+
+@functools.lru_cache(maxsize=None)
+def _image_extensions():
+    PIL.Image.init()
+    return frozenset(PIL.Image.EXTENSION.keys())
+
+def _decode_image(f, where):
+    """Read an image file object with Pillow and return it as uint8 RGB [H,W,3] (grey and palette images too)."""
+    try:
+        with PIL.Image.open(f) as img:
+            return np.array(img.convert('RGB'))
+    except Exception as e: # Any decoder failure means a corrupt or unreadable file.
+        raise DatasetToolError(f'{where}: cannot read image ({type(e).__name__}: {e})') from None
+
+def _labels_for(names, dataset_json, where):
+    """Labels of the inputs `names` (archive-relative, `/`-separated): from dataset.json (bytes or None), else from
+    the top-level sub-folder names (spec §1.5). Returns (labels, description of their origin)."""
+    if dataset_json is not None:
+        # A dataset.json decides, even one saying {"labels": null}: an unlabelled dataset in EDM2's own layout
+        # (sub-folders 00000, 00001, ...) must not get its sub-folder numbers as class labels.
+        try:
+            labels = json.loads(dataset_json)['labels']
+            mapping = dict(labels) if labels is not None else {}
+        except Exception as e:
+            raise DatasetToolError(f'{where}/dataset.json: not a valid dataset.json ({type(e).__name__}: {e})') from None
+        if labels is None:
+            return [None] * len(names), 'none (dataset.json has no labels)'
+        return [mapping.get(name) for name in names], 'dataset.json'
+    top = [name.split('/')[0] if '/' in name else '' for name in names]
+    classes = sorted(set(top))
+    if len(classes) < 2:
+        return [None] * len(names), 'none'
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[t] for t in top], f'{len(classes)} top-level sub-folders'
+
+def open_image_folder(source, max_images=None):
+    names = []
+    for root, _dirs, files in os.walk(source):
+        for fname in files:
+            if _file_ext(fname) in _image_extensions():
+                names.append(os.path.relpath(os.path.join(root, fname), source).replace(os.sep, '/'))
+    names.sort()
+    meta_path = os.path.join(source, 'dataset.json')
+    dataset_json = None
+    if os.path.isfile(meta_path):
+        with open(meta_path, 'rb') as f:
+            dataset_json = f.read()
+    # Labels are assigned over ALL inputs, so that --max-images keeps the class numbering of the full set.
+    labels, origin = _labels_for(names, dataset_json, source)
+    names, labels = names[:max_images], labels[:max_images]
+
+    def read(i):
+        path = os.path.join(source, names[i].replace('/', os.sep))
+        try:
+            f = open(path, 'rb')
+        except OSError as e:
+            raise DatasetToolError(f'{path}: cannot open ({e.strerror})') from None
+        with f:
+            return _decode_image(f, path)
+    return Source(names, read, labels, origin)
+
+def open_image_zip(source, max_images=None):
+    try:
+        archive = zipfile.ZipFile(source)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DatasetToolError(f'{source}: cannot read zip archive ({e})') from None
+    all_names = set(archive.namelist())
+    names = sorted(name for name in all_names if _file_ext(name) in _image_extensions())
+    dataset_json = archive.read('dataset.json') if 'dataset.json' in all_names else None
+    labels, origin = _labels_for(names, dataset_json, source)
+    names, labels = names[:max_images], labels[:max_images]
+
+    def read(i):
+        where = f'{source}/{names[i]}'
+        try:
+            data = archive.read(names[i])
+        except Exception as e:
+            raise DatasetToolError(f'{where}: cannot read ({type(e).__name__}: {e})') from None
+        return _decode_image(io.BytesIO(data), where)
+    return Source(names, read, labels, origin)
+
+#----------------------------------------------------------------------------
+# MNIST-format IDX files: big-endian header [0, 0, type code, ndim], ndim uint32 sizes, then the raw array.
+# Optionally gzip-compressed, as distributed.
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
+               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+_IDX_IMAGE_PATTERN = re.compile(r'.*images-idx3-ubyte(\.gz)?$')
+
+def read_idx(path, max_items=None):
+    """Read (the first max_items entries of) an IDX file as a numpy array; reads only the bytes it needs."""
+    try:
+        with open(path, 'rb') as raw:
+            gzipped = raw.read(2) == b'\x1f\x8b'
+        with (gzip.open(path, 'rb') if gzipped else open(path, 'rb')) as f:
+            header = f.read(4)
+            if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES or header[3] == 0:
+                raise DatasetToolError(f'{path}: not an IDX file (bad header {header.hex()})')
+            dtype = np.dtype(_IDX_DTYPES[header[2]])
+            ndim = header[3]
+            dims_bytes = f.read(4 * ndim)
+            if len(dims_bytes) < 4 * ndim:
+                raise DatasetToolError(f'{path}: truncated IDX header')
+            shape = [int(x) for x in np.frombuffer(dims_bytes, dtype='>u4')]
+            count = shape[0] if max_items is None else min(shape[0], max_items)
+            nbytes = count * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            data = f.read(nbytes)
+            if len(data) < nbytes:
+                raise DatasetToolError(f'{path}: truncated IDX file (the header announces {shape[0]} items of shape '
+                                       f'{shape[1:]}; {len(data)} of the {nbytes} bytes needed are there)')
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetToolError(f'{path}: cannot read IDX file ({type(e).__name__}: {e})') from None
+    return np.frombuffer(data, dtype=dtype).reshape([count] + shape[1:])
+
+def find_idx_images(folder):
+    """The IDX image file to use in `folder`: the training split, else the only one; None if there is none."""
+    candidates = sorted(f for f in os.listdir(folder) if _IDX_IMAGE_PATTERN.match(f) and os.path.isfile(os.path.join(folder, f)))
+    if not candidates:
+        return None
+    train = [f for f in candidates if f.startswith('train-')]
+    if len(train) == 1:
+        return os.path.join(folder, train[0])
+    if len(candidates) == 1:
+        return os.path.join(folder, candidates[0])
+    raise DatasetToolError(f'{folder}: holds several IDX image files ({", ".join(candidates)}); name one as --source')
+
+def open_idx(images_path, max_images=None):
+    images = read_idx(images_path, max_images)
+    if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise DatasetToolError(f'{images_path}: expected uint8 images [N,H,W] or [N,H,W,1|3] in the IDX file, '
+                               f'got {images.dtype} {list(images.shape)}')
+    if images.ndim == 3:
+        images = images[:, :, :, np.newaxis]
+    labels_path = os.path.join(os.path.dirname(images_path),
+                               os.path.basename(images_path).replace('images-idx3', 'labels-idx1'))
+    if labels_path != images_path and os.path.isfile(labels_path):
+        labels = read_idx(labels_path, max_images)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in 'iu':
+            raise DatasetToolError(f'{labels_path}: expected {images.shape[0]} integer labels to match '
+                                   f'{images_path}, got {labels.dtype} {list(labels.shape)}')
+        labels = [int(x) for x in labels]
+        origin = os.path.basename(labels_path)
+    else:
+        labels = [None] * images.shape[0]
+        origin = 'none (no labels-idx1 file next to the images)'
+    base = os.path.basename(images_path)
+    names = [f'{base}[{i}]' for i in range(images.shape[0])]
+    # Grey images become RGB by repeating the channel.
+    return Source(names, lambda i: np.repeat(images[i], 3 // images.shape[3], axis=2),
+                  labels, origin)
+
+#----------------------------------------------------------------------------
+
+def open_source(source, max_images=None):
+    """Open an image folder, zip or IDX file (or a folder holding IDX files) for reading."""
+    if os.path.isdir(source):
+        idx_images = find_idx_images(source)
+        if idx_images is not None:
+            return open_idx(idx_images, max_images)
+        return open_image_folder(source, max_images)
+    if os.path.isfile(source):
+        if _file_ext(source) == '.zip':
+            return open_image_zip(source, max_images)
+        if _IDX_IMAGE_PATTERN.match(os.path.basename(source)):
+            return open_idx(source, max_images)
+        raise DatasetToolError(f'Only zip archives are supported: {source} (or a folder, or an MNIST-format '
+                               f'*-images-idx3-ubyte[.gz] file)')
+    raise DatasetToolError(f'Missing input file or directory: {source}')
+
+#----------------------------------------------------------------------------
+# Transforms (spec §1.5). Each maps uint8 [H,W,C] to uint8 [H',W',C], or None to skip the image.
+
+def _resize(img, width, height, resample):
+    # Pillow returns an exact copy when the size does not change.
+    return np.array(PIL.Image.fromarray(img).resize((width, height), resample))
+
+def scale_only(img, width, height):
+    if width is None or (img.shape[1] == width and img.shape[0] == height):
+        return img
+    return _resize(img, width, height, PIL.Image.LANCZOS)
+
+def center_crop(img, width, height):
+    # The centred square of side min(h, w), then Lanczos to W x H.
+    s = min(img.shape[0], img.shape[1])
+    h, w = img.shape[0], img.shape[1]
+    img = img[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2]
+    return _resize(img, width, height, PIL.Image.LANCZOS)
+
+def center_crop_wide(img, width, height):
+    # A centred band of rows, Lanczos to W x H, pasted into a black W x W square (wide images on a square canvas).
+    ch = int(round(width * img.shape[0] / img.shape[1]))
+    if img.shape[1] < width or ch < height:
+        return None
+    img = img[(img.shape[0] - ch) // 2 : (img.shape[0] + ch) // 2]
+    img = _resize(img, width, height, PIL.Image.LANCZOS)
+    canvas = np.zeros([width, width, img.shape[2]], dtype=np.uint8)
+    canvas[(width - height) // 2 : (width + height) // 2, :] = img
+    return canvas
+
+def center_crop_dhariwal(img, size):
+    # ADM's (guided-diffusion) ImageNet preprocessing, step by step as spec §1.5.
+    pil = PIL.Image.fromarray(img)
+    # 1. Halve with a box filter while the short side is at least twice the target.
+    while min(*pil.size) >= 2 * size:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=PIL.Image.BOX)
+    # 2. Bicubic so that the short side equals the target; Python's round (halves to even) for the long side.
+    scale = size / min(*pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=PIL.Image.BICUBIC)
+    # 3. Centred size x size crop.
+    arr = np.array(pil)
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
+
+def make_transform(transform, width=None, height=None):
+    """The function img -> img|None for --transform and --resolution, after checking that they fit together."""
+    if transform is None:
+        return functools.partial(scale_only, width=width, height=height)
+    if transform not in TRANSFORMS:
+        raise DatasetToolError(f'Unknown transform {transform!r}; choose one of {", ".join(TRANSFORMS)}')
+    if width is None or height is None:
+        raise DatasetToolError(f'must specify --resolution=WxH when using {transform} transform')
+    if transform == 'center-crop':
+        return functools.partial(center_crop, width=width, height=height)
+    if transform == 'center-crop-wide':
+        return functools.partial(center_crop_wide, width=width, height=height)
+    if width != height:
+        raise DatasetToolError('width and height must match in --resolution=WxH when using center-crop-dhariwal transform')
+    return functools.partial(center_crop_dhariwal, size=width)
+
+def parse_resolution(text):
+    """'32x32' or '32,32' -> (32, 32); anything else is an error with EDM2's message."""
+    match = re.fullmatch(r'(\d+)[x,](\d+)', text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f'cannot parse tuple {text}')
+    return int(match[1]), int(match[2])
+
+#----------------------------------------------------------------------------
+# Output: a zip (ZIP_STORED, fixed timestamps so that the bytes depend only on the content) or a folder.
+# Written under a temporary name and renamed into place at the end, so a failure or a kill never leaves a
+# half-written dataset under the final name.
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0) # The earliest time a zip can store.
+
+def check_dest(dest):
+    if dest == '':
+        raise DatasetToolError('--dest output filename or directory must not be an empty string')
+    if _file_ext(dest) != '.zip':
+        if os.path.exists(dest) and not os.path.isdir(dest):
+            raise DatasetToolError(f'--dest folder must be empty: {dest} is a file')
+        if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
+            raise DatasetToolError(f'--dest folder must be empty: {dest}')
+
+@contextlib.contextmanager
+def open_dest(dest):
+    """Context yielding write(archive_name, bytes); the dataset appears at `dest` only if the block succeeds."""
+    check_dest(dest)
+    if _file_ext(dest) == '.zip':
+        with dnnlib.util.atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
+            def write_zip(name, data):
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_STORED
+                info.create_system = 3 # Unix, on every platform.
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, data)
+            yield write_zip
+        return
+
+    # Folder: fill a hidden sibling folder, then rename it to `dest`.
+    dest = os.path.normpath(dest)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f'.{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp')
+    os.mkdir(tmp)
+    try:
+        def write_file(name, data):
+            path = os.path.join(tmp, *name.split('/'))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
+        yield write_file
+        if os.path.isdir(dest):
+            os.rmdir(dest) # Checked empty above; fails (and keeps it) if something appeared meanwhile.
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+def output_name(idx, stem='img', ext='png'):
+    # '{idx:08d}'[:5] is the sub-folder: 1000 files each (spec §1.5).
+    return f'{idx:08d}'[:5] + f'/{stem}{idx:08d}.{ext}'
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(img).save(buf, format='png', compress_level=0, optimize=False)
+    return buf.getvalue()
+
+def dataset_json_bytes(labels):
+    # [[name, label], ...], or null when any image has no label (spec §1.5).
+    if any(label is None for _name, label in labels):
+        labels = None
+    return json.dumps({'labels': labels}).encode('utf-8')
+
+#----------------------------------------------------------------------------
+
+def convert_dataset(source, dest, max_images=None, transform=None, resolution=None, verbose=True):
+    """Convert `source` to a PNG dataset at `dest`. Returns an EasyDict(num_images, num_skipped, labels, shape)."""
+    width, height = resolution if resolution is not None else (None, None)
+    transform_fn = make_transform(transform, width, height)
+    check_dest(dest)
+    src = open_source(source, max_images)
+    if len(src) == 0:
+        raise DatasetToolError(f'No input images found in {source}')
+
+    dataset_attrs = None
+    labels = []
+    num_skipped = 0
+    with open_dest(dest) as write:
+        for idx in tqdm(range(len(src)), desc='convert', unit='img', disable=not verbose):
+            item = src.read(idx)
+            img = transform_fn(item.image)
+            if img is None: # Skipped by center-crop-wide; the index still advances (spec §1.5).
+                num_skipped += 1
+                continue
+
+            # The first image fixes the dataset's attributes; all must be equal.
+            attrs = dict(width=img.shape[1], height=img.shape[0], channels=img.shape[2])
+            if dataset_attrs is None:
+                dataset_attrs = attrs
+                if attrs['width'] != attrs['height']:
+                    raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  '
+                                           f'Got {attrs["width"]}x{attrs["height"]}')
+                if attrs['width'] & (attrs['width'] - 1) != 0:
+                    raise DatasetToolError('Image width/height after scale and crop are required to be power-of-two '
+                                           f'(got {attrs["width"]}; use --resolution, e.g. --resolution=32x32)')
+            elif attrs != dataset_attrs:
+                diff = ', '.join(f'{k} {attrs[k]} (dataset {dataset_attrs[k]})' for k in attrs if attrs[k] != dataset_attrs[k])
+                raise DatasetToolError(f'Image {item.name} attributes must be equal across all images of the dataset.  '
+                                       f'Got: {diff}')
+
+            name = output_name(idx)
+            write(name, png_bytes(img))
+            labels.append([name, item.label])
+        if dataset_attrs is None:
+            raise DatasetToolError(f'No image of {source} could be used (all {num_skipped} were skipped by {transform})')
+        write('dataset.json', dataset_json_bytes(labels)) # Last, as in EDM2.
+
+    has_labels = all(label is not None for _name, label in labels)
+    return dnnlib.EasyDict(num_images=len(labels), num_skipped=num_skipped, label_origin=src.label_origin,
+                           has_labels=has_labels, shape=[dataset_attrs['channels'], dataset_attrs['height'], dataset_attrs['width']])
+
+#----------------------------------------------------------------------------
+# VAE latents (spec §1.5, §6.3). `encoder` defaults to StabilityVAEEncoder; tests pass a stand-in.
+
+def require_diffusers():
+    import importlib.util # pylint: disable=import-outside-toplevel
+    if importlib.util.find_spec('diffusers') is None:
+        raise DatasetToolError('the Stable Diffusion VAE needs the diffusers package: '
+                               'pip install diffusers==0.26.3 accelerate==0.27.2 (a CUDA GPU is strongly advised)')
+
+def make_vae_encoder(model_url, device):
+    require_diffusers()
+    from training.encoders import StabilityVAEEncoder # pylint: disable=import-outside-toplevel
+    encoder = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
+    try:
+        encoder.init(device)
+    except Exception as e:
+        raise DatasetToolError(f'--model-url: cannot load the VAE {model_url} ({type(e).__name__}: {e})') from None
+    return encoder
+
+def _default_device():
+    import torch # pylint: disable=import-outside-toplevel
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
+                   verbose=True):
+    """RGB images -> `img-mean-std-XXXXXXXX.npy` files holding the VAE posterior [mean, std] (8 x H/8 x W/8)."""
+    import torch # pylint: disable=import-outside-toplevel
+    check_dest(dest)
+    if encoder is None:
+        require_diffusers() # Before reading the source.
+    src = open_source(source, max_images)
+    if len(src) == 0:
+        raise DatasetToolError(f'No input images found in {source}')
+    device = torch.device(device) if device is not None else _default_device()
+    if encoder is None:
+        encoder = make_vae_encoder(model_url, device)
+    labels = []
+    with open_dest(dest) as write:
+        for idx in tqdm(range(len(src)), desc='encode', unit='img', disable=not verbose):
+            item = src.read(idx)
+            x = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).unsqueeze(0).to(device)
+            mean_std = encoder.encode_pixels(x)[0].to(torch.float32).cpu().numpy()
+            buf = io.BytesIO()
+            np.save(buf, mean_std)
+            name = output_name(idx, stem='img-mean-std-', ext='npy')
+            write(name, buf.getvalue())
+            labels.append([name, item.label])
+        write('dataset.json', dataset_json_bytes(labels))
+    return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin)
+
+def open_latents(source, max_images=None):
+    """A Source over the .npy files of a latent dataset (folder or zip); `read(i)` gives the array."""
+    if os.path.isdir(source):
+        names = sorted(os.path.relpath(os.path.join(root, f), source).replace(os.sep, '/')
+                       for root, _dirs, files in os.walk(source) for f in files if _file_ext(f) == '.npy')
+        meta_path = os.path.join(source, 'dataset.json')
+        dataset_json = None
+        if os.path.isfile(meta_path):
+            with open(meta_path, 'rb') as f:
+                dataset_json = f.read()
+        opener = lambda name: open(os.path.join(source, name.replace('/', os.sep)), 'rb')
+    elif os.path.isfile(source) and _file_ext(source) == '.zip':
+        try:
+            archive = zipfile.ZipFile(source)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DatasetToolError(f'{source}: cannot read zip archive ({e})') from None
+        all_names = set(archive.namelist())
+        names = sorted(n for n in all_names if _file_ext(n) == '.npy')
+        dataset_json = archive.read('dataset.json') if 'dataset.json' in all_names else None
+        opener = lambda name: io.BytesIO(archive.read(name))
+    elif os.path.exists(source):
+        raise DatasetToolError(f'Only zip archives are supported: {source}')
+    else:
+        raise DatasetToolError(f'Missing input file or directory: {source}')
+    labels, origin = _labels_for(names, dataset_json, source)
+    names, labels = names[:max_images], labels[:max_images]
+
+    def read(i):
+        where = f'{source}/{names[i]}'
+        try:
+            with opener(names[i]) as f:
+                return np.load(f)
+        except Exception as e:
+            raise DatasetToolError(f'{where}: cannot read latents ({type(e).__name__}: {e})') from None
+    return Source(names, read, labels, origin)
+
+def decode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
+                   verbose=True):
+    """Latent dataset (.npy [mean, std] or [mean]) -> PNGs of the VAE decoding of the posterior means."""
+    import torch # pylint: disable=import-outside-toplevel
+    check_dest(dest)
+    if encoder is None:
+        require_diffusers()
+    src = open_latents(source, max_images)
+    if len(src) == 0:
+        raise DatasetToolError(f'No .npy latent files found in {source}')
+    device = torch.device(device) if device is not None else _default_device()
+    if encoder is None:
+        encoder = make_vae_encoder(model_url, device)
+    labels = []
+    with open_dest(dest) as write:
+        for idx in tqdm(range(len(src)), desc='decode', unit='img', disable=not verbose):
+            item = src.read(idx)
+            latents = item.image
+            if latents.ndim != 3 or latents.shape[0] not in (4, 8):
+                raise DatasetToolError(f'{source}/{item.name}: expected latents [8,h,w] (mean, std) or [4,h,w], '
+                                       f'got {list(latents.shape)}')
+            # Decode the posterior mean deterministically: map it into network space with the encoder's affine
+            # constants, which `decode` undoes before running the VAE decoder (spec §6.3).
+            mean = torch.from_numpy(np.asarray(latents[:4], dtype=np.float32)).unsqueeze(0).to(device)
+            scale = torch.as_tensor(encoder.scale, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+            bias = torch.as_tensor(encoder.bias, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+            pixels = encoder.decode(mean * scale + bias)[0].permute(1, 2, 0).cpu().numpy()
+            name = output_name(idx)
+            write(name, png_bytes(pixels))
+            labels.append([name, item.label])
+        write('dataset.json', dataset_json_bytes(labels))
+    return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin)
+
+#----------------------------------------------------------------------------
+# Command line.
+
+class ResolutionType(click.ParamType):
+    name = 'WxH'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_resolution(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+def _run(fn, **kwargs):
+    try:
+        return fn(**kwargs)
+    except DatasetToolError as e:
+        raise click.ClickException(str(e)) from None
+
+@click.group()
+def cmdline():
+    """Dataset tool: convert images to EDM2's dataset layout; encode/decode Stable Diffusion VAE latents.
+
+    \b
+    Fashion-MNIST, 32x32 RGB with labels (training and test sets):
+      python dataset_tool.py convert --source=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz --dest=datasets/fashion-mnist-32.zip --resolution=32x32
+      python dataset_tool.py convert --source=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --dest=datasets/fashion-mnist-test-32.zip --resolution=32x32
+    ImageNet 64x64 (ADM's preprocessing):
+      python dataset_tool.py convert --source=ILSVRC/Data/CLS-LOC/train --dest=datasets/img64.zip --resolution=64x64 --transform=center-crop-dhariwal
+    ImageNet 512x512 latents (needs diffusers; a GPU advised):
+      python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    """
+    if os.environ.get('WORLD_SIZE', '1') != '1':
+        raise click.ClickException('Distributed execution is not supported.')
+
+@cmdline.command()
+# Main options.
+@click.option('--source',      help='Input: image folder (recursive), zip, or MNIST-format *-images-idx3-ubyte[.gz] file', metavar='PATH', type=str, required=True)
+@click.option('--dest',        help='Output: .zip (uncompressed) or an empty/new folder', metavar='PATH', type=str, required=True)
+# Transform options.
+@click.option('--transform',   help='Crop and resize: center-crop, center-crop-wide or center-crop-dhariwal (ADM)', metavar='MODE', type=click.Choice(TRANSFORMS), default=None)
+@click.option('--resolution',  help='Output resolution, e.g. 64x64', metavar='WxH', type=ResolutionType(), default=None)
+# Limits.
+@click.option('--max-images',  help='Use only the first N input images (sorted order)', metavar='INT', type=click.IntRange(min=1), default=None)
+def convert(source, dest, transform, resolution, max_images):
+    """Convert images to EDM2's PNG dataset layout.
+
+    Writes a zip (or folder) of PNGs and dataset.json labels. Sources: an image folder (class sub-folders give
+    labels), a zip, or an MNIST-format IDX image file (labels from the labels-idx1 file next to it).
+    """
+    r = _run(convert_dataset, source=source, dest=dest, max_images=max_images, transform=transform, resolution=resolution)
+    skipped = f', {r.num_skipped} skipped' if r.num_skipped else ''
+    labels = f'labels: {r.label_origin}' if r.has_labels else 'no labels'
+    click.echo(f'Wrote {r.num_images} images of shape {"x".join(map(str, r.shape))} (CHW){skipped} to {dest}; {labels}')
+
+@cmdline.command()
+# Main options.
+@click.option('--model-url',   help='Diffusers VAE to use', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
+@click.option('--source',      help='Input RGB dataset: folder, zip or IDX file', metavar='PATH', type=str, required=True)
+@click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
+# Limits.
+@click.option('--max-images',  help='Use only the first N input images', metavar='INT', type=click.IntRange(min=1), default=None)
+def encode(model_url, source, dest, max_images):
+    """Encode RGB images to Stable Diffusion VAE latents.
+
+    Writes the posterior [mean, std] of each image as an 8-channel .npy file. Needs diffusers (a GPU advised).
+    """
+    r = _run(encode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images)
+    click.echo(f'Wrote {r.num_images} latent files to {dest}')
+
+@cmdline.command()
+# Main options.
+@click.option('--model-url',   help='Diffusers VAE to use', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
+@click.option('--source',      help='Input latent dataset (.npy files): folder or zip', metavar='PATH', type=str, required=True)
+@click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
+# Limits.
+@click.option('--max-images',  help='Use only the first N inputs', metavar='INT', type=click.IntRange(min=1), default=None)
+def decode(model_url, source, dest, max_images):
+    """Decode VAE latents back to PNG images.
+
+    Decodes the posterior mean of each .npy file of a latent dataset. Needs diffusers (a GPU advised).
+    """
+    r = _run(decode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images)
+    click.echo(f'Wrote {r.num_images} images to {dest}')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cmdline() # pylint: disable=no-value-for-parameter
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Generate images with a trained EDM2 / EDM2+ network (spec §1.2, §4).
+
+Examples:
+  python generate_images.py --net=phema/phema-2147483-0.050.pkl --outdir=out --seeds=0-63 --grid=grid.png
+  python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
+  torchrun --standalone --nproc_per_node=8 generate_images.py --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
+
+This file is also imported as a module (EDM2's calculate_metrics does so): it re-exports the library names below.
+"""
+
+import os
+import pickle
+
+import click
+import torch
+import tqdm
+
+import dnnlib
+from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
+from sampling.sampler import edm_sampler  # noqa: F401
+
+#----------------------------------------------------------------------------
+# Option rules (spec §1.2): a preset fills net, gnet and guidance only where the command line left them unset;
+# guidance 1 (or unset) discards the guide; any other guidance needs one.
+
+def resolve_options(opts):
+    """Apply the preset to an EasyDict of CLI options (in place) and check the net/gnet/guidance rules."""
+    preset = opts.pop('preset', None)
+    if preset is not None:
+        if preset not in config_presets:
+            raise click.ClickException(f'Invalid configuration preset "{preset}"')
+        for key, value in config_presets[preset].items():
+            if opts.get(key) is None:
+                opts[key] = value
+    if opts.get('net') is None:
+        raise click.ClickException('Please specify either --preset or --net')
+    if opts.get('guidance') is None or opts.guidance == 1:
+        opts.guidance = 1
+        opts.gnet = None
+    elif opts.get('gnet') is None:
+        raise click.ClickException('Please specify --gnet when using guidance')
+    return opts
+
+#----------------------------------------------------------------------------
+# Process group: only under a launcher that starts several processes (torchrun sets WORLD_SIZE); a plain
+# `python generate_images.py` runs without one. gloo on CPU, nccl on CUDA.
+
+def init_distributed():
+    """Initialise torch.distributed when WORLD_SIZE > 1; return True if this call did so."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized():
+        return False
+    try:
+        from torch_utils import distributed
+    except ImportError:
+        distributed = None
+    if distributed is not None and hasattr(distributed, 'init'):
+        distributed.init()
+    else:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        torch.distributed.init_process_group(backend=('nccl' if torch.cuda.is_available() else 'gloo'), init_method='env://')
+    return True
+
+#----------------------------------------------------------------------------
+# Click types for lists.
+
+class IntList(click.ParamType):
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_int_list(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+class SigmaInterval(click.ParamType):
+    name = 'interval'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(float(v) for v in value)
+        try:
+            lo, hi = (float(v) for v in value.split(','))
+        except ValueError:
+            self.fail(f'"{value}" is not of the form LO,HI (two numbers)', param, ctx)
+        if not 0 <= lo <= hi:
+            self.fail(f'"{value}" must satisfy 0 <= LO <= HI', param, ctx)
+        return (lo, hi)
+
+#----------------------------------------------------------------------------
+
+@click.command()
+
+# Main options.
+@click.option('--preset',            help='Configuration preset', metavar='STR',                         type=str, default=None)
+@click.option('--net',               help='Network pickle filename or URL', metavar='PATH|URL',          type=str, default=None)
+@click.option('--gnet',              help='Guiding network pickle filename or URL', metavar='PATH|URL',  type=str, default=None)
+@click.option('--seeds',             help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST',        type=IntList(), default='16-19', show_default=True)
+@click.option('--class', 'class_idx',help='Class label(s); several are used in turn  [default: random]', metavar='INT|LIST', type=IntList(), default=None)
+
+# Hyperparameters.
+@click.option('--steps', 'num_steps',help='Number of sampling steps', metavar='INT',                    type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--sigma_min',         help='Lowest noise level', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',         help='Highest noise level', metavar='FLOAT',                        type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--rho',               help='Time step exponent', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--guidance',          help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
+@click.option('--guidance-interval', 'guidance_interval', help='Apply guidance only for noise levels in [LO, HI]  [default: all]', metavar='LO,HI', type=SigmaInterval(), default=None)
+@click.option('--S_churn', 'S_churn',help='Stochasticity strength', metavar='FLOAT',                     type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',    help='Stochastic min noise level', metavar='FLOAT',                 type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',    help='Stochastic max noise level', metavar='FLOAT',                 type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise',help='Stochastic noise inflation', metavar='FLOAT',                 type=float, default=1, show_default=True)
+
+# Performance.
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',       type=click.IntRange(min=1), default=32, show_default=True)
+
+# I/O.
+@click.option('--outdir',            help='Where to save the output images', metavar='DIR',              type=str, required=True)
+@click.option('--subdirs',           help='Create subdirectory for every 1000 seeds',                    is_flag=True)
+@click.option('--grid',              help='Also save all images as one grid PNG (rows by class when several classes are given)', metavar='PATH', type=str, default=None)
+
+def cmdline(**opts):
+    """Generate images with a trained network, optionally guided.
+
+    \b
+    python generate_images.py --net=phema/phema-2147483-0.050.pkl --outdir=out --seeds=0-63 --grid=grid.png
+    python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
+    torchrun --standalone --nproc_per_node=8 generate_images.py \\
+        --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
+    """
+    opts = resolve_options(dnnlib.EasyDict(opts))
+    for key in ['net', 'gnet']:
+        path = opts[key]
+        if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
+            raise click.ClickException(f'--{key}={path}: no such network file')
+
+    # Validation is done; only now start the process group (spec §1.2).
+    owns_group = init_distributed()
+    try:
+        try:
+            image_iter = generate_images(**opts)
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
+            raise click.ClickException(str(e)) from None
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        for _ in tqdm.tqdm(image_iter, unit='batch', disable=(rank != 0)):
+            pass
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cmdline()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Plot a metric against the EMA length σ_rel for post-hoc EMA sweeps (like Figure 5 of the EDM2 paper).
+
+Example: python plot_sweep.py --results=fid-xs.json --results=fid-s.json --metric=fid --out=sweep.png
+Library: training.plots.read_sweep_results and training.plots.sweep_plot.
+"""
+
+import os
+
+import click
+
+from training.plots import read_sweep_results, sweep_plot
+
+
+@click.command()
+# Main options.
+@click.option('--results', help='Results of one sweep (JSON, JSON lines or CSV); repeat to compare sweeps',
+              metavar='FILE', type=str, required=True, multiple=True)
+@click.option('--out', help='Output PNG', metavar='PNG', type=str, required=True)
+@click.option('--metric', help='Metric to plot when the results hold several (e.g. fid)', metavar='NAME', type=str,
+              default=None)
+# Appearance.
+@click.option('--title', help='Plot title', metavar='STR', type=str, default='')
+@click.option('--higher-is-better', help='Mark the largest value as best instead of the smallest', is_flag=True)
+@click.option('--logy', help='Logarithmic metric axis', is_flag=True)
+def main(results, out, metric, title, higher_is_better, logy):
+    """Plot metric versus EMA length for one or more post-hoc EMA sweeps, marking the best EMA length.
+
+    \b
+    A results file maps EMA lengths to a metric, for example (JSON):
+      {"phema/phema-0002147-0.050.pkl": 3.41, "phema/phema-0002147-0.100.pkl": 3.12}
+      {"0.050": {"fid": 3.41, "fd_dinov2": 95.1}, "0.100": {"fid": 3.12, "fd_dinov2": 90.2}}
+    or CSV with a header:  std,fid  /  0.050,3.41  /  0.100,3.12
+    """
+    sweeps = {}
+    try:
+        for path in results:
+            label = os.path.splitext(os.path.basename(path))[0] if len(results) > 1 else ''
+            sweeps[label] = read_sweep_results(path, metric=metric)
+        best = sweep_plot(out, sweeps, metric=metric or 'metric', title=title, lower_is_better=not higher_is_better,
+                          logy=logy)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    for label, (std, value) in best.items():
+        print(f'{label + ": " if label else ""}best {metric or "metric"} {value:g} at σ_rel {std:.3f}')
+    print(f'Saved {out}')
+
+
+if __name__ == '__main__':
+    main()

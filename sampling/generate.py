@@ -1,0 +1,344 @@
+"""Generate images from a trained denoiser: seeds, batching across processes, labels, decoding, PNG output (spec §4).
+
+`generate_images(...)` is the library entry point used by `generate_images.py` and by `calculate_metrics.py gen`;
+it returns an iterable (with `len`) that produces one batch per step. Every image depends only on its seed (and
+its class, when classes are given): each seed owns a `torch.Generator`, and batches and processes merely decide
+which seeds are computed together.
+"""
+
+import math
+import os
+import re
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+from networks import loading
+from sampling.sampler import edm_sampler
+
+#----------------------------------------------------------------------------
+# EDM2's published post-hoc EMA reconstructions (spec §4.4). The files are downloaded (and cached) on first use;
+# the comments give the metric each one was chosen for and its value as reported by EDM2.
+
+model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+
+def _preset(net, gnet=None, guidance=None):
+    return dnnlib.EasyDict(net=f'{model_root}/{net}', gnet=(f'{model_root}/{gnet}' if gnet else None), guidance=guidance)
+
+config_presets = {
+    # ImageNet-512 (latent space), no guidance.
+    'edm2-img512-xs-fid':              _preset('edm2-img512-xs-2147483-0.135.pkl'),   # fid 3.53
+    'edm2-img512-xs-dino':             _preset('edm2-img512-xs-2147483-0.200.pkl'),   # fd_dinov2 103.39
+    'edm2-img512-s-fid':               _preset('edm2-img512-s-2147483-0.130.pkl'),    # fid 2.56
+    'edm2-img512-s-dino':              _preset('edm2-img512-s-2147483-0.190.pkl'),    # fd_dinov2 68.64
+    'edm2-img512-m-fid':               _preset('edm2-img512-m-2147483-0.100.pkl'),    # fid 2.25
+    'edm2-img512-m-dino':              _preset('edm2-img512-m-2147483-0.155.pkl'),    # fd_dinov2 58.44
+    'edm2-img512-l-fid':               _preset('edm2-img512-l-1879048-0.085.pkl'),    # fid 2.06
+    'edm2-img512-l-dino':              _preset('edm2-img512-l-1879048-0.155.pkl'),    # fd_dinov2 52.25
+    'edm2-img512-xl-fid':              _preset('edm2-img512-xl-1342177-0.085.pkl'),   # fid 1.96
+    'edm2-img512-xl-dino':             _preset('edm2-img512-xl-1342177-0.155.pkl'),   # fd_dinov2 45.96
+    'edm2-img512-xxl-fid':             _preset('edm2-img512-xxl-0939524-0.070.pkl'),  # fid 1.91
+    'edm2-img512-xxl-dino':            _preset('edm2-img512-xxl-0939524-0.150.pkl'),  # fd_dinov2 42.84
+
+    # ImageNet-64 (pixel space), no guidance.
+    'edm2-img64-s-fid':                _preset('edm2-img64-s-1073741-0.075.pkl'),     # fid 1.58
+    'edm2-img64-m-fid':                _preset('edm2-img64-m-2147483-0.060.pkl'),     # fid 1.43
+    'edm2-img64-l-fid':                _preset('edm2-img64-l-1073741-0.040.pkl'),     # fid 1.33
+    'edm2-img64-xl-fid':               _preset('edm2-img64-xl-0671088-0.040.pkl'),    # fid 1.33
+
+    # ImageNet-512, classifier-free guidance: the guide is the unconditional XS net at the same EMA length.
+    'edm2-img512-xs-guid-fid':         _preset('edm2-img512-xs-2147483-0.045.pkl',  'edm2-img512-xs-uncond-2147483-0.045.pkl', 1.40),  # fid 2.91
+    'edm2-img512-xs-guid-dino':        _preset('edm2-img512-xs-2147483-0.150.pkl',  'edm2-img512-xs-uncond-2147483-0.150.pkl', 1.70),  # fd_dinov2 79.94
+    'edm2-img512-s-guid-fid':          _preset('edm2-img512-s-2147483-0.025.pkl',   'edm2-img512-xs-uncond-2147483-0.025.pkl', 1.40),  # fid 2.23
+    'edm2-img512-s-guid-dino':         _preset('edm2-img512-s-2147483-0.085.pkl',   'edm2-img512-xs-uncond-2147483-0.085.pkl', 1.90),  # fd_dinov2 52.32
+    'edm2-img512-m-guid-fid':          _preset('edm2-img512-m-2147483-0.030.pkl',   'edm2-img512-xs-uncond-2147483-0.030.pkl', 1.20),  # fid 2.01
+    'edm2-img512-m-guid-dino':         _preset('edm2-img512-m-2147483-0.015.pkl',   'edm2-img512-xs-uncond-2147483-0.015.pkl', 2.00),  # fd_dinov2 41.98
+    'edm2-img512-l-guid-fid':          _preset('edm2-img512-l-1879048-0.015.pkl',   'edm2-img512-xs-uncond-2147483-0.015.pkl', 1.20),  # fid 1.88
+    'edm2-img512-l-guid-dino':         _preset('edm2-img512-l-1879048-0.035.pkl',   'edm2-img512-xs-uncond-2147483-0.035.pkl', 1.70),  # fd_dinov2 38.20
+    'edm2-img512-xl-guid-fid':         _preset('edm2-img512-xl-1342177-0.020.pkl',  'edm2-img512-xs-uncond-2147483-0.020.pkl', 1.20),  # fid 1.85
+    'edm2-img512-xl-guid-dino':        _preset('edm2-img512-xl-1342177-0.030.pkl',  'edm2-img512-xs-uncond-2147483-0.030.pkl', 1.70),  # fd_dinov2 35.67
+    'edm2-img512-xxl-guid-fid':        _preset('edm2-img512-xxl-0939524-0.015.pkl', 'edm2-img512-xs-uncond-2147483-0.015.pkl', 1.20),  # fid 1.81
+    'edm2-img512-xxl-guid-dino':       _preset('edm2-img512-xxl-0939524-0.015.pkl', 'edm2-img512-xs-uncond-2147483-0.015.pkl', 1.70),  # fd_dinov2 33.09
+
+    # Autoguidance: the guide is a smaller, shorter-trained version of the same task.
+    'edm2-img512-s-autog-fid':         _preset('edm2-img512-s-2147483-0.070.pkl',   'edm2-img512-xs-0134217-0.125.pkl', 2.10),         # fid 1.34
+    'edm2-img512-s-autog-dino':        _preset('edm2-img512-s-2147483-0.120.pkl',   'edm2-img512-xs-0134217-0.165.pkl', 2.45),         # fd_dinov2 36.67
+    'edm2-img512-xxl-autog-fid':       _preset('edm2-img512-xxl-0939524-0.075.pkl', 'edm2-img512-m-0268435-0.155.pkl', 2.05),          # fid 1.25
+    'edm2-img512-xxl-autog-dino':      _preset('edm2-img512-xxl-0939524-0.130.pkl', 'edm2-img512-m-0268435-0.205.pkl', 2.30),          # fd_dinov2 24.18
+    'edm2-img512-s-uncond-autog-fid':  _preset('edm2-img512-s-uncond-2147483-0.070.pkl', 'edm2-img512-xs-uncond-0134217-0.110.pkl', 2.85),  # fid 3.86
+    'edm2-img512-s-uncond-autog-dino': _preset('edm2-img512-s-uncond-2147483-0.090.pkl', 'edm2-img512-xs-uncond-0134217-0.125.pkl', 2.90),  # fd_dinov2 90.39
+    'edm2-img64-s-autog-fid':          _preset('edm2-img64-s-1073741-0.045.pkl',    'edm2-img64-xs-0134217-0.110.pkl', 1.70),          # fid 1.01
+    'edm2-img64-s-autog-dino':         _preset('edm2-img64-s-1073741-0.105.pkl',    'edm2-img64-xs-0134217-0.175.pkl', 2.20),          # fd_dinov2 31.85
+}
+
+#----------------------------------------------------------------------------
+# Seed lists such as '0-63,100' (spec §1.2): comma-separated integers or inclusive ranges a-b.
+
+def parse_int_list(s):
+    """Return a list of ints from '1,2,5-10' (lists, tuples and ranges pass through as lists)."""
+    if isinstance(s, (list, tuple, range)):
+        return [int(x) for x in s]
+    result = []
+    for part in str(s).split(','):
+        m = re.fullmatch(r'\s*(\d+)-(\d+)\s*', part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ValueError(f'range "{part.strip()}" is empty (start > end)')
+            result += range(lo, hi + 1)
+        else:
+            try:
+                result.append(int(part))
+            except ValueError:
+                raise ValueError(f'"{part.strip()}" is neither an integer nor a range a-b') from None
+    return result
+
+#----------------------------------------------------------------------------
+# One generator per seed (spec §4.5), stacked into batch-shaped draws. Generator i produces exactly what a batch of
+# one with seed i would, so results do not depend on how seeds are grouped. Seeds are taken modulo 2^32 (EDM2).
+
+class StackedRandomGenerator:
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input):
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+#----------------------------------------------------------------------------
+# Process-group helpers. torch.distributed is used directly (guarded), so the library works the same whether the
+# caller initialised a process group (torchrun) or not (plain python, notebooks, tests).
+
+def _dist_active():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def _rank():
+    return torch.distributed.get_rank() if _dist_active() else 0
+
+def _world_size():
+    return torch.distributed.get_world_size() if _dist_active() else 1
+
+def _barrier():
+    if _dist_active() and _world_size() > 1:
+        torch.distributed.barrier()
+
+def _rank0_first(fn):
+    """Run fn() on rank 0, then on the other ranks (spec §4.5: one download, then cache hits). Rank 0 releases
+    the others even when it fails, so a bad path ends every process instead of leaving them waiting."""
+    if _rank() != 0:
+        _barrier()
+    try:
+        return fn()
+    finally:
+        if _rank() == 0:
+            _barrier()
+
+#----------------------------------------------------------------------------
+# Pixel decoding when no encoder is given or stored (spec §6.2): uint8 = trunc(clip(127.5·x + 128, 0, 255)).
+# training.encoders.StandardRGBEncoder is the real one; this stand-in is used only if that module is missing.
+
+class _FallbackRGBDecoder:
+    def init(self, device):
+        pass
+
+    def decode(self, x):
+        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def _default_encoder():
+    try:
+        from training.encoders import StandardRGBEncoder
+    except ImportError:
+        return _FallbackRGBDecoder()
+    return StandardRGBEncoder()
+
+#----------------------------------------------------------------------------
+# Output files (spec §1.2): <outdir>/<seed:06d>.png, or with subdirs <outdir>/<floor(seed/1000)*1000:06d>/<seed:06d>.png.
+# Written atomically, so an interrupted run never leaves a truncated PNG under its final name.
+
+def image_path(outdir, seed, subdirs=False):
+    folder = os.path.join(outdir, f'{seed // 1000 * 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+def _to_pil(image):
+    """uint8 CHW array (1 or 3 channels) → PIL image."""
+    image = np.asarray(image)
+    if image.shape[0] == 1:
+        return PIL.Image.fromarray(image[0], 'L')
+    if image.shape[0] == 3:
+        return PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB')
+    raise ValueError(f'cannot save an image with {image.shape[0]} channels as PNG (expected 1 or 3)')
+
+def save_png(path, image):
+    with dnnlib.util.atomic_write(path) as f:
+        _to_pil(image).save(f, format='png')
+
+#----------------------------------------------------------------------------
+# Sample grid (beyond EDM2). With two or more classes given, one row per class (in the order given), seeds in
+# order along the row; otherwise a near-square grid in seed order. Empty cells stay black.
+
+def grid_layout(num_images, classes=None):
+    """Return a list of rows, each a list of image indices (into the seed list)."""
+    if classes is not None and len(set(classes)) >= 2:
+        order = list(dict.fromkeys(classes))
+        return [[i for i in range(num_images) if classes[i] == c] for c in order]
+    cols = max(math.ceil(math.sqrt(num_images)), 1)
+    return [list(range(r, min(r + cols, num_images))) for r in range(0, num_images, cols)]
+
+def make_grid(images, rows):
+    """images: dict index → uint8 CHW array; rows: from grid_layout. Returns a uint8 CHW grid."""
+    c, h, w = next(iter(images.values())).shape
+    cols = max(len(row) for row in rows)
+    grid = np.zeros([c, len(rows) * h, cols * w], dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for col, idx in enumerate(row):
+            grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = images[idx]
+    return grid
+
+#----------------------------------------------------------------------------
+# The generator (spec §4.5).
+
+class _ImageIterable:
+    """What generate_images returns: len() = batches on this process; iterating runs them."""
+    def __init__(self, num_batches, run):
+        self._num_batches = num_batches
+        self._run = run
+
+    def __len__(self):
+        return self._num_batches
+
+    def __iter__(self):
+        return self._run()
+
+def _default_device(net):
+    params = getattr(net, 'parameters', None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+def _load(path, role, device, verbose):
+    """Return (network, snapshot) for a path/URL, or (module, None) for a module."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path, None
+    path = os.fspath(path)
+    if verbose:
+        print(f'Loading {role} network from {path} ...')
+    # open_url's own messages ("Downloading ...") matter only for URLs.
+    snapshot = _rank0_first(lambda: loading.load_snapshot(path, verbose=(verbose and dnnlib.util.is_url(path))))
+    return snapshot.ema.to(device), snapshot
+
+def generate_images(
+    net,                                # main network: module, or path/URL of a snapshot pickle
+    gnet                = None,         # guiding network (module or path/URL); None = the main net (spec §4.3)
+    encoder             = None,         # latents → uint8 images; None = the snapshot's, else StandardRGBEncoder
+    outdir              = None,         # folder for the PNGs; None = write nothing
+    subdirs             = False,        # group PNGs into sub-folders of 1000 seeds
+    seeds               = range(16, 24),# one image per seed
+    class_idx           = None,         # None = random class per seed; int = that class; list = classes in turn
+    max_batch_size      = 32,           # largest batch per process for the diffusion model
+    encoder_batch_size  = 4,            # batch size of the encoder's decoder (if it has one)
+    verbose             = True,         # print status lines (rank 0 only)
+    device              = None,         # None = the net's device, else CUDA if available, else CPU
+    grid                = None,         # path of a grid PNG of all images (written by rank 0 at the end)
+    sampler_fn          = edm_sampler,  # sampler(net, noise, labels, gnet, randn_like, **sampler_kwargs)
+    **sampler_kwargs,                   # num_steps, sigma_min, sigma_max, rho, guidance, guidance_interval, S_*
+):
+    """Return an iterable of EasyDict(images, labels, noise, batch_idx, num_batches, indices, seeds), one per batch."""
+    rank, world = _rank(), _world_size()
+    verbose = verbose and rank == 0
+    seeds = parse_int_list(seeds)
+    if max_batch_size < 1:
+        raise ValueError(f'max_batch_size must be at least 1, got {max_batch_size}')
+
+    # Networks and encoder. A guide is only loaded when it will be evaluated.
+    if device is None:
+        device = _default_device(net) if not isinstance(net, (str, os.PathLike)) else _default_device(None)
+    device = torch.device(device)
+    net, snapshot = _load(net, 'main', device, verbose)
+    if sampler_kwargs.get('guidance', 1) == 1:
+        gnet = None
+    gnet, _ = _load(gnet, 'guiding', device, verbose)
+    if gnet is None:
+        gnet = net
+    if encoder is None and snapshot is not None:
+        encoder = snapshot.get('encoder', None)
+    if encoder is None:
+        encoder = _default_encoder()
+    if verbose:
+        print(f'Setting up {type(encoder).__name__}...')
+    if hasattr(encoder, 'init'):
+        encoder.init(device)
+    if hasattr(encoder, 'batch_size'):
+        encoder.batch_size = encoder_batch_size
+
+    # Classes: checked here, so a wrong option fails before any work is done.
+    label_dim = getattr(net, 'label_dim', 0)
+    classes = None
+    if class_idx is not None:
+        classes = parse_int_list(class_idx) if isinstance(class_idx, (str, list, tuple, range)) else [int(class_idx)]
+        if label_dim == 0:
+            raise ValueError('a class was given, but the network is unconditional (label_dim = 0)')
+        if not classes:
+            raise ValueError('the list of classes is empty')
+        for c in classes:
+            if not 0 <= c < label_dim:
+                raise ValueError(f'class {c} is out of range: the network has {label_dim} classes (0-{label_dim - 1})')
+        classes = [classes[i % len(classes)] for i in range(len(seeds))]  # classes in turn, by position in the list
+
+    # Batches: near-equal contiguous chunks, dealt to ranks in turn; every rank runs the same number of batches.
+    num_batches = max(math.ceil(len(seeds) / (max_batch_size * world)), 1) * world
+    rank_batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world]
+    if verbose:
+        print(f'Generating {len(seeds)} images...')
+
+    def run():
+        grid_images = {}
+        for batch_idx, indices in enumerate(rank_batches):
+            r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx,
+                                num_batches=len(rank_batches), indices=indices, seeds=[seeds[i] for i in indices])
+            if len(indices) > 0:
+                # Per-seed draws in a fixed order (spec §4.5): noise, then the class, then (inside the sampler) churn.
+                rnd = StackedRandomGenerator(device, r.seeds)
+                r.noise = rnd.randn([len(indices), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+                if label_dim > 0:
+                    drawn = rnd.randint(label_dim, size=[len(indices)], device=device)
+                    if classes is not None:  # The draw above still happens, so the stream stays the same.
+                        drawn = torch.as_tensor([classes[i] for i in indices], device=device)
+                    r.labels = torch.eye(label_dim, device=device)[drawn]
+                with torch.no_grad():
+                    latents = sampler_fn(net=net, noise=r.noise, labels=r.labels, gnet=gnet,
+                                         randn_like=rnd.randn_like, **sampler_kwargs)
+                    r.images = encoder.decode(latents)
+                if outdir is not None or grid is not None:
+                    images = r.images.cpu().numpy()
+                    for seed, idx, image in zip(r.seeds, indices, images):
+                        if outdir is not None:
+                            save_png(image_path(outdir, seed, subdirs), image)
+                        if grid is not None:
+                            grid_images[int(idx)] = image
+            _barrier()
+            yield r
+        if grid is not None:
+            _write_grid(grid, grid_images, grid_layout(len(seeds), classes))
+
+    return _ImageIterable(len(rank_batches), run)
+
+def _write_grid(path, grid_images, rows):
+    """Collect every rank's images on rank 0 and write the grid there."""
+    if _world_size() > 1:
+        parts = [None] * _world_size()
+        torch.distributed.all_gather_object(parts, grid_images)
+        grid_images = {k: v for part in parts for k, v in part.items()}
+    if _rank() == 0 and grid_images:
+        save_png(path, make_grid(grid_images, rows))
+
+#----------------------------------------------------------------------------

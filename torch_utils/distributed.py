@@ -1,0 +1,184 @@
+"""Process-group set-up, rank-aware printing and resumable checkpoints (spec §7.3).
+
+Launch with `torchrun` (one process per GPU, or any number of CPU processes) or run plain `python`: without a
+launcher, or with a world size of 1, no process group is created and every helper here acts as a single process.
+The backend is nccl when CUDA is available, else gloo.
+"""
+
+import os
+import re
+import socket
+
+import torch
+
+import dnnlib
+from . import training_stats
+
+#----------------------------------------------------------------------------
+# Process group.
+
+def _find_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('', 0))
+        return s.getsockname()[1]
+
+def init():
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...), if there is one.
+
+    Also selects this process's CUDA device (LOCAL_RANK) and tells training_stats where to all-reduce.
+    Safe to call more than once.
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        os.environ.setdefault('MASTER_ADDR', 'localhost')
+        os.environ.setdefault('MASTER_PORT', str(_find_free_port()))
+        os.environ.setdefault('RANK', '0')
+        os.environ.setdefault('LOCAL_RANK', '0')
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        if os.name == 'nt':
+            backend = 'gloo'  # NCCL is not available on Windows.
+        init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
+        torch.distributed.init_process_group(backend=backend, init_method=init_method)
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count())
+
+    sync_device = None
+    if get_world_size() > 1:
+        sync_device = torch.device('cuda') if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+def is_distributed():
+    """True when a process group with more than one process is active."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+def get_world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+def broadcast_bool(flag):
+    """Rank 0's value of `flag` on every rank (so that all ranks take the same branch)."""
+    if not is_distributed():
+        return bool(flag)
+    device = torch.device('cuda') if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
+
+#----------------------------------------------------------------------------
+# Hooks for cluster schedulers; EDM2 keeps them as no-ops and so do we.
+
+def should_stop():
+    return False
+
+def should_suspend():
+    return False
+
+def request_suspend():
+    pass
+
+def update_progress(cur, total):
+    _ = cur, total
+
+#----------------------------------------------------------------------------
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+#----------------------------------------------------------------------------
+# Checkpoints: one torch.save'd dict with an entry per named object (spec §2.10, §2.11).
+# We store plain dicts and tensors only, so that torch.load(weights_only=True) (the default since PyTorch 2.6)
+# can read them without executing code; EDM2-written states also hold an EasyDict, read as in spec §9.
+
+def _object_state(obj):
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return {key: _object_state(value) if isinstance(value, dict) else value for key, value in obj.items()}
+    if hasattr(obj, 'state_dict'):
+        return obj.state_dict()
+    if hasattr(obj, '__getstate__'):
+        return obj.__getstate__()
+    return obj.__dict__
+
+def load_checkpoint_file(path):
+    """torch.load a training state onto the CPU, safely where possible."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+        if 'EasyDict' not in str(e):
+            raise
+    # Written by EDM2: allow its attribute dict, still without arbitrary code execution.
+    try:
+        with torch.serialization.safe_globals([dnnlib.util.EasyDict]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # pylint: disable=broad-except
+        return torch.load(path, map_location='cpu', weights_only=False)
+
+class CheckpointIO:
+    """Saves and restores a fixed set of named objects (dicts, modules, optimizers, EMA trackers)."""
+
+    def __init__(self, **objs):
+        self._objs = objs
+
+    def save(self, path, verbose=True):
+        if verbose:
+            print0(f'Saving {path} ... ', end='', flush=True)
+        data = {name: _object_state(obj) for name, obj in self._objs.items()}
+        if get_rank() == 0:
+            with dnnlib.util.atomic_write(path, 'wb') as f:
+                torch.save(data, f)
+        if verbose:
+            print0('done')
+
+    def load(self, path, verbose=True):
+        if verbose:
+            print0(f'Loading {path} ... ', end='', flush=True)
+        data = load_checkpoint_file(path)
+        for name, obj in self._objs.items():
+            state = data[name]
+            if obj is None:
+                pass
+            elif isinstance(obj, dict):
+                obj.clear()
+                obj.update(state)
+            elif hasattr(obj, 'load_state_dict'):
+                obj.load_state_dict(state)
+            elif hasattr(obj, '__setstate__'):
+                obj.__setstate__(state)
+            else:
+                obj.__dict__.clear()
+                obj.__dict__.update(state)
+        if verbose:
+            print0('done')
+
+    def load_latest(self, run_dir, pattern=r'training-state-(\d+).pt', verbose=True):
+        """Load the file in run_dir whose name fully matches `pattern` with the largest number; return its path."""
+        path = find_latest(run_dir, pattern)
+        if path is not None:
+            self.load(path, verbose=verbose)
+        return path
+
+def find_latest(run_dir, pattern=r'training-state-(\d+).pt'):
+    """The regular file in run_dir (not recursive) fully matching `pattern` with the largest number, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    best, best_num = None, None
+    for entry in os.scandir(run_dir):
+        match = re.fullmatch(pattern, entry.name)
+        if match is not None and entry.is_file():
+            num = float(match.group(1))
+            if best_num is None or num > best_num:
+                best, best_num = entry.path, num
+    return best
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,327 @@
+"""Small line plots drawn with Pillow only (no plotting stack): training curves and post-hoc EMA sweeps.
+
+`line_plot` is the general tool; `sweep_plot` draws a metric against the EMA length σ_rel with the best value marked,
+like Figure 5 of the EDM2 paper; `read_sweep_results` reads the results file of such a sweep.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import dnnlib
+from training.posthoc import parse_pickle_name
+
+# Distinguishable line colours (RGB), used in order.
+COLORS = [(31, 100, 180), (230, 110, 20), (40, 150, 60), (200, 40, 40), (130, 90, 190), (120, 80, 60),
+          (220, 100, 170), (110, 110, 110), (170, 170, 30), (20, 170, 190)]
+
+_SS = 2  # Draw at twice the size and downsample: smooth lines without an anti-aliasing renderer.
+
+# ----------------------------------------------------------------------------------------------------------------
+# Axis ticks.
+
+def _nice_step(span, target=6):
+    """A step of the form {1, 2, 5}·10^k giving about `target` intervals over `span`."""
+    raw = span / target
+    base = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if m * base >= raw * 0.999:
+            return m * base
+    return 10 * base
+
+
+def _linear_ticks(lo, hi):
+    step = _nice_step(hi - lo)
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [k * step for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    big = max(abs(lo), abs(hi)) >= 1e6 or step < 1e-4
+    labels = [f'{t:.3g}' if big else f'{t:.{decimals}f}' for t in ticks]
+    return ticks, labels
+
+
+def _log_ticks(lo, hi):
+    """Ticks in log10 space: whole decades, plus 2 and 5 when the range spans less than about two decades."""
+    mults = (1,) if hi - lo > 2.2 else (1, 2, 5)
+    ticks = []
+    for k in range(math.floor(lo) - 1, math.ceil(hi) + 1):
+        for m in mults:
+            t = k + math.log10(m)
+            if lo - 1e-9 <= t <= hi + 1e-9:
+                ticks.append(t)
+    if len(ticks) < 2:  # less than one decade: fall back to linear ticks on the values
+        values, labels = _linear_ticks(10 ** lo, 10 ** hi)
+        return [math.log10(v) for v in values if v > 0], [l for v, l in zip(values, labels) if v > 0]
+    return ticks, [f'{10 ** t:g}' for t in ticks]
+
+
+def _axis_range(values, log):
+    """(lo, hi) in plotting space covering `values` with a small margin."""
+    if len(values) == 0:
+        return (-1.0, 1.0) if log else (0.0, 1.0)
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if hi - lo < 1e-12 * max(1.0, abs(lo)):
+        pad = 0.5 if log else max(abs(lo) * 0.1, 0.5)
+        return lo - pad, hi + pad
+    pad = (hi - lo) * 0.04
+    return lo - pad, hi + pad
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing.
+
+def _font(size):
+    return ImageFont.load_default(size=size * _SS)
+
+
+def _text_size(draw, text, font):
+    box = draw.textbbox((0, 0), text, font=font)
+    return box[2] - box[0], box[3] - box[1]
+
+
+def _to_plot_space(xs, ys, logx, logy):
+    """Float arrays in plotting space; points that cannot be drawn (non-finite, ≤0 on a log axis) become NaN."""
+    xs = np.asarray(xs, dtype=np.float64).ravel()
+    ys = np.asarray(ys, dtype=np.float64).ravel()
+    if xs.shape != ys.shape:
+        raise ValueError(f'series has {xs.size} x values but {ys.size} y values')
+    with np.errstate(divide='ignore', invalid='ignore'):
+        if logx:
+            xs = np.where(xs > 0, np.log10(np.where(xs > 0, xs, 1)), np.nan)
+        if logy:
+            ys = np.where(ys > 0, np.log10(np.where(ys > 0, ys, 1)), np.nan)
+    bad = ~(np.isfinite(xs) & np.isfinite(ys))
+    xs[bad] = np.nan
+    ys[bad] = np.nan
+    return xs, ys
+
+
+def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=False, marks=(), size=(800, 500)):
+    """Write a PNG line plot to `path` (atomically).
+
+    series: list of (label, xs, ys); points that cannot be drawn (NaN, inf, ≤0 on a log axis) break the line.
+    marks:  list of (label, x, y) points to highlight, e.g. the best value of a sweep.
+    """
+    prepared = [(str(label), *_to_plot_space(xs, ys, logx, logy)) for label, xs, ys in series]
+    mark_pts = [(str(label), *_to_plot_space([x], [y], logx, logy)) for label, x, y in marks]
+    all_x = np.concatenate([xs for _, xs, _ in prepared + mark_pts] + [np.zeros(0)])
+    all_y = np.concatenate([ys for _, _, ys in prepared + mark_pts] + [np.zeros(0)])
+    x_lo, x_hi = _axis_range(all_x[np.isfinite(all_x)], logx)
+    y_lo, y_hi = _axis_range(all_y[np.isfinite(all_y)], logy)
+    x_ticks, x_labels = (_log_ticks if logx else _linear_ticks)(x_lo, x_hi)
+    y_ticks, y_labels = (_log_ticks if logy else _linear_ticks)(y_lo, y_hi)
+
+    W, H = size[0] * _SS, size[1] * _SS
+    img = Image.new('RGB', (W, H), 'white')
+    draw = ImageDraw.Draw(img)
+    font, title_font = _font(13), _font(16)
+    black, grey = (0, 0, 0), (225, 225, 225)
+
+    # Plot area: leave room for the title, the tick labels and the axis labels.
+    tick_w = max([_text_size(draw, l, font)[0] for l in y_labels] + [0])
+    line_h = _text_size(draw, 'Hg0', font)[1]
+    left = tick_w + 22 * _SS + (line_h + 10 * _SS if ylabel else 0)
+    top = (_text_size(draw, title, title_font)[1] + 22 * _SS) if title else 16 * _SS
+    right = W - 24 * _SS
+    bottom = H - (line_h + 18 * _SS) - (line_h + 10 * _SS if xlabel else 0)
+
+    def px(x):
+        return left + (x - x_lo) / (x_hi - x_lo) * (right - left)
+
+    def py(y):
+        return bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
+
+    # Grid, ticks and tick labels.
+    for t, label in zip(x_ticks, x_labels):
+        x = px(t)
+        draw.line([(x, top), (x, bottom)], fill=grey, width=_SS)
+        draw.line([(x, bottom), (x, bottom + 5 * _SS)], fill=black, width=_SS)
+        w, _ = _text_size(draw, label, font)
+        draw.text((x - w / 2, bottom + 8 * _SS), label, fill=black, font=font)
+    for t, label in zip(y_ticks, y_labels):
+        y = py(t)
+        draw.line([(left, y), (right, y)], fill=grey, width=_SS)
+        draw.line([(left - 5 * _SS, y), (left, y)], fill=black, width=_SS)
+        w, h = _text_size(draw, label, font)
+        draw.text((left - 8 * _SS - w, y - h / 2 - 2 * _SS), label, fill=black, font=font)
+    draw.rectangle([left, top, right, bottom], outline=black, width=_SS)
+
+    # Title and axis labels; the y label is drawn on its own image and rotated.
+    if title:
+        w, _ = _text_size(draw, title, title_font)
+        draw.text(((left + right) / 2 - w / 2, 8 * _SS), title, fill=black, font=title_font)
+    if xlabel:
+        w, _ = _text_size(draw, xlabel, font)
+        draw.text(((left + right) / 2 - w / 2, H - line_h - 12 * _SS), xlabel, fill=black, font=font)
+    if ylabel:
+        w, h = _text_size(draw, ylabel, font)
+        label_img = Image.new('RGB', (w + 4 * _SS, h + 8 * _SS), 'white')
+        ImageDraw.Draw(label_img).text((2 * _SS, 0), ylabel, fill=black, font=font)
+        label_img = label_img.rotate(90, expand=True)
+        img.paste(label_img, (6 * _SS, int((top + bottom) / 2 - label_img.height / 2)))
+
+    # Series: polylines broken at undrawable points; dots when there are few points.
+    for k, (label, xs, ys) in enumerate(prepared):
+        color = COLORS[k % len(COLORS)]
+        run = []
+        for x, y in list(zip(xs, ys)) + [(np.nan, np.nan)]:
+            if np.isfinite(x):
+                run.append((px(x), py(y)))
+                continue
+            if len(run) >= 2:
+                draw.line(run, fill=color, width=2 * _SS, joint='curve')
+            if np.sum(np.isfinite(xs)) <= 60:
+                for cx, cy in run:
+                    draw.ellipse([cx - 3 * _SS, cy - 3 * _SS, cx + 3 * _SS, cy + 3 * _SS], fill=color)
+            run = []
+
+    # Pixel positions of all data points, to place labels where they hide the least data.
+    pts = np.array([(px(x), py(y)) for _, xs, ys in prepared for x, y in zip(xs, ys) if np.isfinite(x)]
+                   ).reshape(-1, 2)
+
+    def least_crowded(boxes):
+        def count(box):
+            x0, y0, x1, y1 = box
+            inside = (pts[:, 0] >= x0) & (pts[:, 0] <= x1) & (pts[:, 1] >= y0) & (pts[:, 1] <= y1)
+            return int(inside.sum())
+        return min(boxes, key=count)
+
+    # Highlighted points.
+    for label, xs, ys in mark_pts:
+        if not np.isfinite(xs[0]):
+            continue
+        cx, cy = px(xs[0]), py(ys[0])
+        r = 7 * _SS
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(200, 0, 0), width=2 * _SS)
+        w, h = _text_size(draw, label, font)
+        g = r + 4 * _SS
+        candidates = [(cx + dx, cy + dy) for dy in (g, -g - h - 4 * _SS) for dx in (-w / 2, g, -g - w)]
+        candidates = [(x, y) for x, y in candidates if x >= left and x + w <= right and y >= top and
+                      y + h + 4 * _SS <= bottom] or candidates
+        tx, ty = least_crowded([(x, y, x + w, y + h + 4 * _SS) for x, y in candidates])[:2]
+        draw.text((tx, ty), label, fill=(200, 0, 0), font=font)
+
+    # Legend, in the corner of the plot area that hides the fewest data points.
+    labels = [(label, COLORS[k % len(COLORS)]) for k, (label, _, _) in enumerate(prepared) if label]
+    if labels:
+        sample = 24 * _SS
+        w = max(_text_size(draw, l, font)[0] for l, _ in labels) + sample + 20 * _SS
+        row = line_h + 8 * _SS
+        h = row * len(labels) + 6 * _SS
+        m = 8 * _SS
+        x0, y0 = least_crowded([(x, y, x + w, y + h) for y in (top + m, bottom - m - h)
+                                for x in (right - m - w, left + m)])[:2]
+        draw.rectangle([x0, y0, x0 + w, y0 + h], fill='white', outline=(150, 150, 150), width=_SS)
+        for i, (label, color) in enumerate(labels):
+            y = y0 + 6 * _SS + i * row + line_h / 2 + 2 * _SS
+            draw.line([(x0 + 6 * _SS, y), (x0 + 6 * _SS + sample, y)], fill=color, width=2 * _SS)
+            draw.text((x0 + 12 * _SS + sample, y - line_h / 2 - 3 * _SS), label, fill=black, font=font)
+
+    img = img.resize(size, Image.LANCZOS)
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        img.save(f, format='png')
+
+# ----------------------------------------------------------------------------------------------------------------
+# Post-hoc EMA sweeps (EDM2 paper Fig. 5: metric versus EMA length σ_rel).
+
+def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy=False):
+    """Plot a metric against σ_rel and mark the best value.
+
+    results: dict std → value for one sweep, or dict label → (dict std → value) for several sweeps (e.g. one per
+    network size). Returns {label: (best_std, best_value)}.
+    """
+    if results and all(isinstance(v, dict) for v in results.values()):
+        sweeps = results
+    else:
+        sweeps = {'': results}
+    series, marks, best = [], [], {}
+    for label, sweep in sweeps.items():
+        pts = sorted((float(s), float(v)) for s, v in sweep.items())
+        finite = [(s, v) for s, v in pts if math.isfinite(v)]
+        if not finite:
+            raise ValueError(f'sweep {label or ""} has no finite {metric} value'.replace('  ', ' '))
+        s_best, v_best = (min if lower_is_better else max)(finite, key=lambda p: p[1])
+        best[label] = (s_best, v_best)
+        series.append((label, [s for s, _ in pts], [v for _, v in pts]))
+        marks.append((f'{label + ": " if label else ""}{v_best:.4g} at {s_best:.3f}', s_best, v_best))
+    line_plot(path, series, title=title, xlabel='EMA length sigma_rel', ylabel=metric, logy=logy, marks=marks)
+    return best
+
+
+def _std_of(key):
+    """σ_rel from a float-like key or from a reconstruction/snapshot file name such as phema-0002147-0.050.pkl."""
+    info = parse_pickle_name(str(key))
+    if info is not None:
+        return info.std
+    try:
+        return float(key)
+    except (TypeError, ValueError):
+        raise ValueError(f'cannot tell the EMA length of "{key}"; use a std or a <prefix>-<kimg>-<std>.pkl name') \
+            from None
+
+
+def _pick_metric(record, metric, where):
+    """The value of `metric` in a dict record; with metric None the record must hold exactly one number."""
+    numbers = {k: v for k, v in record.items() if k not in ('std', 'net', 'path', 'pkl')
+               and _is_number(v)}
+    if metric is None:
+        if len(numbers) != 1:
+            raise ValueError(f'{where}: found metrics {sorted(numbers)}; choose one')
+        return float(next(iter(numbers.values())))
+    if metric not in record:
+        raise ValueError(f'{where}: no metric "{metric}" (found {sorted(numbers)})')
+    return float(record[metric])
+
+
+def _is_number(v):
+    try:
+        float(v)
+        return not isinstance(v, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def read_sweep_results(path, metric=None):
+    """dict std → value from a results file.
+
+    Accepted: JSON object {std or pkl name: value or {metric: value}}; JSON list or JSON-lines of records with a
+    'std' (or 'net'/'path'/'pkl' file name) key and metric keys; CSV with a header holding 'std' (or 'net'/'path'/
+    'pkl') and metric columns. `metric` chooses the column when there are several.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such results file')
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    records = None
+    if path.lower().endswith('.csv'):
+        records = list(csv.DictReader(io.StringIO(text)))
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path}: neither JSON, JSON lines nor CSV ({e})') from None
+        if isinstance(data, dict):
+            results = {}
+            for key, value in data.items():
+                value = _pick_metric(value, metric, f'{path}: {key}') if isinstance(value, dict) else float(value)
+                results[_std_of(key)] = value
+            return results
+        records = data
+    results = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f'{path}: record {i + 1} is not an object')
+        key = next((record[k] for k in ('std', 'net', 'path', 'pkl') if k in record), None)
+        if key is None:
+            raise ValueError(f'{path}: record {i + 1} has no "std" (or "net") field')
+        results[_std_of(key)] = _pick_metric(record, metric, f'{path}: record {i + 1}')
+    if not results:
+        raise ValueError(f'{path}: no results found')
+    return results
