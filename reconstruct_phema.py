@@ -52,6 +52,9 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
     # Sweep 49 EMA lengths at the end of training, 8 per pass over the inputs:
     python reconstruct_phema.py --indir=runs/00000-demo --outdir=phema \\
         --outstd=0.010,0.015,...,0.250 --batch=8
+
+    Inputs are files named <prefix>-<kimg>-<std>.pkl; their times are recovered as multiples of 1024 images.
+    Loading a pickle runs the code stored inside it: use only snapshots you trust.
     """
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('Distributed execution is not supported')

@@ -125,10 +125,11 @@ class PowerFunctionEMA:
     @torch.no_grad()
     def update(self, cur_nimg, batch_size):
         """One EMA step; `cur_nimg` is the image count after the optimizer step. Parameters only (not buffers)."""
+        net_params = [p.detach() for p in self.net.parameters()]
         for std, ema in zip(self.stds, self.emas):
             beta = float(power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
-            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
-                p_ema.lerp_(p_net.detach(), 1 - beta)
+            # One fused call per EMA instead of one kernel launch per parameter tensor.
+            torch._foreach_lerp_(list(ema.parameters()), net_params, 1 - beta)
 
     @torch.no_grad()
     def get(self):
@@ -174,8 +175,7 @@ class TraditionalEMA:
         if self.rampup_ratio is not None:
             halflife_Mimg = min(halflife_Mimg, cur_nimg / 1e6 * self.rampup_ratio)
         beta = 0.5 ** (batch_size / max(halflife_Mimg * 1e6, 1e-8))
-        for p_net, p_ema in zip(self.net.parameters(), self.ema.parameters()):
-            p_ema.lerp_(p_net.detach(), 1 - beta)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1 - beta)
 
     @torch.no_grad()
     def get(self):

@@ -243,7 +243,7 @@ def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy
         pts = sorted((float(s), float(v)) for s, v in sweep.items())
         finite = [(s, v) for s, v in pts if math.isfinite(v)]
         if not finite:
-            raise ValueError(f'sweep {label or ""} has no finite {metric} value'.replace('  ', ' '))
+            raise ValueError(f'{label or "the sweep"}: no finite {metric} value')
         s_best, v_best = (min if lower_is_better else max)(finite, key=lambda p: p[1])
         best[label] = (s_best, v_best)
         series.append((label, [s for s, _ in pts], [v for _, v in pts]))

@@ -196,7 +196,7 @@ def _reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps):
         coefs = solve_posthoc_coefficients([p.nimg for p in in_pkls], [p.std for p in in_pkls], out_nimg, batch)
         outs = []
         for i, in_pkl in enumerate(in_pkls):
-            data = load_snapshot(in_pkl.path, verbose=False)
+            data = load_snapshot(in_pkl.path, verbose=False, native=False)  # Outputs keep the inputs' classes.
             net = data.ema.to(torch.float32)  # Accumulate in float32; snapshots are float16 (spec §2.10).
             if i == 0:
                 # Outputs inherit the first input's dict (encoder, dataset_kwargs, loss_fn) (spec §3.5).
