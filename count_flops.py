@@ -103,7 +103,10 @@ def main(net, block, channels, expansion, kernel, resolution, img_channels, labe
     """Count parameters and GFLOPs per sample (EDM2's convention: eval mode, batch 1).
 
     NET is a preset name (e.g. edm2plus-img64-s), a network file, or omitted to build one from the options.
-    Network pickles (.pkl) execute code when loaded: only load files you trust.
+
+    Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust, or
+    convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
+    tool accepts and which never runs code.
     """
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('Distributed execution is not supported')

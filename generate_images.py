@@ -93,8 +93,8 @@ class SigmaInterval(click.ParamType):
 
 # Main options.
 @click.option('--preset',            help='Configuration preset', metavar='STR',                         type=str, default=None)
-@click.option('--net',               help='Network pickle filename or URL', metavar='PATH|URL',          type=str, default=None)
-@click.option('--gnet',              help='Guiding network pickle filename or URL', metavar='PATH|URL',  type=str, default=None)
+@click.option('--net',               help='Network pickle or weights-only .pt (filename or URL)', metavar='PATH|URL', type=str, default=None)
+@click.option('--gnet',              help='Guiding network pickle or weights-only .pt (filename or URL)', metavar='PATH|URL', type=str, default=None)
 @click.option('--seeds',             help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST',        type=IntList(), default='16-19', show_default=True)
 @click.option('--class', 'class_idx',help='Class label(s); several are used in turn  [default: random]', metavar='INT|LIST', type=IntList(), default=None)
 
@@ -126,6 +126,10 @@ def cmdline(**opts):
     python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
     torchrun --standalone --nproc_per_node=8 generate_images.py \\
         --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
+
+    Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust, or
+    convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
+    tool accepts and which never runs code.
     """
     opts = resolve_options(dnnlib.EasyDict(opts))
     for key in ['net', 'gnet']:

@@ -1,33 +1,202 @@
-"""Load a network snapshot from a path or URL: `load_snapshot` gives the whole dict, `load_network` the net.
+"""Every network file format is read here: `load_snapshot(path)` gives the snapshot dict, `load_network(path)` the net.
 
-Pickles (.pkl) execute embedded code when loaded: load only files you trust.
+Two formats, told apart by the file's first bytes (not by its name):
+  * Pickle (.pkl): the snapshot layout of EDM2 (spec §2.10, §7.1), written by EDM2's tools or by ours. An EasyDict
+    with `ema` (the denoiser, float16) and usually `encoder`, `dataset_kwargs` and `loss_fn`. Its persistent objects
+    carry the source code of their modules, and unpickling RUNS THAT CODE (torch_utils/persistence.py).
+  * Weights-only (.pt): tensors plus a JSON description of the architecture (networks/export.py), read with
+    `torch.load(weights_only=True)`; loading it never runs code from the file.
+
+A `Precond` that is not ours (EDM2's class, executed from the source embedded in its pickle, or ours from an older
+version of networks/edm2plus.py) is by default rebuilt as the current `networks.edm2plus.Precond` from its recorded
+constructor arguments, with the same weights (`load_state_dict(strict=True)`), so that every tool gets our fast
+paths; `native=False` keeps the module exactly as unpickled.
 """
 
 import os
 import pickle
+import warnings
+
+import torch
 
 import dnnlib
 
+# The sentence every tool that loads networks puts in its --help (and the README says the same).
+PICKLE_WARNING = ('Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you '
+                  'trust, or convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only '
+                  '.pt format, which every tool accepts and which never runs code.')
 
-def load_snapshot(path_or_url, verbose=True):
-    """Return the snapshot dict (EasyDict with at least `ema`) stored at path_or_url."""
+class NetworkFileError(ValueError):
+    """A network file that cannot be used; the message is one line that names the file."""
+
+#----------------------------------------------------------------------------
+# Public API.
+
+def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True):
+    """Return the snapshot stored at path_or_url as an EasyDict with at least `ema` (plus `encoder`,
+    `dataset_kwargs`, `loss_fn` where the file has them). The network keeps the stored dtype (float16 in snapshots).
+
+    native:       rebuild a foreign Precond as networks.edm2plus.Precond (same weights and outputs).
+    allow_pickle: False refuses pickles, i.e. accepts only files whose loading cannot run code.
+    """
+    name = os.fspath(path_or_url)
     if verbose:
-        print(f'Loading network from {path_or_url} ...')
-    if not dnnlib.util.is_url(path_or_url) and not os.path.isfile(path_or_url):
-        raise FileNotFoundError(f'{path_or_url}: no such network file')
-    with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
-        try:
-            data = pickle.load(f)
-        except Exception as e:
-            raise ValueError(f'{path_or_url}: not a network pickle ({type(e).__name__}: {e})') from None
-    if not isinstance(data, dict) or 'ema' not in data:
-        raise ValueError(f'{path_or_url}: not a network snapshot (expected a dict with key "ema")')
+        print(f'Loading network from {name} ...')
+    if not dnnlib.util.is_url(name) and not os.path.isfile(name):
+        raise FileNotFoundError(f'{name}: no such network file')
+    with dnnlib.util.open_url(name, verbose=verbose) as f:
+        head = f.read(4)
+        f.seek(0)
+        if head[:2] == b'PK':  # torch.save's zip archive
+            from networks import export  # pylint: disable=import-outside-toplevel  (export imports this module)
+            data = export.read_weights(f, name)
+        elif head[:1] == b'\x80':  # pickle protocol 2 or later (EDM2 and we write the default protocol)
+            if not allow_pickle:
+                raise NetworkFileError(f'{name}: is a pickle, and pickles are refused here because loading them runs '
+                                       'code; convert it with "python -m networks.export" first')
+            data = _unpickle(f, name)
+        elif len(head) == 0:
+            raise NetworkFileError(f'{name}: empty file, not a network')
+        else:
+            raise NetworkFileError(f'{name}: not a network file (neither a snapshot pickle nor a weights-only .pt)')
+    data = _check_snapshot(data, name)
+    if native:
+        data.ema = to_native(data.ema, name=name)
+    return data
+
+def load_network(path_or_url, device=None, dtype=None, native=True, verbose=True):
+    """Return the EMA network of a snapshot file as stored (snapshots: eval mode, float16), optionally moved to
+    `device` and cast to `dtype`. A module passed instead of a path is returned as it is (moved/cast likewise).
+    Casting float16 snapshots to float32 changes D by ~1e-4: EDM2 itself computes gain/sqrt(fan_in) with the
+    float16 gains of a loaded snapshot, so the stored dtype reproduces EDM2's outputs exactly."""
+    if isinstance(path_or_url, (str, os.PathLike)):
+        net = load_snapshot(path_or_url, verbose=verbose, native=native).ema
+    else:
+        net = path_or_url
+    if device is not None:
+        net = net.to(device)
+    if dtype is not None:
+        net = net.to(dtype)
+    return net
+
+def is_native(net):
+    """True if `net` is an instance of the current networks.edm2plus.Precond."""
+    from networks import edm2plus  # pylint: disable=import-outside-toplevel
+    return isinstance(net, edm2plus.Precond)
+
+def to_native(net, name=None, verify=False):
+    """Rebuild a foreign Precond (EDM2's, or ours from other source text) as networks.edm2plus.Precond.
+
+    Built from the recorded constructor arguments on the meta device, then given the foreign tensors themselves
+    (`load_state_dict(strict=True, assign=True)`: same dtype, no copy). The rebuild is used only if every parameter
+    and buffer matches by name and shape and every plain attribute of every sub-module (balances, heads, clip, ...)
+    is equal; otherwise the foreign module is returned unchanged, with a warning. `verify=True` also compares the
+    outputs of both modules on a small batch (costs two forward passes). Anything that is not a Precond, and our own
+    Precond, is returned as it is.
+    """
+    from networks import edm2plus  # pylint: disable=import-outside-toplevel
+    if isinstance(net, edm2plus.Precond) or type(net).__name__ != 'Precond' or not isinstance(net, torch.nn.Module):
+        return net
+    init_args, init_kwargs = getattr(net, '_init_args', None), getattr(net, '_init_kwargs', None)
+    where = f'{name}: ' if name is not None else ''
+    if init_args is None or init_kwargs is None:
+        warnings.warn(f'{where}the network did not record its constructor arguments; it is used as it was pickled')
+        return net
+    try:
+        with torch.device('meta'):
+            native = edm2plus.Precond(*init_args, **init_kwargs)
+        _check_same_attributes(net, native)
+        native.load_state_dict(net.state_dict(), strict=True, assign=True)
+        left = [n for n, t in list(native.named_parameters()) + list(native.named_buffers()) if t.is_meta]
+        if left:
+            raise ValueError(f'no value for {", ".join(left)}')
+        native.train(net.training)
+        for p_native, p in zip(native.parameters(), net.parameters()):
+            p_native.requires_grad_(p.requires_grad)
+        if verify:
+            _check_same_outputs(net, native)
+    except Exception as e:  # pylint: disable=broad-except
+        warnings.warn(f'{where}{type(net).__module__}.Precond cannot be rebuilt as networks.edm2plus.Precond '
+                      f'({type(e).__name__}: {e}); it is used as it was pickled')
+        return net
+    return native
+
+#----------------------------------------------------------------------------
+# Pickles.
+
+def _unpickle(f, name):
+    try:
+        return pickle.load(f)
+    except EOFError:
+        raise NetworkFileError(f'{name}: truncated pickle (the file ends early)') from None
+    except pickle.UnpicklingError as e:
+        raise NetworkFileError(f'{name}: corrupt or unsupported pickle ({_one_line(e)})') from None
+    except Exception as e:  # pylint: disable=broad-except
+        # Typically the code embedded in the pickle failed to run here, e.g. it imports a missing package.
+        raise NetworkFileError(f'{name}: could not be unpickled ({type(e).__name__}: {_one_line(e)})') from None
+
+def _check_snapshot(data, name):
+    """The structure every tool relies on (spec §7.1, 'Interface used by EDM2 tools')."""
+    if not isinstance(data, dict):
+        raise NetworkFileError(f'{name}: not a network snapshot: it holds a {type(data).__name__}, '
+                               'not a dict with the key "ema"')
+    if 'ema' not in data:
+        keys = ', '.join(repr(k) for k in list(data)[:8]) + (', ...' if len(data) > 8 else '')
+        raise NetworkFileError(f'{name}: not a network snapshot: a dict without the key "ema" (keys: {keys or "none"})')
+    net = data['ema']
+    if not isinstance(net, torch.nn.Module):
+        raise NetworkFileError(f'{name}: not a network snapshot: "ema" is a {type(net).__name__}, not a network module')
+    missing = [a for a in ('img_resolution', 'img_channels', 'label_dim') if not hasattr(net, a)]
+    if missing:
+        raise NetworkFileError(f'{name}: the network in "ema" lacks the attribute(s) {", ".join(missing)}')
     return dnnlib.EasyDict(data)
 
+def _one_line(e):
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
-def load_network(path_or_url, device=None, verbose=True):
-    """Return the EMA network of a snapshot (or the module itself, when given a module)."""
-    if not isinstance(path_or_url, str):
-        return path_or_url
-    net = load_snapshot(path_or_url, verbose=verbose).ema
-    return net.to(device) if device is not None else net
+#----------------------------------------------------------------------------
+# Checks of a native rebuild against the foreign module.
+
+_PLAIN = (bool, int, float, str, type(None), list, tuple)
+
+def _check_same_attributes(foreign, native):
+    """Same sub-module tree (names and class names) and the same plain attributes in every sub-module."""
+    native_modules = dict(native.named_modules())
+    for path, mod in foreign.named_modules():
+        other = native_modules.get(path)
+        if other is None or type(other).__name__ != type(mod).__name__:
+            raise ValueError(f'sub-module "{path or "."}" differs')
+        for key, value in vars(mod).items():
+            if key.startswith('_') or key == 'training' or not isinstance(value, _PLAIN):
+                continue
+            if vars(other).get(key, _Missing) != value:
+                raise ValueError(f'attribute "{(path + "." if path else "") + key}" differs')
+
+class _Missing:
+    pass
+
+@torch.no_grad()
+def _check_same_outputs(foreign, native):
+    modes = foreign.training, native.training
+    foreign.eval(), native.eval()  # in training mode MPConv would rewrite the weights (forced weight normalisation)
+    try:
+        _compare_outputs(foreign, native)
+    finally:
+        foreign.train(modes[0]), native.train(modes[1])
+
+def _compare_outputs(foreign, native):
+    gen = torch.Generator().manual_seed(0)
+    res, ch = native.img_resolution, native.img_channels
+    x = torch.randn([2, ch, res, res], generator=gen)
+    sigma = torch.tensor([0.3, 3.0])
+    labels = None
+    if native.label_dim:
+        labels = torch.eye(native.label_dim)[torch.randint(native.label_dim, [2], generator=gen)]
+    want = foreign(x, sigma, labels, return_logvar=True)
+    got = native(x, sigma, labels, return_logvar=True)
+    for a, b in zip(want, got):
+        if not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5):
+            raise ValueError(f'outputs differ by up to {(a.float() - b.float()).abs().max().item():g}')
+
+#----------------------------------------------------------------------------

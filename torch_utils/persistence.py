@@ -102,7 +102,9 @@ def _reconstruct_persistent_obj(meta):
     module = _src_to_module_obj(meta.module_src)
     if meta.type != 'class':
         raise pickle.UnpicklingError(f'Unsupported persistent object type {meta.type!r}')
-    orig_class = module.__dict__[meta.class_name]
+    orig_class = module.__dict__.get(meta.class_name)
+    if not isinstance(orig_class, type):
+        raise pickle.UnpicklingError(f'The source stored in the pickle defines no class {meta.class_name!r}')
     decorator_class = persistent_class(orig_class)
     obj = decorator_class.__new__(decorator_class)
     setstate = getattr(obj, '__setstate__', None)
@@ -128,7 +130,13 @@ def _src_to_module_obj(src):
         sys.modules[name] = module
         _module_to_src[module] = src
         _src_to_module[src] = module
-        exec(src, module.__dict__)  # pylint: disable=exec-used
+        try:
+            exec(src, module.__dict__)  # pylint: disable=exec-used
+        except BaseException:
+            # Forget the half-built module, so that a later load (e.g. after installing a missing package) runs
+            # the source again instead of reusing a module without its classes.
+            del sys.modules[name], _module_to_src[module], _src_to_module[src]
+            raise
     return module
 
 #----------------------------------------------------------------------------
