@@ -28,7 +28,8 @@ _cumulative = dict()            # name -> moments already collected (on the CPU)
 def init_multiprocessing(rank, sync_device):
     """Declare this process's rank and the device used for all-reduce (None when there is a single process)."""
     global _rank, _sync_device
-    assert not _sync_called, 'init_multiprocessing() must be called before the first Collector.update()'
+    if _sync_called and (rank, sync_device) != (_rank, _sync_device):
+        raise RuntimeError('init_multiprocessing() must be called before the first Collector.update()')
     _rank = rank
     _sync_device = sync_device
 

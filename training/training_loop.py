@@ -35,7 +35,7 @@ def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3
         lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
     if rampup_Mimg > 0:
         lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
-    return lr
+    return float(lr)
 
 #----------------------------------------------------------------------------
 # Batch bookkeeping (spec §2.3). Raises ValueError with a readable message, so that CLIs can report it.
@@ -226,7 +226,7 @@ def training_loop(
         stop_at_nimg = min(stop_at_nimg, max(slice_end_nimg, state.cur_nimg + batch_size))
     if state.cur_nimg >= stop_at_nimg:
         dist.print0(f'Nothing to do: training already reached {state.cur_nimg // 1000} kimg (duration {total_nimg // 1000} kimg).')
-        return
+        return state.cur_nimg
     dist.print0(f'Training from {state.cur_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
     dist.print0()
 
@@ -241,13 +241,13 @@ def training_loop(
                                                                 batch_size=batch_gpu, **data_loader_kwargs))
 
     # A wall-clock limit stops at a multiple of lcm(batch, 1024) images, so that the final snapshot has a valid
-    # post-hoc EMA name, and at the last such point from which the next one would not fit in the time left.
+    # post-hoc EMA name (spec §3.6): at the first such point from which the next one would not be reached in the
+    # time left, judged by this invocation's speed so far. Every invocation trains at least one such block.
     stop_granularity = math.lcm(batch_size, 1024)
     deadline = start_time + time_limit if time_limit is not None else None
     def time_is_up():
         now = time.time()
-        images_done = state.cur_nimg - start_nimg
-        sec_per_img = (now - loop_start_time) / images_done if images_done > 0 else 0
+        sec_per_img = (now - loop_start_time) / (state.cur_nimg - start_nimg)
         return dist.broadcast_bool(now + sec_per_img * stop_granularity > deadline)
 
     # Progress bar on rank 0, written to the real terminal (not into log.txt).
@@ -270,15 +270,19 @@ def training_loop(
     loop_start_time = time.time()
     while True:
         done = (state.cur_nimg >= stop_at_nimg)
-        if not done and deadline is not None and state.cur_nimg % stop_granularity == 0 and time_is_up():
+        if not done and deadline is not None and state.cur_nimg > start_nimg and state.cur_nimg % stop_granularity == 0 and time_is_up():
             done = stopped_early = True
-        if bar is not None:
-            bar.clear()
+        resumed_here = (state.cur_nimg == start_nimg and start_nimg != 0)
+        status_due = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and not resumed_here
+        snapshot_due = snapshot_nimg is not None and (state.cur_nimg % snapshot_nimg == 0 or stopped_early) and not resumed_here
+        checkpoint_due = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
+        if bar is not None and (status_due or snapshot_due or checkpoint_due):
+            bar.clear()  # printed lines go above the bar
 
         #--------------------------------------------------------------------
         # Status line and stats.jsonl (spec §2.13), not at the very start of a resumed run.
 
-        if status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and (state.cur_nimg != start_nimg or start_nimg == 0):
+        if status_due:
             cur_time = time.time()
             state.total_elapsed_time += cur_time - prev_status_time
             cur_process = psutil.Process(os.getpid())
@@ -321,8 +325,7 @@ def training_loop(
         # Network snapshots, one per tracked EMA (rank 0). A fresh run writes them at nimg 0 too; a run stopped
         # by its time limit always ends with one.
 
-        resumed_here = (state.cur_nimg == start_nimg and start_nimg != 0)
-        if snapshot_nimg is not None and (state.cur_nimg % snapshot_nimg == 0 or stopped_early) and not resumed_here and rank == 0:
+        if snapshot_due and rank == 0:
             for ema_net, ema_suffix in (ema.get() if ema is not None else [(net, '')]):
                 fname = f'network-snapshot-{state.cur_nimg // 1000:07d}{ema_suffix}.pkl'
                 print(f'Saving {fname} ... ', end='', flush=True)
@@ -332,11 +335,11 @@ def training_loop(
         #--------------------------------------------------------------------
         # Training state: at every interval and always at the end, never at the start (spec §2.9.3).
 
-        if checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg:
+        if checkpoint_due:
             checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
             misc.check_ddp_consistency(net)
 
-        if bar is not None:
+        if bar is not None and (status_due or snapshot_due or checkpoint_due):
             bar.refresh()
         if done:
             break
@@ -356,7 +359,7 @@ def training_loop(
                 # Sum over elements, mean over this process's images; DDP averages over processes (spec §2.6).
                 loss.sum().mul(loss_scaling / batch_gpu_total).backward()
 
-        lr = dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs)
+        lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
         training_stats.report('Loss/learning_rate', lr)
         for g in optimizer.param_groups:
             g['lr'] = lr

@@ -1,0 +1,108 @@
+"""Training speed of the block variants at the same base width, measured side by side.
+
+One optimizer step (EDM2 loss, forward + backward + Adam) per variant in turn, repeated; the median step time of
+each variant gives its images per second, and the ratio to the first variant is printed. Interleaving the variants
+means a busy machine slows them all alike, so the ratio stays meaningful even when the absolute numbers do not.
+
+  python benchmarks/train_speed.py                                   # CONFIG A vs G*, 32x32, base 32, CPU
+  python benchmarks/train_speed.py --resolution=64 --channels=192 --channel-mult=1,2,3,4 --num-blocks=3 \\
+      --attn=16,8 --batch=64 --label-dim=1000                        # EDM2-S vs EDM2+-S (on a GPU)
+"""
+
+import os
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from networks import flops                    # noqa: E402
+from networks.edm2plus import Precond          # noqa: E402
+from training.loss import EDM2Loss             # noqa: E402
+
+#----------------------------------------------------------------------------
+
+def make_trainer(block, resolution, label_dim, batch, device, fp16, **net_kwargs):
+    """Return (step function, parameter count, GFLOPs per evaluation) for one variant."""
+    net = Precond(resolution, 3, label_dim, block=block, use_fp16=fp16, **net_kwargs).train().to(device)
+    counted = flops.count(flops.build_meta(img_resolution=resolution, img_channels=3, label_dim=label_dim, block=block, **net_kwargs))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    loss_fn = EDM2Loss(P_mean=-0.8, P_std=1.6)
+    images = torch.randn([batch, 3, resolution, resolution], device=device).clamp(-1, 1)
+    labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)] if label_dim else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(net, images, labels).sum().mul(1 / batch).backward()
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+        optimizer.step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    return step, counted['params'], counted['flops'] / 1e9
+
+def parse_list(text, cast):
+    return [cast(x) for x in text.split(',') if x.strip() != '']
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--blocks',       help='Variants to compare; ratios are relative to the first', metavar='LIST', type=str, default='A,G*', show_default=True)
+@click.option('--resolution',   help='Image resolution', metavar='INT',               type=click.IntRange(min=4), default=32, show_default=True)
+@click.option('--channels',     help='Base width (model_channels)', metavar='INT',    type=click.IntRange(min=8), default=32, show_default=True)
+@click.option('--channel-mult', help='Width multipliers per level', metavar='LIST',   type=str, default='1,2,2', show_default=True)
+@click.option('--num-blocks',   help='Encoder blocks per level', metavar='INT',       type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--attn',         help='Resolutions with attention', metavar='LIST',    type=str, default='16,8', show_default=True)
+@click.option('--label-dim',    help='Number of classes (0: unconditional)', metavar='INT', type=click.IntRange(min=0), default=10, show_default=True)
+@click.option('--batch',        help='Images per step', metavar='INT',                type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--steps',        help='Timed steps per variant', metavar='INT',        type=click.IntRange(min=1), default=5, show_default=True)
+@click.option('--warmup',       help='Untimed steps per variant first', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--fp16',         help='FP16 activations (CUDA only)', metavar='BOOL',  type=bool, default=True, show_default=True)
+@click.option('--device',       help='cuda or cpu [default: cuda if available]', metavar='STR', type=str, default=None)
+def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device):
+    """Training images per second of block variants at the same width, run side by side."""
+    device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+    net_kwargs = dict(model_channels=channels, channel_mult=parse_list(channel_mult, int), num_blocks=num_blocks,
+                      attn_resolutions=parse_list(attn, int))
+    names = parse_list(blocks, str)
+    print(f'Device {device} ({torch.get_num_threads()} threads), {resolution}x{resolution}, base {channels}, '
+          f'mult {net_kwargs["channel_mult"]}, {num_blocks} blocks, batch {batch}')
+    trainers = {}
+    for name in names:
+        try:
+            torch.manual_seed(0)
+            trainers[name] = make_trainer(name, resolution, label_dim, batch, device, fp16, **net_kwargs)
+        except ValueError as e:
+            raise click.ClickException(str(e))
+
+    # Interleave the variants, step by step.
+    times = {name: [] for name in names}
+    for round_idx in range(warmup + steps):
+        for name in names:
+            t0 = time.perf_counter()
+            trainers[name][0]()
+            if round_idx >= warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    reference = None
+    print(f'{"variant":<8s} {"Mparams":>8s} {"GFLOPs":>7s} {"img/s":>8s} {"ratio":>6s}')
+    for name in names:
+        img_per_sec = batch / float(np.median(times[name]))
+        reference = reference or img_per_sec
+        _, params, gflops = trainers[name]
+        print(f'{name:<8s} {params / 1e6:8.3f} {gflops:7.3f} {img_per_sec:8.2f} {img_per_sec / reference:6.2f}')
+    if len(names) == 2:
+        a, b = names
+        ratio = np.median(times[a]) / np.median(times[b])
+        print(f'{b} trains {ratio:.2f}x as many images per second as {a}')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""torch_utils: seeds and data order (spec §2.12, §7.2), statistics (§7.4), checkpoints (§7.3), small helpers."""
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import training_stats
+
+#----------------------------------------------------------------------------
+# Seeds: Python's tuple hash (spec §2.12 reference values).
+
+@pytest.mark.parametrize('args, seed', [
+    ((0, 0), 397586535), ((0, 1), 16979904), ((1, 0), 1403689752), ((0, 0, 0), 360982090),
+    ((0, 0, 2048), 386374691), ((0, 1, 2048), 50315110), ((0, 0, 4096), 411767292),
+])
+def test_seed_reference_values(args, seed):
+    assert misc.seed_from_tuple(*args) == seed
+
+def test_tuple_hash_matches_cpython():
+    rnd = random.Random(1)
+    for _ in range(2000):
+        items = tuple(rnd.choice([rnd.randrange(0, 1 << 20), rnd.randrange(-(1 << 70), 1 << 70), -1]) for _ in range(rnd.randrange(0, 5)))
+        assert misc.tuple_hash(items) == hash(items)
+
+def test_set_random_seed_seeds_torch_and_numpy():
+    assert misc.set_random_seed(0, 1, 2048) == 50315110
+    a = (torch.randn(3), np.random.rand(3))
+    misc.set_random_seed(0, 1, 2048)
+    b = (torch.randn(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    torch.manual_seed(50315110)
+    assert torch.equal(torch.randn(3), a[0])
+
+def test_format_time_reference_values():
+    assert dnnlib.util.format_time(59.4) == '59s'
+    assert dnnlib.util.format_time(132) == '2m 12s'
+    assert dnnlib.util.format_time(3600 + 61) == '1h 01m 01s'
+    assert dnnlib.util.format_time(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == '2d 03h 04m'
+
+#----------------------------------------------------------------------------
+# InfiniteSampler (spec §7.2).
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+def test_infinite_sampler_order_follows_epoch_hash():
+    data = list(range(10))
+    stream = _take(misc.InfiniteSampler(data, seed=3), 25)
+    for epoch in range(3):
+        order = np.arange(10)
+        np.random.RandomState(hash((3, epoch)) % (1 << 31)).shuffle(order)
+        assert stream[epoch * 10: epoch * 10 + 10] == list(order[:len(stream[epoch * 10: epoch * 10 + 10])])
+    assert sorted(stream[:10]) == data and sorted(stream[10:20]) == data   # each epoch is a permutation
+    assert stream[:10] != stream[10:20]                                    # and a different one
+    assert _take(misc.InfiniteSampler(data, shuffle=False), 12) == data + [0, 1]
+
+def test_infinite_sampler_resumes_and_splits_across_ranks():
+    data = list(range(7))
+    stream = _take(misc.InfiniteSampler(data, seed=5), 40)
+    assert _take(misc.InfiniteSampler(data, seed=5, start_idx=13), 27) == stream[13:]
+    ranks = [_take(misc.InfiniteSampler(data, rank=r, num_replicas=2, seed=5, start_idx=4), 18) for r in range(2)]
+    interleaved = [x for pair in zip(*ranks) for x in pair]
+    assert interleaved == stream[4:40]
+
+def test_infinite_sampler_in_a_dataloader():
+    loader = torch.utils.data.DataLoader(list(range(5)), sampler=misc.InfiniteSampler(list(range(5)), seed=0), batch_size=4)
+    batch = next(iter(loader))
+    assert batch.tolist() == _take(misc.InfiniteSampler(list(range(5)), seed=0), 4)
+
+#----------------------------------------------------------------------------
+# Small tensor/module helpers.
+
+def test_constant_is_cached_and_const_like_follows_ref():
+    a = misc.constant([1, 2], shape=[3, 2], dtype=torch.float32)
+    assert a.shape == (3, 2) and a[2].tolist() == [1.0, 2.0]
+    assert misc.constant([1, 2], shape=[3, 2], dtype=torch.float32) is a
+    b = misc.const_like(torch.zeros(1, dtype=torch.float64), 0.5)
+    assert b.dtype == torch.float64 and b.item() == 0.5
+
+def test_tile_images():
+    x = torch.arange(6 * 1 * 2 * 2).reshape(6, 1, 2, 2)
+    grid = misc.tile_images(x, w=3, h=2)
+    assert grid.shape == (1, 4, 6)
+    assert torch.equal(grid[:, 0:2, 4:6], x[2])     # row 0, column 2
+    assert torch.equal(grid[:, 2:4, 0:2], x[3])     # row 1, column 0
+
+def test_assert_shape():
+    misc.assert_shape(torch.zeros(2, 3), [None, 3])
+    with pytest.raises(AssertionError, match='dimension 1'):
+        misc.assert_shape(torch.zeros(2, 3), [2, 4])
+
+def test_copy_params_and_buffers_and_summary(capsys):
+    src = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    torch.nn.init.constant_(src[0].weight, 0.25)
+    misc.copy_params_and_buffers(src, dst, require_all=True)
+    assert torch.equal(dst[0].weight, src[0].weight)
+    assert len(misc.params_and_buffers(src)) == 4 + 3
+    misc.print_module_summary(src.eval(), [torch.zeros(2, 3)])
+    out = capsys.readouterr().out
+    total = [line for line in out.splitlines() if line.startswith('Total')][0].split()
+    assert total[1:3] == [str(3 * 4 + 4 + 4 + 4), str(4 + 4 + 1)]   # parameters, buffers
+    assert '[2, 4]' in out and 'float32' in out
+
+def test_ddp_sync_is_transparent_without_ddp():
+    module = torch.nn.Linear(2, 2)
+    with misc.ddp_sync(module, sync=False):
+        module(torch.ones(1, 2)).sum().backward()
+    assert module.weight.grad is not None
+    misc.check_ddp_consistency(module)  # single process: nothing to compare, must not fail
+
+#----------------------------------------------------------------------------
+# Training statistics (spec §7.4).
+
+def test_training_stats_moments_ignore_non_finite():
+    collector = training_stats.Collector(regex='Test/.*')
+    training_stats.report('Test/a', torch.tensor([1.0, 2.0, float('nan'), 3.0, float('inf')]))
+    training_stats.report('Test/a', 6.0)
+    training_stats.report0('Test/b', [])
+    collector.update()
+    assert collector.num('Test/a') == 4
+    assert collector.mean('Test/a') == pytest.approx(3.0)
+    assert collector.std('Test/a') == pytest.approx(np.std([1, 2, 3, 6]))
+    assert np.isnan(collector.mean('Test/b')) and collector.num('Test/b') == 0
+    assert list(collector.as_dict().keys()) == ['Test/a', 'Test/b']
+    collector.update()  # nothing new since the last update
+    assert collector.num('Test/a') == 0 and np.isnan(collector['Test/a'])
+
+#----------------------------------------------------------------------------
+# Distributed helpers and checkpoints (spec §7.3).
+
+def test_single_process_helpers(monkeypatch):
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    dist.init()
+    assert dist.get_rank() == 0 and dist.get_world_size() == 1 and not dist.is_distributed()
+    dist.barrier()
+    assert dist.broadcast_bool(True) is True
+
+def test_checkpoint_roundtrip_weights_only(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = dnnlib.EasyDict(cur_nimg=2048, total_elapsed_time=1.5)
+
+    class Plain:  # an object without state_dict: saved through its attribute dict
+        def __init__(self):
+            self.P_mean = -0.4
+    plain = Plain()
+    path = tmp_path / 'training-state-0000002.pt'
+    dist.CheckpointIO(state=state, net=net, loss_fn=plain, optimizer=opt).save(str(path))
+    assert os.listdir(tmp_path) == ['training-state-0000002.pt']             # no temporary left behind
+    raw = torch.load(str(path), map_location='cpu', weights_only=True)        # plain data only
+    assert type(raw['state']) is dict and raw['loss_fn'] == {'P_mean': -0.4}
+
+    net2, state2, plain2 = torch.nn.Linear(3, 2), dnnlib.EasyDict(), Plain()
+    plain2.P_mean = 0
+    opt2 = torch.optim.Adam(net2.parameters())
+    io = dist.CheckpointIO(state=state2, net=net2, loss_fn=plain2, optimizer=opt2)
+    assert io.load_latest(str(tmp_path)) == str(path)
+    assert isinstance(state2, dnnlib.EasyDict) and state2.cur_nimg == 2048
+    assert torch.equal(net2.weight, net.weight) and plain2.P_mean == -0.4
+    assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
+
+def test_checkpoint_written_by_edm2_with_easydict_loads(tmp_path):
+    # EDM2 stores `state` as an EasyDict, which torch >= 2.6's weights-only default rejects (spec §9).
+    path = tmp_path / 'training-state-0000001.pt'
+    torch.save(dict(state=dnnlib.EasyDict(cur_nimg=1024, total_elapsed_time=3.0)), str(path))
+    state = dnnlib.EasyDict()
+    dist.CheckpointIO(state=state).load(str(path))
+    assert state.cur_nimg == 1024
+
+def test_find_latest_uses_the_largest_number(tmp_path):
+    for name in ['training-state-0000009.pt', 'training-state-0000010.pt', 'training-state-0000011.pt.tmp',
+                 'xtraining-state-0000099.pt']:
+        (tmp_path / name).write_bytes(b'')
+    os.mkdir(tmp_path / 'training-state-0000050.pt')  # not a regular file
+    assert dist.find_latest(str(tmp_path)) == str(tmp_path / 'training-state-0000010.pt')
+    assert dist.find_latest(str(tmp_path / 'missing')) is None
+
+def test_easydict_pickles_by_name():
+    assert b'dnnlib.util' in pickle.dumps(dnnlib.EasyDict(a=1))
+
+#----------------------------------------------------------------------------

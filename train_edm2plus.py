@@ -1,0 +1,285 @@
+"""Train EDM2 / EDM2+ diffusion models (spec §1.1, §2), on CUDA GPUs or on CPUs.
+
+Examples:
+  # The demo: Fashion-MNIST on a laptop CPU, at most 15 minutes (rerun the same command to continue).
+  python dataset_tool.py convert --source=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \\
+      --dest=datasets/fashion-mnist-16.zip --resolution=16x16
+  python train_edm2plus.py --preset=demo --data=datasets/fashion-mnist-16.zip --outdir=runs/demo --minutes=15
+
+  # EDM2+-S on ImageNet-64 with 8 GPUs.
+  torchrun --standalone --nproc_per_node=8 train_edm2plus.py --preset=edm2plus-img64-s \\
+      --data=datasets/img64.zip --outdir=runs/00000-edm2plus-img64-s --batch-gpu=64
+
+Resuming is rerunning the same command: training continues from the newest training-state-*.pt in --outdir.
+"""
+
+import json
+import os
+import re
+import traceback
+
+import click
+import torch
+
+import dnnlib
+from networks import presets
+from torch_utils import distributed as dist
+from training import training_loop
+
+#----------------------------------------------------------------------------
+# Option types.
+
+class NimgType(click.ParamType):
+    """An image count: an integer, optionally with a binary suffix Ki (2^10), Mi (2^20) or Gi (2^30) (spec §1)."""
+    name = 'NIMG'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r'\s*(\d+)(Ki|Mi|Gi)?\s*', str(value))
+        if match is None:
+            self.fail(f'"{value}" is not an image count (an integer, optionally followed by Ki, Mi or Gi)', param, ctx)
+        return int(match.group(1)) << {None: 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}[match.group(2)]
+
+class FloatListType(click.ParamType):
+    """A comma-separated list of floats, e.g. 0.050,0.100."""
+    name = 'LIST'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(x) for x in str(value).split(',') if x.strip() != '']
+        except ValueError:
+            self.fail(f'"{value}" is not a comma-separated list of numbers', param, ctx)
+
+class IntListType(click.ParamType):
+    """A comma-separated list of integers, e.g. 1,2,2 (an empty string gives an empty list)."""
+    name = 'LIST'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(x) for x in str(value).split(',') if x.strip() != '']
+        except ValueError:
+            self.fail(f'"{value}" is not a comma-separated list of integers', param, ctx)
+
+NIMG = NimgType()
+
+#----------------------------------------------------------------------------
+# Configuration (spec §2.2), built from the options; kept separate from the CLI so that tests can call it.
+
+# Values of the options that have a fixed default (the others come from the preset), for programmatic callers.
+OPTION_DEFAULTS = dict(cond=True, preset='edm2-img512-s', channel_mult=None, num_blocks=None, attn=None, rampup=None,
+                       ema_stds=[0.050, 0.100], batch_gpu=0, fp16=True, bf16=False, ls=1, bench=True, compile=False,
+                       workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False)
+
+def setup_training_config(opts, world_size=1):
+    """Return the training_loop config dict for a dict of CLI options (option names as keyword names; `data` is
+    required, missing options take their defaults). Raises click.ClickException."""
+    opts = dnnlib.EasyDict({**OPTION_DEFAULTS, **{k: v for k, v in opts.items() if v is not None or k not in OPTION_DEFAULTS}})
+    try:
+        preset = presets.get(opts.preset)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    for key in ['duration', 'batch', 'channels', 'lr', 'decay', 'dropout', 'P_mean', 'P_std', 'block', 'expansion', 'kernel']:
+        if opts.get(key) is None:
+            opts[key] = getattr(preset, key)
+    if opts.get('rampup') is None:
+        opts.rampup = getattr(preset, 'rampup_Mimg', 10)
+    for key, default in [('status', 128 << 10), ('snapshot', 8 << 20), ('checkpoint', 128 << 20)]:
+        if opts.get(key) is None:
+            opts[key] = getattr(preset, key, None) or default
+    opts.decay = float(opts.decay)
+    if opts.kernel is not None and opts.kernel % 2 == 0:
+        raise click.ClickException(f'--kernel={opts.kernel}: the depthwise kernel size must be odd')
+    if opts.channel_mult is not None and len(opts.channel_mult) == 0:
+        raise click.ClickException('--channel-mult: give at least one level, e.g. 1,2,2')
+    if len(opts.ema_stds) == 0 or not all(0 < s < 0.289 for s in opts.ema_stds):
+        raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: '
+                                   f'give one or more relative standard deviations between 0 and 0.289')
+
+    # The dataset decides the encoder and must have labels for class-conditional training.
+    dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        num_channels = dataset_obj.num_channels
+        if opts.cond and not dataset_obj.has_labels:
+            raise click.ClickException('--cond=True, but no labels found in the dataset')
+        dataset_obj[0]  # decode one image now, so that a corrupt dataset fails here with a clear message
+        del dataset_obj
+    except (IOError, OSError, ValueError) as e:
+        raise click.ClickException(f'--data: {e}')
+    if num_channels == 3:
+        encoder_kwargs = dict(class_name='training.encoders.StandardRGBEncoder')
+    elif num_channels == 8:
+        encoder_kwargs = dict(class_name='training.encoders.StabilityVAEEncoder')
+    else:
+        raise click.ClickException(f'--data: Unsupported channel count {num_channels}')
+
+    # Network: the preset's architecture with the command line's overrides; the data decides its interface.
+    network_kwargs = presets.network_kwargs(preset, model_channels=opts.channels, dropout=opts.dropout, block=opts.block,
+                                            expansion=opts.expansion, kernel=opts.kernel, channel_mult=opts.channel_mult,
+                                            num_blocks=opts.num_blocks, attn_resolutions=opts.attn)
+    for key in ['img_resolution', 'img_channels', 'label_dim']:
+        network_kwargs.pop(key, None)
+    network_kwargs = dict(class_name='networks.edm2plus.Precond', **network_kwargs, use_fp16=opts.fp16)
+    if opts.bf16:
+        network_kwargs['use_bf16'] = True
+
+    c = dict(
+        dataset_kwargs      = dataset_kwargs,
+        encoder_kwargs      = encoder_kwargs,
+        total_nimg          = opts.duration,
+        batch_size          = opts.batch,
+        network_kwargs      = network_kwargs,
+        loss_kwargs         = dict(class_name='training.loss.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std),
+        lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=opts.lr,
+                                   ref_batches=opts.decay, rampup_Mimg=opts.rampup),
+        ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA', stds=opts.ema_stds),
+        data_loader_kwargs  = dict(class_name='torch.utils.data.DataLoader', pin_memory=True, prefetch_factor=2,
+                                   num_workers=opts.workers if opts.workers is not None else (2 if torch.cuda.is_available() else 0)),
+        batch_gpu           = opts.batch_gpu or None,
+        loss_scaling        = opts.ls,
+        cudnn_benchmark     = opts.bench,
+        status_nimg         = opts.status or None,
+        snapshot_nimg       = opts.snapshot or None,
+        checkpoint_nimg     = opts.checkpoint or None,
+        seed                = opts.seed,
+        compile             = opts.compile,
+    )
+
+    # Sizes must fit together (spec §2.3); say which option is wrong.
+    try:
+        training_loop.batch_layout(c['batch_size'], c['batch_gpu'], world_size)
+        training_loop.check_intervals(c['batch_size'], c['total_nimg'], None, c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
+    except ValueError as e:
+        raise click.ClickException(f'{e} (check --batch, --batch-gpu, --duration, --status, --snapshot, --checkpoint)')
+    return c
+
+#----------------------------------------------------------------------------
+
+def print_training_config(c, opts, world_size):
+    dist.print0()
+    dist.print0('Training config:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    device = 'CUDA' if torch.cuda.is_available() else 'CPU'
+    precision = 'bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32'
+    if device == 'CPU':
+        precision += ' (CPU: float32)'
+    dist.print0(f'{"Output directory:":<25s}{opts.outdir}')
+    dist.print0(f'{"Dataset path:":<25s}{opts.data}')
+    dist.print0(f'{"Class-conditional:":<25s}{opts.cond}')
+    dist.print0(f'{"Number of GPUs:":<25s}{world_size} ({device})')
+    dist.print0(f'{"Batch size:":<25s}{c["batch_size"]}')
+    dist.print0(f'{"Mixed-precision:":<25s}{precision}')
+    if opts.minutes is not None:
+        dist.print0(f'{"Time limit:":<25s}{opts.minutes:g} minutes')
+    dist.print0()
+
+#----------------------------------------------------------------------------
+
+@click.command()
+
+# Main options.
+@click.option('--outdir',           help='Where to save the results', metavar='DIR',                    type=str, required=True)
+@click.option('--data',             help='Path to the dataset', metavar='ZIP|DIR',                      type=str, required=True)
+@click.option('--cond',             help='Train class-conditional model', metavar='BOOL',               type=bool, default=True, show_default=True)
+@click.option('--preset',           help='Configuration preset', metavar='STR',                         type=str, default='edm2-img512-s', show_default=True)
+
+# Hyperparameters (default: the preset's).
+@click.option('--duration',         help='Training duration', metavar='NIMG',                           type=NIMG, default=None)
+@click.option('--batch',            help='Total batch size', metavar='NIMG',                            type=NIMG, default=None)
+@click.option('--channels',         help='Channel multiplier (base width)', metavar='INT',              type=click.IntRange(min=8), default=None)
+@click.option('--dropout',          help='Dropout probability', metavar='FLOAT',                        type=click.FloatRange(min=0, max=1), default=None)
+@click.option('--P_mean', 'P_mean', help='Noise level mean (of ln sigma)', metavar='FLOAT',             type=float, default=None)
+@click.option('--P_std', 'P_std',   help='Noise level standard deviation (of ln sigma)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',              type=click.FloatRange(min=0), default=None)
+@click.option('--rampup',           help='Learning rate warm-up length', metavar='MIMG',                type=click.FloatRange(min=0), default=None)
+@click.option('--block',            help='Block variant (CONFIG A-G*)', metavar='NAME',                 type=click.Choice(['A', 'B', 'C', 'D', 'D*', 'E', 'E-k7', 'F', 'G', 'F*', 'G*']), default=None)
+@click.option('--expansion',        help='Expansion ratio e of the block', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--kernel',           help='Depthwise kernel size', metavar='INT',                        type=click.IntRange(min=1), default=None)
+@click.option('--channel-mult',     help='Width multipliers of the resolution levels', metavar='LIST',  type=IntListType(), default=None)
+@click.option('--num-blocks',       help='Encoder blocks per level (decoder: one more)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--attn',             help='Resolutions with self-attention (empty: none)', metavar='LIST', type=IntListType(), default=None)
+@click.option('--ema-stds',         help='Tracked EMA lengths (sigma_rel)', metavar='LIST',             type=FloatListType(), default='0.050,0.100', show_default=True)
+
+# Performance-related.
+@click.option('--batch-gpu',        help='Limit batch size per GPU (process)', metavar='NIMG',          type=NIMG, default=0, show_default=True)
+@click.option('--fp16',             help='Enable mixed-precision training (CUDA)', metavar='BOOL',      type=bool, default=True, show_default=True)
+@click.option('--bf16',             help='Use bfloat16 instead of float16 (CUDA)', metavar='BOOL',      type=bool, default=False, show_default=True)
+@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=True, show_default=True)
+@click.option('--compile',          help='torch.compile the network (slow start)', metavar='BOOL',      type=bool, default=False, show_default=True)
+@click.option('--workers',          help='Data loader processes [default: 2 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0), default=None)
+
+# I/O-related.
+@click.option('--status',           help='Interval of status prints [default: preset or 128Ki]', metavar='NIMG', type=NIMG, default=None)
+@click.option('--snapshot',         help='Interval of network snapshots [default: preset or 8Mi]', metavar='NIMG', type=NIMG, default=None)
+@click.option('--checkpoint',       help='Interval of training checkpoints [default: preset or 128Mi]', metavar='NIMG', type=NIMG, default=None)
+@click.option('--minutes',          help='Stop after this much wall time (with a final snapshot and checkpoint)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--seed',             help='Random seed', metavar='INT',                                  type=int, default=0, show_default=True)
+@click.option('-n', '--dry-run',    help='Print training options and exit',                             is_flag=True)
+
+def cmdline(**opts):
+    """Train a diffusion model (EDM2 with the EDM2+ block variants) on CUDA or CPU.
+
+    \b
+    Examples:
+    # Demo: Fashion-MNIST 16x16 on a CPU in at most 15 minutes
+    python train_edm2plus.py --preset=demo --data=datasets/fashion-mnist-16.zip \\
+        --outdir=runs/demo --minutes=15
+
+    \b
+    # EDM2+-S on ImageNet-64, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train_edm2plus.py \\
+        --preset=edm2plus-img64-s --data=datasets/img64.zip \\
+        --outdir=runs/00000-edm2plus-img64-s --batch-gpu=64
+
+    Rerunning the same command resumes from the newest training state.
+    """
+    opts = dnnlib.EasyDict(opts)
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if not opts.dry_run:
+        dist.init()  # A dry run prints the configuration without starting any process group.
+        world_size = dist.get_world_size()
+    dist.print0('Setting up training config...')
+    c = setup_training_config(opts, world_size=world_size)
+    print_training_config(c, opts, world_size)
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+
+    # Output directory; training_options.json is written by the first launch only (later ones resume).
+    if dist.get_rank() == 0:
+        if not os.path.isdir(opts.outdir):
+            dist.print0('Creating output directory...')
+            os.makedirs(opts.outdir)
+        options_path = os.path.join(opts.outdir, 'training_options.json')
+        if not os.path.isfile(options_path):
+            with dnnlib.util.atomic_write(options_path, 'w') as f:
+                json.dump(c, f, indent=2)
+    dist.barrier()
+
+    # From here on, everything printed (and a traceback) also goes to log.txt.
+    logger = dnnlib.util.Logger(file_name=os.path.join(opts.outdir, 'log.txt'), file_mode='a', should_flush=True)
+    try:
+        time_limit = opts.minutes * 60 if opts.minutes is not None else None
+        training_loop.training_loop(run_dir=opts.outdir, time_limit=time_limit, **c)
+    except BaseException:
+        if logger.file is not None:
+            logger.file.write(traceback.format_exc())
+        raise
+    finally:
+        logger.close()
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    torch.multiprocessing.set_start_method('spawn')  # data loader workers: no fork of a CUDA-initialised process
+    cmdline()  # pylint: disable=no-value-for-parameter
+
+#----------------------------------------------------------------------------
