@@ -6,7 +6,17 @@ only the residual branch of each block; a variant is a recipe (data, see BLOCK_V
 This file is embedded, as source text, in every network pickle we write (torch_utils/persistence.py), and EDM2's
 tools execute it when they load our snapshots. It must therefore stay self-contained: it may import only numpy,
 torch, the standard library, torch_utils.persistence, torch_utils.misc and dnnlib.
+
+Two implementations of the same function live side by side. The *reference path* dispatches EDM2's ops one by one
+(it is what training uses, what the FLOP counter counts and what EDM2 computes, bit for bit). The *fast path*
+(section "Inference fast path") runs whenever a network is evaluated in eval mode without autograd: it normalises
+each weight once and caches it, folds constant scale factors into those cached weights, runs channels-last with
+oneDNN kernels (convolution + SiLU fused) and fused attention. It computes the same function up to float rounding
+(tests/test_speed_equivalence.py); `reference_mode()` switches it off.
 """
+
+import contextlib
+import weakref
 
 import numpy as np
 import torch
@@ -53,6 +63,129 @@ def mp_cat(a, b, dim=1, t=0.5):
     return torch.cat([a, b], dim=dim)
 
 #----------------------------------------------------------------------------
+# Inference fast path (issue 9). It is used when a network is evaluated in eval mode with autograd off (sampling,
+# metrics, benchmarks). Training, gradients, the FLOP counter and torch.compile (which fuses the reference ops
+# itself) always take the reference path. What it changes, and why each change keeps the function the same:
+#   * Each weight is normalised once and cached (normalize() reads and writes every parameter: per call that is
+#     about a third of a batch-1 forward pass). The cache entry is keyed on the parameter's version counter (bumped
+#     by optimizer steps, EMA updates, copy_, load_state_dict), its storage, device and dtype, and is also dropped on
+#     train()/eval(), .to()/.half() and load_state_dict(). Writes through `param.data` bypass the version counter:
+#     after such a write, call net.train() or net.eval() once. The cache lives outside the module (not in pickles
+#     or deep copies) and costs one extra copy of the weights. On a CPU, dense weights are kept prepacked in
+#     oneDNN's blocked layout instead.
+#   * Scalar factors are folded into the cached weights: MP-SiLU's 1/0.596 into the next layer, the MP-sum weight
+#     t/sqrt((1-t)^2+t^2) into the layer that ends a branch (convolutions are linear, so only rounding differs).
+#     At batch 1 the modulation in front of a depthwise convolution scales that convolution's (tiny) weight.
+#   * Activations are channels-last, so 1x1 convolutions are plain matrix products over pixels and depthwise
+#     convolutions get oneDNN's vectorised kernels; convolution + SiLU run as one oneDNN call.
+#   * Self-attention uses scaled_dot_product_attention (the same softmax(q.k/sqrt(C_h)) v), resampling uses
+#     avg_pool2d / nearest upsampling (the same [1,1] filters), elementwise updates are done in place, and on a CPU
+#     large batches run in chunks of a few images (UNet.forward).
+
+_fast_enabled = True
+_FAST_CHUNK_PIXELS = 8192  # batch chunk (in pixels) of the fast path: 2 images at 64x64 (see UNet.forward)
+
+@contextlib.contextmanager
+def reference_mode(enabled=True):
+    """Within this context every network of this module runs the reference path (EDM2's op sequence)."""
+    global _fast_enabled
+    previous, _fast_enabled = _fast_enabled, not enabled
+    try:
+        yield
+    finally:
+        _fast_enabled = previous
+
+# torch < 2.3 has no torch.compiler.is_compiling: there compile traces the fast path (with graph breaks).
+_is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', lambda: False)
+
+def _use_fast(module, x):
+    # Meta tensors (shape/FLOP analysis) and compilation want the plain op sequence.
+    return (_fast_enabled and not module.training and not torch.is_grad_enabled() and x.device.type != 'meta'
+            and not _is_compiling())
+
+_weight_cache = weakref.WeakKeyDictionary()  # MPConv -> {(dtype, gain, scale): (validity key, entry)}
+
+def _tensor_key(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.is_inference():
+        return object()  # inference tensors have no version counter: never reuse (correct, just not faster)
+    return (t._version, t.data_ptr(), t.device, t.dtype)
+
+def _cached(conv, dtype, gain=1, scale=1):
+    """Cache entry of `conv`: {'w': normalize(weight) * gain * scale / sqrt(fan_in) in `dtype`} (4-D weights
+    channels-last). Users may add derived forms of w (a prepacked copy); they are invalidated with it."""
+    entries = _weight_cache.setdefault(conv, {})
+    valid = (_tensor_key(conv.weight), _tensor_key(gain))
+    slot = (dtype, 'tensor' if isinstance(gain, torch.Tensor) else gain, scale)  # one slot per use of the layer
+    hit = entries.get(slot)
+    if hit is None or hit[0] != valid:
+        w = conv.weight.to(torch.float32)
+        w = normalize(w) * (gain * (scale / np.sqrt(w[0].numel())))
+        w = w.to(dtype)
+        if w.ndim == 4:
+            w = w.contiguous(memory_format=torch.channels_last)
+        hit = entries[slot] = (valid, {'w': w})
+    return hit[1]
+
+# oneDNN's fused and prepacked kernels (the ones torch.compile's CPU backend emits). They are private torch ops,
+# absent from some builds: everything falls back to conv2d.
+_mkldnn = getattr(torch.ops, 'mkldnn', None)
+_onednn = torch.backends.mkldnn.is_available() and all(hasattr(_mkldnn, op) for op in
+    ('_convolution_pointwise', '_linear_pointwise', '_reorder_convolution_weight', '_reorder_linear_weight'))
+
+def _conv_fast(x, entry, groups=1, silu=False, channel_scale=None):
+    """conv2d(x, entry['w']) with padding kernel//2 (channels-last output), then SiLU when `silu`.
+    `channel_scale` ([C, 1, 1, 1], depthwise only) multiplies the weight first."""
+    onednn = _onednn and x.device.type == 'cpu' and x.dtype == torch.float32
+    if onednn and groups == 1:
+        return _dense_onednn(x, entry, silu)
+    w = entry['w'] if channel_scale is None else entry['w'] * channel_scale
+    pad = w.shape[-1] // 2
+    if onednn:
+        return _mkldnn._convolution_pointwise(x, w, None, [pad, pad], [1, 1], [1, 1], groups,
+                                              'swish' if silu else 'none', [], None)
+    y = torch.nn.functional.conv2d(x, w, padding=(pad,), groups=groups)
+    return torch.nn.functional.silu(y, inplace=True) if silu else y
+
+def _dense_onednn(x, entry, silu):
+    """Dense convolution with a weight prepacked once into oneDNN's blocked layout (repacking it on every call
+    costs as much as the convolution itself at 8x8). The plain copy is dropped then: it would only cost memory."""
+    if 'packed' not in entry:
+        w = entry.pop('w')
+        k = w.shape[-1]
+        if k == 1:  # 1x1 convolution = matrix product of the [pixels, C_in] view of x with the [C_out, C_in] weight
+            packed = _mkldnn._reorder_linear_weight(w.flatten(1), x.numel() // x.shape[1])
+        else:
+            packed = _mkldnn._reorder_convolution_weight(w, [k // 2] * 2, [1, 1], [1, 1], 1, list(x.shape))
+        entry['packed'] = (k, packed)
+    k, packed = entry['packed']
+    attr = 'swish' if silu else 'none'
+    if k == 1:
+        n, c, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
+        return _mkldnn._linear_pointwise(x, packed, None, attr, [], None).reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    return _mkldnn._convolution_pointwise(x, packed, None, [k // 2] * 2, [1, 1], [1, 1], 1, attr, [], None)
+
+def _resample_fast(x, f, mode):
+    # EDM2's default filter [1,1] is exactly 2x2 average pooling / nearest-neighbour upsampling.
+    if mode == 'keep' or list(f) != [1, 1]:
+        return resample(x, f=f, mode=mode)
+    if mode == 'down':
+        return torch.nn.functional.avg_pool2d(x, 2)
+    return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+
+def _mp_cat_fast(a, b, t=0.5):
+    """mp_cat along channels, written straight into one channels-last buffer (no scaled temporaries)."""
+    na, nb = a.shape[1], b.shape[1]
+    scale = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    out = torch.empty([a.shape[0], na + nb, *a.shape[2:]], dtype=a.dtype, device=a.device,
+                      memory_format=torch.channels_last)
+    torch.mul(a, scale / np.sqrt(na) * (1 - t), out=out[:, :na])
+    torch.mul(b, scale / np.sqrt(nb) * t, out=out[:, na:])
+    return out
+
+#----------------------------------------------------------------------------
 # Learned layers.
 
 @persistence.persistent_class
@@ -84,6 +217,9 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels // groups, *kernel))
 
     def forward(self, x, gain=1):
+        if _use_fast(self, x):
+            entry = _cached(self, x.dtype, gain)
+            return x @ entry['w'].t() if self.weight.ndim == 2 else _conv_fast(x, entry, getattr(self, 'groups', 1))
         w = self.weight.to(torch.float32)
         if self.training:
             # Forced weight normalisation: keep the stored weight itself on the unit sphere (EDM2 §2.3). The float32
@@ -96,6 +232,19 @@ class MPConv(torch.nn.Module):
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=(w.shape[-1] // 2,), groups=getattr(self, 'groups', 1))
+
+    # Anything that may change the weight outside its version counter drops the fast path's cached copy.
+    def train(self, mode=True):
+        _weight_cache.pop(self, None)
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        _weight_cache.pop(self, None)
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        _weight_cache.pop(self, None)
+        return super()._load_from_state_dict(*args, **kwargs)
 
 #----------------------------------------------------------------------------
 # Block variants as data (edm2plus-blocks.md). A recipe lists the residual branch's layers left to right:
@@ -197,6 +346,8 @@ class Block(torch.nn.Module):
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads != 0 else None
 
     def forward(self, x, emb):
+        if _use_fast(self, x):
+            return self._forward_fast(x, emb)
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == 'enc':
             if self.conv_skip is not None:
@@ -235,6 +386,80 @@ class Block(torch.nn.Module):
         if self.clip_act is not None:
             x = x.clip_(-self.clip_act, self.clip_act)
         return x
+
+    # Fast path (see "Inference fast path"): the same computation as forward(), op for op.
+    def _forward_fast(self, x, emb):
+        x = _resample_fast(x, self.resample_filter, self.resample_mode)
+        if self.flavor == 'enc':
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)
+        t = self.res_balance
+        y = self._branch_fast(x, emb, out_scale=t / np.sqrt((1 - t) ** 2 + t ** 2))
+        if self.flavor == 'dec' and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = y.add_(x, alpha=(1 - t) / np.sqrt((1 - t) ** 2 + t ** 2))  # mp_sum; y's share is already in y
+
+        if self.num_heads != 0:
+            # Same attention as forward().
+            t = self.attn_balance
+            n, c, h, w = x.shape
+            # The cached qkv weight has its rows reordered from (head * C_h + c) * 3 + j to j * C + head * C_h + c,
+            # so that channels-last memory holds [N, H*W, 3, heads, C_h]: normalising over C_h then reduces the
+            # contiguous axis, and q, k, v are strided views that the fused attention kernel accepts as they are.
+            entry = _cached(self.attn_qkv, x.dtype)
+            if 'by_qkv' not in entry:
+                wq = entry['w']
+                entry['by_qkv'] = {'w': wq.reshape(c, 3, c, 1, 1).transpose(0, 1).reshape(wq.shape)
+                                   .contiguous(memory_format=torch.channels_last)}
+            y = _conv_fast(x, entry['by_qkv']).permute(0, 2, 3, 1).reshape(n, h * w, 3, self.num_heads, -1)
+            norm = torch.linalg.vector_norm(y, dim=4, keepdim=True, dtype=torch.float32)  # normalize(., dim=C_h)
+            y = y.div_(torch.add(1e-4, norm, alpha=np.sqrt(1 / y.shape[4])).to(y.dtype))
+            q, k, v = y.permute(2, 0, 3, 1, 4)  # each [N, heads, H*W, C_h]
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(q.k / sqrt(C_h)) v
+            y = y.permute(0, 2, 1, 3).reshape(n, h, w, c).permute(0, 3, 1, 2)  # channel = head * C_h + c
+            y = _conv_fast(y, _cached(self.attn_proj, y.dtype, scale=t / np.sqrt((1 - t) ** 2 + t ** 2)))
+            x = y.add_(x, alpha=(1 - t) / np.sqrt((1 - t) ** 2 + t ** 2))
+
+        if self.clip_act is not None:
+            x = x.clip_(-self.clip_act, self.clip_act)
+        return x
+
+    def _branch_fast(self, x, emb, out_scale):
+        """The residual branch times out_scale. `k` is a scalar factor y still owes (true value = k * y): it is
+        folded into the next linear layer's weight instead of costing a pass over the activations."""
+        steps = [s for s in self.steps if s[0] != 'drop']  # dropout is the identity in eval mode
+        y, k, fresh, channel_scale = x, 1.0, False, None   # fresh: y is ours to overwrite in place
+        i = 0
+        while i < len(steps):
+            op, name, _args = steps[i]
+            nxt = steps[i + 1][0] if i + 1 < len(steps) else None
+            last = i + 1 == len(steps)
+            if op == 'silu':
+                if k != 1:
+                    y = y.mul_(k) if fresh else y * k
+                y = torch.nn.functional.silu(y, inplace=fresh)
+                k, fresh = 1 / 0.596, True
+            elif op == 'mod':
+                c = self.emb_linear(emb, gain=self.emb_gain).add_(1).mul_(k).to(y.dtype)  # [N, C]
+                k = 1.0
+                if nxt == 'dw' and y.shape[0] == 1:
+                    channel_scale = c.reshape(-1, 1, 1, 1)  # dw(c * y) = dw with its weight scaled by c
+                else:
+                    c = c.unsqueeze(2).unsqueeze(3)
+                    y, fresh = (y.mul_(c) if fresh else y * c), True
+            else:
+                conv = getattr(self, name)
+                entry = _cached(conv, y.dtype, scale=k * (out_scale if last else 1))
+                fuse = nxt == 'silu'  # conv + SiLU in one kernel
+                y = _conv_fast(y, entry, groups=conv.groups, silu=fuse, channel_scale=channel_scale)
+                channel_scale = None
+                k, fresh = (1 / 0.596 if fuse else 1.0), True
+                i += fuse
+                if last:
+                    return y
+            i += 1
+        return y.mul_(k * out_scale) if fresh else y * (k * out_scale)
 
 #----------------------------------------------------------------------------
 # The U-Net: embedding network, encoder, decoder with skip connections (spec §2.8).
@@ -303,9 +528,23 @@ class UNet(torch.nn.Module):
         if self.emb_label is not None:
             emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
         emb = mp_silu(emb)
+        if not _use_fast(self, x):
+            return self._unet(x, emb, fast=False)
+        # Fast path. On a CPU, large batches go through in chunks of at most _FAST_CHUNK_PIXELS pixels. Each image
+        # is computed independently anyway, and the intermediates then stay below glibc's 32 MiB limit above which
+        # every allocation is a fresh mmap whose pages fault in on first touch (~10% of G*'s time at batch 8; A's
+        # narrower tensors were spared). It also cuts peak memory. (A GPU wants the whole batch at once.)
+        n = max(1, _FAST_CHUNK_PIXELS // (x.shape[2] * x.shape[3]))
+        if x.shape[0] <= n or x.device.type != 'cpu':
+            return self._unet(x, emb, fast=True)
+        return torch.cat([self._unet(x[i:i + n], emb[i:i + n] if emb.shape[0] > 1 else emb, fast=True)
+                          for i in range(0, x.shape[0], n)])
 
+    def _unet(self, x, emb, fast):
         # Encoder.
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for name, block in self.enc.items():
             x = block(x) if 'conv' in name else block(x, emb)
@@ -314,9 +553,10 @@ class UNet(torch.nn.Module):
         # Decoder.
         for name, block in self.dec.items():
             if 'block' in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+                x = (_mp_cat_fast if fast else mp_cat)(x, skips.pop(), t=self.concat_balance)
             x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        x = self.out_conv(x, gain=self.out_gain)
+        return x.contiguous() if fast else x
 
 #----------------------------------------------------------------------------
 # EDM preconditioning (Karras et al. 2022, Table 1) plus the learned log-variance head of EDM2's uncertainty-

@@ -8,7 +8,9 @@ the 1.1 B-parameter EDM2-XL takes about a second.
 """
 
 import collections
+import contextlib
 import math
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -85,7 +87,10 @@ def count(net, resolution=None, channels=None, label_dim=None, device='meta'):
     sigma = torch.ones([1], device=device)
     labels = torch.zeros([1, label_dim], device=device) if label_dim else None
     counter = FlopCounter()
-    with torch.no_grad(), counter:
+    # Count EDM2's op sequence, not the inference fast path's fused ops: the network's own module (an unpickled
+    # network brings its own copy) provides reference_mode(); foreign networks have no fast path.
+    reference_mode = getattr(sys.modules.get(type(net).__module__), 'reference_mode', contextlib.nullcontext)
+    with torch.no_grad(), reference_mode(), counter:
         net(x, sigma, labels)
     net.train(was_training)
     params = sum(p.numel() for p in net.parameters())

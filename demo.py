@@ -1,0 +1,513 @@
+"""The main job in one command: train EDM2+ (CONFIG G*) on Fashion-MNIST on a CPU and look at the result.
+
+    python demo.py                      # ~22 minutes on 2 idle CPU cores (15 of them training); output in demo-out/
+    python demo.py --compare            # also CONFIG A (EDM2's block) with the same time budget, FIDs side by side
+
+Steps; each is a documented CLI as well, and the demo prints the command that does the same by hand:
+  1. dataset_tool.py convert: the Fashion-MNIST training set -> a labelled RGB zip; the first --ref-images test
+     images -> a second zip.
+  2. calculate_metrics.py ref: Inception-v3 reference statistics of that test subset (FID only: DINOv2's weights
+     are not available offline).
+  3. train_edm2plus.py --preset=demo: train for a wall-clock budget (--minutes).
+  4. reconstruct_phema.py: a post-hoc EMA network from the training snapshots.
+  5. generate_images.py: a 10x10 grid of seeds 0-99 with classes 0-9 in turn, so row r shows class r.
+  6. calculate_metrics.py gen: FID of --fid-images generated images against the reference statistics.
+  7. the loss and learning-rate curves of stats.jsonl as a PNG.
+
+Rerunning the same command reuses what is done: finished datasets and statistics are kept, an interrupted training
+resumes from its newest checkpoint until the run has used its --minutes, and grid and FID are recomputed only for
+a new network. What was done is recorded in <outdir>/summary.json (rewritten atomically after every step).
+"""
+
+import os
+
+# OpenMP threads that spin while they wait make PyTorch up to 25x slower on a CPU that other processes also use
+# (measured on a busy 2-core machine: a training step of the demo network 12.8 s with spinning threads, 1.9 s with
+# passive ones; a sampling step 12.8 s against 0.5 s). Set before torch loads its OpenMP runtime; a value in the
+# environment wins.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import PIL.ImageDraw  # noqa: E402
+import PIL.ImageFont  # noqa: E402
+import scipy.linalg  # noqa: E402
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+import dnnlib  # noqa: E402
+
+#----------------------------------------------------------------------------
+# Fixed facts of the demo.
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'     # Debian package dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                         'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+PRESET = 'demo'                                             # networks/presets.py: CONFIG G*, base width 32
+CONFIGS = {'G*': None, 'A': 'A'}                            # run label -> --block override (None: the preset's)
+GRID_SEEDS = range(100)                                     # seed i has class i % 10: row r = seeds r, r+10, ...
+FID_SEED = 1000                                             # first seed of the FID images (none in the grid)
+MIN_TRAIN_SECONDS = 60                                      # a leftover budget below this is not worth a restart
+
+class DemoError(Exception):
+    """A one-line error naming the file or option at fault (the CLI shows it as `Error: ...`)."""
+
+def _device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+def _tag(label):
+    return label.replace('*', 'star')   # 'G*' -> 'Gstar' in file names
+
+def run_dir_of(outdir, label):
+    return os.path.join(outdir, f'run-{_tag(label)}')
+
+def file_id(path):
+    """The SHA-1 of a file's bytes: a grid or FID is recorded for a network's content, not its name, so that it is
+    not reused for a different network (or reference) that a new run wrote under the same name."""
+    with open(path, 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+def load_net(net):
+    """A network from a snapshot/post-hoc EMA pickle (or a module), on the device, in float32. The pickles hold
+    float16 weights (spec §2.10), which a CPU would otherwise convert at each of the 63 evaluations per image."""
+    from networks.loading import load_network  # pylint: disable=import-outside-toplevel
+    try:
+        return load_network(net, _device(), verbose=False).to(torch.float32)
+    except (OSError, ValueError) as e:
+        raise DemoError(str(e)) from None
+
+#----------------------------------------------------------------------------
+# Progress record: <outdir>/summary.json says which network each grid and FID belongs to, so that a rerun redoes
+# them only for a new network. Written atomically, so a kill never leaves it half-written.
+
+def load_summary(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}  # Unreadable (e.g. edited by hand): what it described is found on disk again or redone.
+    return summary if isinstance(summary, dict) else {}
+
+def save_summary(path, summary):
+    with dnnlib.util.atomic_write(path, 'w') as f:
+        json.dump(summary, f, indent=2)
+
+@contextlib.contextmanager
+def step(timings, name, title, command=None):
+    """Print a step header (and the CLI that does the same by hand); record the step's wall time in `timings`."""
+    print()
+    print(f'=== {title}')
+    if command:
+        print(f'    by hand: {command}')
+    start = time.time()
+    yield
+    timings[name] = round(time.time() - start, 1)
+    print(f'=== done in {timings[name]:.1f} s')
+
+#----------------------------------------------------------------------------
+# Step 1: datasets, with dataset_tool's library function. It writes under a temporary name and renames at the end,
+# so a zip that exists is complete and is reused as is.
+
+def check_source(source_dir, split):
+    """The path of the IDX image file of `split`, or a DemoError saying how to get it."""
+    source = os.path.join(source_dir, f'{split}-images-idx3-ubyte.gz')
+    if not os.path.isfile(source):
+        raise DemoError(f'{source}: Fashion-MNIST not found (install the Debian package dataset-fashion-mnist, '
+                        f'e.g. with `bash setup.sh`, or name a folder holding the IDX files with --source)')
+    return source
+
+def convert_fashion_mnist(split, dest, resolution, source_dir=FASHION_MNIST_DIR, max_images=None):
+    """Convert the first `max_images` (None: all) of Fashion-MNIST's `split` ('train' or 't10k') to an RGB PNG zip.
+    Returns True if it converted, False if `dest` already existed."""
+    import dataset_tool  # pylint: disable=import-outside-toplevel
+    if os.path.isfile(dest):
+        return False
+    source = check_source(source_dir, split)
+    try:
+        dataset_tool.convert_dataset(source, dest, max_images=max_images, resolution=(resolution, resolution))
+    except dataset_tool.DatasetToolError as e:
+        raise DemoError(str(e)) from None
+    return True
+
+#----------------------------------------------------------------------------
+# Step 2: reference statistics. Inception-v3 costs ~5.7 GFLOP per image (about 8 images/s on 2 idle cores), so the
+# whole test set would take ~20 minutes; the demo uses the first --ref-images test images (the test set is in
+# random order: the first 1,000 hold 87-115 images of each class, the first 2,000 188-219). A finished file is reused.
+
+def reference_stats(dataset, dest, batch=64, detector=None):
+    """FID reference statistics of all images of `dataset`, computed once and cached in `dest`. `detector`: a ready
+    feature detector to use instead of Inception-v3 (tests pass a cheap stand-in)."""
+    from metrics import MetricsError  # pylint: disable=import-outside-toplevel
+    from metrics import stats as mstats  # pylint: disable=import-outside-toplevel
+    try:
+        if os.path.isfile(dest):
+            return mstats.load_stats(dest, verbose=False)
+        it = mstats.calculate_stats_for_files(dataset, max_batch_size=batch, num_workers=0, metrics=['fid'],
+                                              device=_device(), dest_path=dest, detectors=_detectors(detector))
+        return mstats.final_stats(it)
+    except MetricsError as e:
+        raise DemoError(str(e)) from None
+
+def _detectors(detector):
+    return None if detector is None else {'fid': detector}
+
+#----------------------------------------------------------------------------
+# Step 3: training, through train_edm2plus.py's own command, so the run directory is exactly what the CLI makes.
+# --minutes is the run's TOTAL training time: a rerun gives an interrupted run the time it has left and a finished
+# run none. The time used so far is `Timing/total_sec` (kept in the training state across resumes) of the newest
+# stats.jsonl line at or before the newest training state; later lines are work the resumed run repeats.
+
+def read_stats(run_dir):
+    """stats.jsonl of a run as a list of dicts (an unparsable line, e.g. from a killed run, is skipped)."""
+    path = os.path.join(run_dir, 'stats.jsonl')
+    records = []
+    if os.path.isfile(path):
+        with open(path, 'r', encoding='utf-8') as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    return [r for r in records if isinstance(r, dict) and 'Progress/kimg' in r]
+
+def training_progress(run_dir):
+    """EasyDict(nimg, seconds, finished) at the newest training-state-*.pt of a run (zeros when there is none)."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    kimgs = [int(m.group(1)) for m in (re.fullmatch(r'training-state-(\d+)\.pt', n) for n in names) if m]
+    progress = dnnlib.EasyDict(nimg=0, seconds=0.0, finished=False)
+    if not kimgs:
+        return progress
+    for record in read_stats(run_dir):
+        nimg = round(float(record['Progress/kimg']) * 1000)
+        if nimg // 1000 <= max(kimgs) and nimg >= progress.nimg:
+            progress.nimg = nimg
+            progress.seconds = float(record.get('Timing/total_sec', 0))
+    options_path = os.path.join(run_dir, 'training_options.json')
+    if os.path.isfile(options_path):
+        with open(options_path, 'r', encoding='utf-8') as f:
+            progress.finished = progress.nimg >= json.load(f).get('total_nimg', float('inf'))
+    return progress
+
+def train_args(run_dir, data, minutes, block=None, extra_args=()):
+    """The train_edm2plus.py options of a demo run."""
+    args = [f'--preset={PRESET}', f'--data={data}', f'--outdir={run_dir}', f'--minutes={minutes:.6g}']
+    if block is not None:
+        args.append(f'--block={block}')
+    return args + list(extra_args)
+
+def train(run_dir, data, minutes, block=None, extra_args=()):
+    """Train (or resume) the run in `run_dir` until it has used `minutes` of training time in total.
+
+    `block` overrides the preset's block variant; `extra_args` are further train_edm2plus.py options (the tests
+    use them for a tiny network). Returns EasyDict(nimg, seconds, finished, trained) after training."""
+    import train_edm2plus  # pylint: disable=import-outside-toplevel
+    before = training_progress(run_dir)
+    left = minutes * 60 - before.seconds
+    if before.finished or left < MIN_TRAIN_SECONDS * min(1, minutes):
+        why = 'has reached its duration' if before.finished else f'has used its {minutes:g} minutes'
+        print(f'{run_dir}: training {why} ({before.nimg} images in {before.seconds / 60:.1f} min); reused. '
+              f'A larger --minutes trains it further.')
+        return dnnlib.EasyDict(before, trained=False)
+    if before.nimg > 0:
+        print(f'{run_dir}: resuming at {before.nimg} images, {left / 60:.1f} of {minutes:g} minutes left.')
+    args = train_args(run_dir, data, left / 60, block, extra_args)
+    try:
+        train_edm2plus.cmdline.main(args=args, prog_name='train_edm2plus.py', standalone_mode=False)
+    except click.ClickException as e:
+        raise DemoError(f'training: {e.format_message()}') from None
+    after = training_progress(run_dir)
+    if after.nimg == 0:
+        raise DemoError(f'{run_dir}: training wrote no training state; see {os.path.join(run_dir, "log.txt")}')
+    return dnnlib.EasyDict(after, trained=True)
+
+#----------------------------------------------------------------------------
+# Step 4: post-hoc EMA (EDM2 paper §3.2, spec §3.5) at the end of training, from the snapshots that the run tracked
+# at sigma_rel 0.050 and 0.100.
+
+def reconstruct_ema(run_dir, std):
+    """Reconstruct the EMA network with relative std `std` at the newest snapshot into `run_dir` (reused if there).
+    Returns EasyDict(path, written)."""
+    from training import posthoc  # pylint: disable=import-outside-toplevel
+    try:
+        in_pkls = [p for p in posthoc.list_input_pickles(run_dir, in_prefix='network-snapshot') if p.nimg > 0]
+        if not in_pkls:
+            raise DemoError(f'{run_dir}: no network snapshots after the start of training to reconstruct from')
+        out_nimg = max(p.nimg for p in in_pkls)
+        path = posthoc.output_path(run_dir, 'phema', out_nimg, std)
+        if os.path.isfile(path):
+            print(f'{path}: exists, reused')
+            return dnnlib.EasyDict(path=path, written=False)
+        steps = posthoc.reconstruct_phema(in_pkls, out_std=[std], out_nimg=out_nimg, out_dir=run_dir, verbose=False)
+        for _ in tqdm.tqdm(steps, desc='Post-hoc EMA', unit='snapshot', dynamic_ncols=True):
+            pass
+    except (ValueError, FileNotFoundError) as e:
+        raise DemoError(str(e)) from None
+    print(f'{path}: written')
+    return dnnlib.EasyDict(path=path, written=True)
+
+#----------------------------------------------------------------------------
+# Step 5: the class grid, exactly as `generate_images.py --seeds=0-99 --class=0-9 --grid=...` makes it: the classes
+# are used in turn (seed i gets class i % 10) and the grid has one row per class. The labelled copy is the same grid
+# enlarged (nearest neighbour, so the pixels are the real ones) with the class names on the left.
+
+def write_grid(net, path, labelled_path=None, class_names=FASHION_MNIST_CLASSES, seeds=GRID_SEEDS, scale=4,
+               batch=100):
+    """Write a grid PNG with one row per class: row r shows class r for seeds r, r + C, r + 2C, ... (C classes)."""
+    from sampling.generate import generate_images  # pylint: disable=import-outside-toplevel
+    num_classes = len(class_names)
+    images = generate_images(load_net(net), seeds=seeds, class_idx=list(range(num_classes)), grid=path,
+                             max_batch_size=batch, device=_device(), verbose=False)
+    for _ in tqdm.tqdm(images, desc='Grid', unit='batch', dynamic_ncols=True):
+        pass
+    if labelled_path is not None:
+        label_grid(path, labelled_path, class_names, len(seeds) // num_classes, scale)
+
+def label_grid(grid_path, dest, class_names, num_cols, scale=4):
+    """Enlarge a class grid `scale` times and write `r name` to the left of row r."""
+    with PIL.Image.open(grid_path) as img:
+        grid = img.convert('RGB')
+    tile = grid.width // num_cols * scale
+    grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
+    font = PIL.ImageFont.load_default(size=max(10, min(16, tile // 3)))
+    texts = [f'{r}  {name}' for r, name in enumerate(class_names)]
+    measure = PIL.ImageDraw.Draw(grid)
+    label_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in texts) + 14
+    out = PIL.Image.new('RGB', (label_w + grid.width, grid.height), 'white')
+    out.paste(grid, (label_w, 0))
+    draw = PIL.ImageDraw.Draw(out)
+    for r, text in enumerate(texts):
+        box = draw.textbbox((0, 0), text, font=font)
+        draw.text((6, r * tile + (tile - box[3] - box[1]) // 2), text, fill='black', font=font)
+    with dnnlib.util.atomic_write(dest, 'wb') as f:
+        out.save(f, format='png')
+
+#----------------------------------------------------------------------------
+# Step 6: FID of generated images (random classes, so as balanced as the test set) against the reference.
+
+def compute_fid(net, ref, num_images, seed=FID_SEED, batch=64, detector=None):
+    """FID of `num_images` images generated by `net` (path or module) with seeds seed, seed+1, ... against `ref`
+    (`detector`: as in reference_stats)."""
+    from metrics import MetricsError  # pylint: disable=import-outside-toplevel
+    from metrics import stats as mstats  # pylint: disable=import-outside-toplevel
+    from sampling.generate import generate_images  # pylint: disable=import-outside-toplevel
+    images = generate_images(load_net(net), seeds=range(seed, seed + num_images), max_batch_size=batch,
+                             device=_device(), verbose=False)
+    try:
+        stats = mstats.final_stats(mstats.calculate_stats_for_iterable(images, metrics=['fid'], device=_device(),
+                                                                       detectors=_detectors(detector)))
+        with warnings.catch_warnings():
+            # Fewer images than Inception's 2048 features make both covariances singular; the square root of their
+            # product is still what FID defines (scipy warns about it at every demo-sized FID).
+            warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+            return float(mstats.calculate_metrics_from_stats(stats, ref, metrics=['fid'], verbose=False)['fid'])
+    except MetricsError as e:
+        raise DemoError(str(e)) from None
+
+#----------------------------------------------------------------------------
+# Step 7: training curves. Loss and learning rate have different scales: two line plots (one series per run)
+# stacked into one PNG.
+
+def plot_training_curves(path, runs):
+    """runs: dict label -> run directory. Writes the loss and learning-rate curves of their stats.jsonl."""
+    from training.plots import line_plot  # pylint: disable=import-outside-toplevel
+    loss, lr = [], []
+    for label, run_dir in runs.items():
+        records = read_stats(run_dir)
+        kimg = [float(r['Progress/kimg']) for r in records]
+        loss.append((label, kimg, [float(r.get('Loss/loss', np.nan)) for r in records]))
+        lr.append((label, kimg, [float(r.get('Loss/learning_rate', np.nan)) for r in records]))
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [os.path.join(tmp, 'loss.png'), os.path.join(tmp, 'lr.png')]
+        line_plot(parts[0], loss, title='Training loss (mean over each status interval)',
+                  xlabel='training images (thousands)', ylabel='loss')
+        line_plot(parts[1], lr, title='Learning rate', xlabel='training images (thousands)', ylabel='learning rate')
+        images = [PIL.Image.open(p).convert('RGB') for p in parts]
+    out = PIL.Image.new('RGB', (max(i.width for i in images), sum(i.height for i in images)), 'white')
+    for i, image in enumerate(images):
+        out.paste(image, (0, sum(j.height for j in images[:i])))
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        out.save(f, format='png')
+
+#----------------------------------------------------------------------------
+# The whole job.
+
+def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fid_images=1000, ema_std=0.10,
+             compare=False, source_dir=FASHION_MNIST_DIR, max_train_images=None, extra_train_args=(), batch=64,
+             detector=None):
+    """Run every step, reusing finished ones; return the summary dict (also written to <outdir>/summary.json).
+
+    `max_train_images`, `extra_train_args` (train_edm2plus.py options) and `detector` (a feature detector instead of
+    Inception-v3) exist for quick tests."""
+    start = time.time()
+    for split in ['train', 't10k']:
+        check_source(source_dir, split)  # before anything is written
+    os.makedirs(outdir, exist_ok=True)
+    summary_path = os.path.join(outdir, 'summary.json')
+    summary = load_summary(summary_path)
+    timings = summary['timings_sec'] = {}  # of this invocation; a reused step takes (almost) no time
+    res = f'{resolution}x{resolution}'
+
+    # 1. Datasets.
+    train_zip = os.path.join(outdir, f'fashion-mnist-train-{res}.zip')
+    test_zip = os.path.join(outdir, f'fashion-mnist-test-{res}-first{ref_images}.zip')
+    with step(timings, 'datasets', '1/7 Datasets', f'python dataset_tool.py convert --source={source_dir}/'
+              f'train-images-idx3-ubyte.gz --dest={train_zip} --resolution={res}   (and t10k-... --max-images={ref_images})'):
+        for split, dest, limit in [('train', train_zip, max_train_images), ('t10k', test_zip, ref_images)]:
+            converted = convert_fashion_mnist(split, dest, resolution, source_dir, max_images=limit)
+            print(f'{dest}: {"written" if converted else "exists, reused"}')
+    summary['datasets'] = dict(train=train_zip, test=test_zip, resolution=resolution)
+
+    # 2. Reference statistics.
+    ref_path = os.path.join(outdir, f'fid-ref-fashion-mnist-test-{res}-first{ref_images}.pkl')
+    with step(timings, 'reference', f'2/7 FID reference statistics of the first {ref_images} test images',
+              f'python calculate_metrics.py ref --data={test_zip} --dest={ref_path} --metrics=fid'):
+        reused = os.path.isfile(ref_path)
+        ref = reference_stats(test_zip, ref_path, batch=batch, detector=detector)
+        print(f'{ref_path}: {"exists, reused" if reused else "written"}')
+    summary['reference'] = dict(path=ref_path, num_images=int(ref['num_images']))
+    save_summary(summary_path, summary)
+
+    # 3-6 for each configuration.
+    runs = summary.setdefault('runs', {})
+    for label in (['G*', 'A'] if compare else ['G*']):
+        run = runs.setdefault(label, {})
+        wall = run.setdefault('wall_sec', {})  # seconds each step took when it last did its work
+        run_dir = run['run_dir'] = run_dir_of(outdir, label)
+        name = f'CONFIG {label}'
+
+        args = train_args(run_dir, train_zip, minutes, CONFIGS[label], extra_train_args)
+        with step(timings, f'train {label}', f'3/7 Training {name} ({minutes:g} minutes in total)',
+                  'python train_edm2plus.py ' + ' '.join(args)):
+            progress = train(run_dir, train_zip, minutes, CONFIGS[label], extra_train_args)
+        run.update(images_seen=progress.nimg, training_sec=round(progress.seconds, 1))
+        if progress.trained or 'train' not in wall:
+            wall['train'] = timings[f'train {label}']
+        save_summary(summary_path, summary)
+
+        with step(timings, f'phema {label}', f'4/7 Post-hoc EMA of {name}, sigma_rel {ema_std:.3f}',
+                  f'python reconstruct_phema.py --indir={run_dir} --outdir={run_dir} --outstd={ema_std:.3f}'):
+            phema = reconstruct_ema(run_dir, ema_std)
+        net = run['network'] = phema.path
+        if phema.written or 'phema' not in wall:
+            wall['phema'] = timings[f'phema {label}']
+
+        grid = run['grid'] = os.path.join(outdir, f'grid-{_tag(label)}.png')
+        labelled = run['grid_labelled'] = os.path.join(outdir, f'grid-{_tag(label)}-labelled.png')
+        with step(timings, f'grid {label}', f'5/7 Sample grid of {name}: row r = class r',
+                  f'python generate_images.py --net={net} --seeds=0-99 --class=0-9 --grid={grid} --outdir=<DIR>'):
+            redo = not (run.get('grid_of') == file_id(net) and os.path.isfile(grid) and os.path.isfile(labelled))
+            if redo:
+                write_grid(net, grid, labelled, batch=batch)
+                run['grid_of'] = file_id(net)
+            print(f'{labelled}: {"written" if redo else "exists for this network, reused"}')
+        if redo:
+            wall['grid'] = timings[f'grid {label}']
+        save_summary(summary_path, summary)
+
+        fid_of = dict(network=file_id(net), num_images=fid_images, ref=file_id(ref_path))
+        with step(timings, f'fid {label}', f'6/7 FID of {name}: {fid_images} generated vs {ref["num_images"]} test images',
+                  f'python calculate_metrics.py gen --net={net} --ref={ref_path} --metrics=fid --num={fid_images} '
+                  f'--seed={FID_SEED}'):
+            redo = not (run.get('fid_of') == fid_of and run.get('fid') is not None)
+            if redo:
+                run['fid'] = compute_fid(net, ref, fid_images, batch=batch, detector=detector)
+                run.update(fid_of=fid_of, fid_images=fid_images)
+            print(f'FID {run["fid"]:.2f}{"" if redo else " for this network, reused"}')
+        if redo:
+            wall['fid'] = timings[f'fid {label}']
+        save_summary(summary_path, summary)
+
+    # 7. Curves of every run trained in this folder (both after --compare).
+    plot = summary['plot'] = os.path.join(outdir, 'training-curves.png')
+    with step(timings, 'plot', '7/7 Loss and learning-rate curves'):
+        shown = {f'CONFIG {label}': run_dir_of(outdir, label) for label in CONFIGS
+                 if read_stats(run_dir_of(outdir, label))}
+        plot_training_curves(plot, shown)
+        print(f'{plot}: written')
+    summary['outdir'] = outdir
+    summary['labels'] = ['G*', 'A'] if compare else ['G*']
+    timings['total'] = round(time.time() - start, 1)
+    save_summary(summary_path, summary)
+    return summary
+
+def format_summary(summary):
+    """The short report printed at the end of a demo run."""
+    ref = summary['reference']
+    t = summary['timings_sec']
+    lines = ['', 'Summary', '-------',
+             f'Output folder:      {summary["outdir"]}',
+             f'Datasets:           {summary["datasets"]["train"]}',
+             f'                    {summary["datasets"]["test"]}',
+             f'FID reference:      {ref["path"]} ({ref["num_images"]} test images)',
+             f'Training curves:    {summary["plot"]}']
+    for label in summary['labels']:
+        run = summary['runs'][label]
+        wall = run['wall_sec']
+        lines += [f'CONFIG {label}:',
+                  f'  run directory:    {run["run_dir"]}',
+                  f'  post-hoc EMA net: {run["network"]}',
+                  f'  sample grid:      {run["grid_labelled"]} (unlabelled: {run["grid"]})',
+                  f'  images seen:      {run["images_seen"]} in {run["training_sec"] / 60:.1f} min of training',
+                  f'  FID:              {run["fid"]:.2f} ({run["fid_images"]} generated vs {ref["num_images"]} test images)',
+                  f'  wall time (s):    ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items())]
+    lines.append('This invocation (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in t.items() if k != 'total') +
+                 f'; total {t["total"] / 60:.1f} min')
+    if len(summary['labels']) > 1:
+        lines += ['', f'{"":10s}{"FID":>8s}{"images seen":>13s}{"train min":>11s}{"wall min":>10s}']
+        for label in summary['labels']:
+            run = summary['runs'][label]
+            total = sum(run['wall_sec'].values()) / 60
+            lines.append(f'CONFIG {label:<3s}{run["fid"]:8.2f}{run["images_seen"]:13d}'
+                         f'{run["training_sec"] / 60:11.1f}{total:10.1f}')
+    return '\n'.join(lines)
+
+#----------------------------------------------------------------------------
+
+@click.command()
+
+# Main options.
+@click.option('--outdir',      help='Folder for every output (rerun to reuse/resume)', metavar='DIR', type=str, default='demo-out', show_default=True)
+@click.option('--minutes',     help='Training time of each configuration (in total over reruns)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=15, show_default=True)
+@click.option('--compare',     help='Also train CONFIG A (EDM2\'s block, same width and time) and compare', is_flag=True)
+
+# Data and evaluation.
+@click.option('--resolution',  help='Image size of the converted datasets', metavar='16|32', type=click.Choice(['16', '32']), default='16', show_default=True)
+@click.option('--ref-images',  help='Test images in the FID reference statistics', metavar='INT', type=click.IntRange(min=2, max=10000), default=1000, show_default=True)
+@click.option('--fid-images',  help='Generated images for FID', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option('--ema-std',     help='Post-hoc EMA length sigma_rel', metavar='FLOAT', type=click.FloatRange(min=0.01, max=0.25), default=0.10, show_default=True)
+
+# I/O and performance.
+@click.option('--source',      help='Folder holding the Fashion-MNIST IDX files', metavar='DIR', type=str, default=FASHION_MNIST_DIR, show_default=True)
+@click.option('--batch',       help='Batch size of sampling and of Inception', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+
+def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, source, batch):
+    """Train EDM2+ (CONFIG G*) on Fashion-MNIST on this machine; write a sample grid, training curves and FID.
+
+    \b
+    Examples:
+    python demo.py                  # ~22 min on 2 idle CPU cores; outputs in demo-out/
+    python demo.py --compare        # also CONFIG A with the same time (~20 min more)
+    python demo.py --minutes=30     # rerun: trains the same run on to 30 minutes
+    """
+    try:
+        summary = run_demo(outdir=outdir, minutes=minutes, resolution=int(resolution), ref_images=ref_images,
+                           fid_images=fid_images, ema_std=ema_std, compare=compare, source_dir=source, batch=batch)
+    except DemoError as e:
+        raise click.ClickException(str(e))
+    print(format_summary(summary))
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
+
+#----------------------------------------------------------------------------
