@@ -82,14 +82,14 @@ def metrics_options(fn):
 def run_command(fn):
     """One-line `Error: ...` (exit 1) for the problems a user can fix; the process group is always shut down
     (gloo aborts a process that exits with it open)."""
+    ok = False
     try:
         fn()
-        dist.barrier()
+        ok = True
     except (MetricsError, NetworkFileError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        dist.shutdown(meet=ok)
 
 #----------------------------------------------------------------------------
 

@@ -361,8 +361,9 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
     # 1. Datasets.
     train_zip = os.path.join(outdir, f'fashion-mnist-train-{res}.zip')
     test_zip = os.path.join(outdir, f'fashion-mnist-test-{res}-first{ref_images}.zip')
-    with step(timings, 'datasets', '1/7 Datasets', f'python dataset_tool.py convert --source={source_dir}/'
-              f'train-images-idx3-ubyte.gz --dest={train_zip} --resolution={res}   (and t10k-... --max-images={ref_images})'):
+    with step(timings, 'datasets', '1/7 Datasets',
+              f'python dataset_tool.py convert --source={source_dir}/train-images-idx3-ubyte.gz --dest={train_zip} '
+              f'--resolution={res}   (and t10k-... --max-images={ref_images})'):
         for split, dest, limit in [('train', train_zip, max_train_images), ('t10k', test_zip, ref_images)]:
             converted = convert_fashion_mnist(split, dest, resolution, source_dir, max_images=limit)
             print(f'{dest}: {"written" if converted else "exists, reused"}')
@@ -416,7 +417,8 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
         save_summary(summary_path, summary)
 
         fid_of = dict(network=file_id(net), num_images=fid_images, ref=file_id(ref_path))
-        with step(timings, f'fid {label}', f'6/7 FID of {name}: {fid_images} generated vs {ref["num_images"]} test images',
+        with step(timings, f'fid {label}',
+                  f'6/7 FID of {name}: {fid_images} generated vs {ref["num_images"]} test images',
                   f'python calculate_metrics.py gen --net={net} --ref={ref_path} --metrics=fid --num={fid_images} '
                   f'--seed={FID_SEED}'):
             redo = not (run.get('fid_of') == fid_of and run.get('fid') is not None)
@@ -459,7 +461,8 @@ def format_summary(summary):
                   f'  post-hoc EMA net: {run["network"]}',
                   f'  sample grid:      {run["grid_labelled"]} (unlabelled: {run["grid"]})',
                   f'  images seen:      {run["images_seen"]} in {run["training_sec"] / 60:.1f} min of training',
-                  f'  FID:              {run["fid"]:.2f} ({run["fid_images"]} generated vs {ref["num_images"]} test images)',
+                  f'  FID:              {run["fid"]:.2f} '
+                  f'({run["fid_images"]} generated vs {ref["num_images"]} test images)',
                   f'  wall time (s):    ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items())]
     lines.append('This invocation (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in t.items() if k != 'total') +
                  f'; total {t["total"] / 60:.1f} min')

@@ -16,6 +16,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
 from sampling.sampler import edm_sampler  # noqa: F401
 
@@ -49,16 +50,7 @@ def init_distributed():
     """Initialise torch.distributed when WORLD_SIZE > 1; return True if this call did so."""
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized():
         return False
-    try:
-        from torch_utils import distributed
-    except ImportError:
-        distributed = None
-    if distributed is not None and hasattr(distributed, 'init'):
-        distributed.init()
-    else:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
-        torch.distributed.init_process_group(backend=('nccl' if torch.cuda.is_available() else 'gloo'), init_method='env://')
+    dist.init()
     return True
 
 #----------------------------------------------------------------------------
@@ -139,6 +131,7 @@ def cmdline(**opts):
 
     # Validation is done; only now start the process group (spec §1.2).
     owns_group = init_distributed()
+    ok = False
     try:
         try:
             image_iter = generate_images(**opts)
@@ -147,9 +140,10 @@ def cmdline(**opts):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         for _ in tqdm.tqdm(image_iter, unit='batch', disable=(rank != 0)):
             pass
+        ok = True
     finally:
         if owns_group:
-            torch.distributed.destroy_process_group()
+            dist.shutdown(meet=ok)
 
 #----------------------------------------------------------------------------
 

@@ -266,15 +266,18 @@ def cmdline(**opts):
 
     # From here on, everything printed (and a traceback) also goes to log.txt.
     logger = dnnlib.util.Logger(file_name=os.path.join(opts.outdir, 'log.txt'), file_mode='a', should_flush=True)
+    ok = False
     try:
         time_limit = opts.minutes * 60 if opts.minutes is not None else None
         training_loop.training_loop(run_dir=opts.outdir, time_limit=time_limit, **c)
+        ok = True
     except BaseException:
         if logger.file is not None:
             logger.file.write(traceback.format_exc())
         raise
     finally:
         logger.close()
+        dist.shutdown(meet=ok)
 
 #----------------------------------------------------------------------------
 

@@ -48,6 +48,17 @@ def init():
         sync_device = torch.device('cuda') if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
 
+def shutdown(meet=True):
+    """Leave the process group, if there is one. With `meet`, all ranks first wait for each other, so that no
+    rank tears down its gloo connections while another still uses them (gloo's worker threads may abort a
+    process whose peer vanished mid-call). Pass meet=False on an error path, where other ranks may never come."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            if meet:
+                torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+
 def is_distributed():
     """True when a process group with more than one process is active."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
