@@ -14,6 +14,7 @@ import click
 import torch
 
 import dnnlib
+from torch_utils import misc
 from metrics import MetricsError
 from networks.loading import NetworkFileError
 from torch_utils import distributed as dist
@@ -231,6 +232,7 @@ def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_wor
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     cmdline()
 
 #----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 import dnnlib  # noqa: E402
+from torch_utils import misc  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Fixed facts of the demo.
@@ -511,6 +512,7 @@ def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, 
     print(format_summary(summary))
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     main()  # pylint: disable=no-value-for-parameter
 
 #----------------------------------------------------------------------------

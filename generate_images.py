@@ -16,6 +16,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import misc
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
 from sampling.sampler import edm_sampler  # noqa: F401
@@ -148,6 +149,7 @@ def cmdline(**opts):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     cmdline()
 
 #----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import click
 import torch
 
 import dnnlib
+from torch_utils import misc
 from networks import presets
 from torch_utils import distributed as dist
 from training import training_loop
@@ -282,6 +283,7 @@ def cmdline(**opts):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     torch.multiprocessing.set_start_method('spawn')  # data loader workers: no fork of a CUDA-initialised process
     cmdline()  # pylint: disable=no-value-for-parameter
 

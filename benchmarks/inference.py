@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import edm2plus                   # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
+from torch_utils import misc                    # noqa: E402
 
 #----------------------------------------------------------------------------
 # Measuring one call: wall time and peak memory.
@@ -247,4 +248,5 @@ def main(device, compile_, reps, throughput_reps, impls, channels, resolution, l
         print(f'throughput ratio G*/A: {thr[(best, "A")] / thr[(best, "G*")]:.3f}')
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     main()  # pylint: disable=no-value-for-parameter

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import edm2plus, presets          # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
+from torch_utils import misc                    # noqa: E402
 from sampling.generate import generate_images   # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -122,4 +123,5 @@ def main(preset, num_images, batch, steps, reps, impls, compile_, device, thread
                   f'G* {rate[(impl, "G*")] / rate[("reference", "G*")]:.2f}x images/s')
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     main()  # pylint: disable=no-value-for-parameter

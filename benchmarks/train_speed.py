@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import flops                    # noqa: E402
 from networks.edm2plus import Precond          # noqa: E402
+from torch_utils import misc                   # noqa: E402
 from training.loss import EDM2Loss             # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -103,6 +104,7 @@ def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
     main()  # pylint: disable=no-value-for-parameter
 
 #----------------------------------------------------------------------------

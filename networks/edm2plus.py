@@ -375,7 +375,7 @@ class Block(torch.nn.Module):
         # Self-attention with cosine similarity (q, k, v normalised per head). The qkv channel index is
         # (head * C_h + c) * 3 + {0: q, 1: k, 2: v} (spec §2.8, §10.5).
         if self.num_heads != 0:
-            y = self.attn_qkv(x)
+            y = self.attn_qkv(x).contiguous()  # a channels-last y (CPU training) would make the reshape copy anyway
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)
             w = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
@@ -529,6 +529,10 @@ class UNet(torch.nn.Module):
             emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
         emb = mp_silu(emb)
         if not _use_fast(self, x):
+            if _fast_enabled and x.device.type == 'cpu' and not _is_compiling():
+                # Training on a CPU: channels-last activations let oneDNN run 1x1 and depthwise convolutions and
+                # their gradients without reordering every tensor (G* trains ~1.3x faster, A ~1.05x).
+                return self._unet(x.contiguous(memory_format=torch.channels_last), emb, fast=False).contiguous()
             return self._unet(x, emb, fast=False)
         # Fast path. On a CPU, large batches go through in chunks of at most _FAST_CHUNK_PIXELS pixels. Each image
         # is computed independently anyway, and the intermediates then stay below glibc's 32 MiB limit above which

@@ -3,6 +3,8 @@
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #----------------------------------------------------------------------------
 # Seeds: Python's tuple hash (spec §2.12 reference values).
@@ -190,3 +194,34 @@ def test_easydict_pickles_by_name():
     assert b'dnnlib.util' in pickle.dumps(dnnlib.EasyDict(a=1))
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# CPU allocator tuning (misc.keep_freed_cpu_memory).
+
+ALLOCATOR_PROBE = r'''
+import sys, torch
+from torch_utils import misc
+def in_heap(ptr):
+    for line in open('/proc/self/maps'):
+        if line.rstrip().endswith('[heap]'):
+            lo, hi = (int(v, 16) for v in line.split()[0].split('-'))
+            if lo <= ptr < hi:
+                return True
+    return False
+big = 64 << 20  # above glibc's largest mmap threshold (32 MiB)
+before = in_heap(torch.empty(big, dtype=torch.uint8).data_ptr())
+applied = misc.keep_freed_cpu_memory()
+after = in_heap(torch.empty(big, dtype=torch.uint8).data_ptr())
+print(before, applied, after)
+'''
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap():
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    out = subprocess.run([sys.executable, '-c', ALLOCATOR_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ['False', 'True', 'True']  # a fresh mmap before, the heap after
+    env['MALLOC_MMAP_MAX_'] = '65536'  # the user's own glibc setting wins
+    out = subprocess.run([sys.executable, '-c', ALLOCATOR_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ['False', 'False', 'False']
