@@ -531,7 +531,8 @@ class UNet(torch.nn.Module):
         if not _use_fast(self, x):
             if _fast_enabled and x.device.type == 'cpu' and not _is_compiling():
                 # Training on a CPU: channels-last activations let oneDNN run 1x1 and depthwise convolutions and
-                # their gradients without reordering every tensor (G* trains ~1.3x faster, A ~1.05x).
+                # their gradients without reordering every tensor (benchmarks/train_speed.py: G* 1.20x, A 1.09x
+                # faster).
                 return self._unet(x.contiguous(memory_format=torch.channels_last), emb, fast=False).contiguous()
             return self._unet(x, emb, fast=False)
         # Fast path. On a CPU, large batches go through in chunks of at most _FAST_CHUNK_PIXELS pixels. Each image

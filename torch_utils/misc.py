@@ -7,8 +7,11 @@ interpreter.
 """
 
 import contextlib
+import ctypes
 import functools
+import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -316,8 +319,6 @@ def pinned_buf(ref, dtype=None):
     return buf
 
 #----------------------------------------------------------------------------
-
-#----------------------------------------------------------------------------
 # CPU memory allocator. Not part of EDM2.
 
 _allocator_tuned = False
@@ -337,9 +338,6 @@ def keep_freed_cpu_memory():
     global _allocator_tuned  # pylint: disable=global-statement
     if _allocator_tuned:
         return True
-    import ctypes  # pylint: disable=import-outside-toplevel
-    import os  # pylint: disable=import-outside-toplevel
-    import sys  # pylint: disable=import-outside-toplevel
     if not sys.platform.startswith('linux') or 'MALLOC_MMAP_MAX_' in os.environ:
         return False
     try:
