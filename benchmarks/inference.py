@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from networks import edm2plus                   # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
 from torch_utils import misc                    # noqa: E402
+import common                                   # noqa: E402  (benchmarks/common.py)
 
 #----------------------------------------------------------------------------
 # Measuring one call: wall time and peak memory.
@@ -178,24 +179,13 @@ def measure_memory(impls, args, device):
 @click.option('--clock',            help='wall, or cpu (process CPU time: robust on a busy machine with --threads=1)', type=click.Choice(['wall', 'cpu']), default='wall', show_default=True)
 def main(device, compile_, reps, throughput_reps, impls, channels, resolution, label_dim, batch, threads, precision, warmup, clock):
     """Batch-1 latency and batch-32 throughput of CONFIG A vs G*, side by side."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda: no CUDA device is available')
+    device, chosen, name = common.setup(device, impls, threads)
     if clock == 'cpu' and device.type == 'cuda':
         raise click.ClickException('--clock=cpu: only for --device=cpu')
-    chosen = [s.strip() for s in impls.split(',') if s.strip()]
-    for name in chosen:
-        if name not in ('reference', 'fast'):
-            raise click.ClickException(f'--impls: unknown implementation "{name}" (choose from reference, fast)')
-    if threads is not None:
-        torch.set_num_threads(threads)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # the paper's GPU setting (Table 4: TF32 and torch.compile)
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f'CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}'
     print(f'Device: {name}; {clock} clock; base width {channels}, {resolution}x{resolution}, {label_dim} classes'
           + (f', {precision} activations' if device.type == 'cuda' else ''))
 

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from networks import edm2plus, presets          # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
 from torch_utils import misc                    # noqa: E402
+import common                                   # noqa: E402  (benchmarks/common.py)
 from sampling.generate import generate_images   # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -74,17 +75,7 @@ class Reference(torch.nn.Module):
 @click.option('--threads',      help='CPU threads [default: torch default]', metavar='INT', type=click.IntRange(min=1), default=None)
 def main(preset, num_images, batch, steps, reps, impls, compile_, device, threads):
     """Images per second of generate_images for CONFIG A and G*, side by side."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda: no CUDA device is available')
-    chosen = [s.strip() for s in impls.split(',') if s.strip()]
-    for name in chosen:
-        if name not in ('reference', 'fast'):
-            raise click.ClickException(f'--impls: unknown implementation "{name}" (choose from reference, fast)')
-    if threads is not None:
-        torch.set_num_threads(threads)
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
-        f'CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}'
+    device, chosen, where = common.setup(device, impls, threads)
     p = presets.get(preset)
     print(f'Device: {where}; preset {preset} ({p.channels} channels, {p.resolution}x{p.resolution}), '
           f'{num_images} images, batch {batch}, {steps} steps')

@@ -22,13 +22,7 @@ from sampling.generate import (StackedRandomGenerator, config_presets, generate_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = dict(num_steps=6)  # 11 evaluations per batch: enough to exercise the sampler, fast on CPU.
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Other test files run beside this one on a 2-core machine; one thread avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 def make_tiny_net(label_dim=4, seed=0):
     torch.manual_seed(seed)

@@ -368,14 +368,6 @@ def test_corrupt_input_is_a_clear_error(run_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # A real (tiny) training run that tracks 0.050, 0.075 and 0.100 directly.
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a busy 2-core machine make tiny convolutions ~5x slower; one is plenty here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _train_and_reconstruct_075(tmp_path, resolution, network_kwargs, loss_kwargs, lr_kwargs, batch_size, total_nimg):
     """Train with EMAs 0.050/0.075/0.100 tracked directly, snapshots every 1024 images; reconstruct 0.075 from the

@@ -20,13 +20,7 @@ TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, 
             attn_resolutions=[8])
 TOL = 2e-5
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Equivalence, not speed, is tested here: one thread avoids OpenMP stalls on a loaded 2-core machine (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 def tiny(block='G*', seed=0, **kw):
     """A tiny eval-mode net whose gains are non-zero, so every layer (modulation, output conv) matters."""

@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end at toy sizes and print the ratios they promise (not their speed)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+def run(script, *args):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+def test_inference_prints_both_ratios():
+    rc, out, err = run('inference.py', '--device=cpu', '--channels=64', '--resolution=8', '--label-dim=10',
+                       '--batch=2', '--reps=1', '--warmup=0', '--threads=1')
+    assert rc == 0, err[-2000:]
+    assert out.startswith('Device: CPU, 1 threads')
+    tail = out.strip().splitlines()[-2:]
+    latency = float(re.fullmatch(r'latency ratio G\*/A: (\d+\.\d{3})', tail[0]).group(1))
+    throughput = float(re.fullmatch(r'throughput ratio G\*/A: (\d+\.\d{3})', tail[1]).group(1))
+    assert 0 < latency < 10 and 0 < throughput < 10
+
+def test_sampling_and_train_speed_print_ratios():
+    rc, out, err = run('sampling.py', '--device=cpu', '--num-images=2', '--batch=2', '--steps=2', '--threads=1',
+                       '--impls=fast')
+    assert rc == 0, err[-2000:]
+    assert re.search(r'G\*/A', out), out
+    rc, out, err = run('train_speed.py', '--device=cpu', '--resolution=8', '--channels=8', '--channel-mult=1,2',
+                       '--num-blocks=1', '--attn=4', '--batch=4', '--steps=1', '--warmup=0')
+    assert rc == 0, err[-2000:]
+    assert re.search(r'G\* trains \d+\.\d+x as many images per second as A', out), out
+
+@pytest.mark.parametrize('script', ['inference.py', 'sampling.py'])
+def test_bad_options_name_the_option(script):
+    rc, _out, err = run(script, '--device=cpu', '--impls=fast,turbo')
+    assert rc != 0 and 'Error: --impls: unknown implementation "turbo"' in err
