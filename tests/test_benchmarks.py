@@ -34,6 +34,18 @@ def test_sampling_and_train_speed_print_ratios():
     assert rc == 0, err[-2000:]
     assert re.search(r'G\* trains \d+\.\d+x as many images per second as A', out), out
 
+def test_roofline_prints_rates_and_the_bound():
+    rc, out, err = run('roofline.py', '--device=cpu', '--channels=64', '--resolution=8', '--label-dim=10', '--reps=1',
+                       '--peak-size=256', '--threads=1', '--target=0.5')
+    assert rc == 0, err[-2000:]
+    rates = {cfg: (float(gflop), float(rate)) for cfg, gflop, rate in
+             re.findall(r'^(A|G\*)\s+latency \d+\.\d+ s; matrix arithmetic (\d+\.\d{3}) GFLOP at (\d+) GFLOP/s', out, re.M)}
+    assert set(rates) == {'A', 'G*'}, out
+    assert rates['G*'][0] < rates['A'][0]  # G* does less matrix arithmetic than A at any size
+    assert re.search(r'^G\*/A = 0\.5 needs G\* to average \d+ GFLOP/s', out, re.M), out
+    latency, lowest = (float(v) for v in re.findall(r'ratio G\*/A(?: at peak)?: (\d+\.\d{3})', out))
+    assert 0 < lowest <= latency  # no network beats the peak it is measured against
+
 @pytest.mark.parametrize('script', ['inference.py', 'sampling.py'])
 def test_bad_options_name_the_option(script):
     rc, _out, err = run(script, '--device=cpu', '--impls=fast,turbo')
