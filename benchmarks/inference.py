@@ -164,7 +164,7 @@ def measure_memory(impls, args, device):
 # Main options.
 @click.option('--device',           help='cpu or cuda [default: cuda if available]', metavar='STR', type=click.Choice(['cpu', 'cuda']), default=None)
 @click.option('--compile', 'compile_', help='Also time torch.compile (CPU: minutes of compilation per net)', is_flag=True)
-@click.option('--reps',             help='Timed batch-1 calls per network and implementation', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
+@click.option('--reps',             help='Timed batch-1 calls per network and implementation (0: none)', metavar='INT', type=click.IntRange(min=0), default=5, show_default=True)
 @click.option('--throughput-reps',  help='Timed calls at the large batch (0: none)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--impls',            help='Implementations to time (reference, fast)', metavar='LIST', type=str, default='reference,fast', show_default=True)
 # Network and protocol (the paper's Table 4).
@@ -180,6 +180,8 @@ def measure_memory(impls, args, device):
 def main(device, compile_, reps, throughput_reps, impls, channels, resolution, label_dim, batch, threads, precision, warmup, clock):
     """Batch-1 latency and batch-32 throughput of CONFIG A vs G*, side by side."""
     device, chosen, name = common.setup(device, impls, threads)
+    if not reps and not throughput_reps:
+        raise click.ClickException('--reps and --throughput-reps are both 0: nothing to time')
     if clock == 'cpu' and device.type == 'cuda':
         raise click.ClickException('--clock=cpu: only for --device=cpu')
     if device.type == 'cuda':
@@ -195,45 +197,52 @@ def main(device, compile_, reps, throughput_reps, impls, channels, resolution, l
         print('Compiling (the first call of each compiled network) ...')
     small, large = inputs(1, resolution, label_dim, device), inputs(batch, resolution, label_dim, device)
     clock = time.process_time if clock == 'cpu' else time.perf_counter
-    lat = measure(fns, small, device, reps, warmup, 'batch 1', clock)
-    # The fast and reference paths are warm from the batch-1 runs; compiled networks recompile for the new shape.
-    thr = measure(fns, large, device, throughput_reps, int(compile_), f'batch {batch}', clock) if throughput_reps else {}
+    lat = measure(fns, small, device, reps, warmup, 'batch 1', clock) if reps else {}
+    # On a CPU the fast and reference paths are warm from the batch-1 runs. Compiled networks recompile for the new
+    # shape and cuDNN (benchmark mode) picks its kernels per shape: they get warm-up calls at this batch too.
+    warm_again = warmup if (compile_ or device.type == 'cuda' or not reps) else 0
+    thr = measure(fns, large, device, throughput_reps, warm_again, f'batch {batch}', clock) if throughput_reps else {}
     if device.type == 'cpu' and not release_freed_memory():
         mem1 = memN = {}
         print('(memory not measured: needs glibc)')
     else:
-        mem1 = measure_memory(fns, small, device)
+        mem1 = measure_memory(fns, small, device) if reps else {}
         memN = measure_memory(fns, large, device) if throughput_reps else {}
     mem_label = 'peak MB' if device.type == 'cuda' else 'peak MB above resident'
 
     print()
     print(f'{"implementation":<15s}{"config":<7s}{"latency s":>10s}{mem_label:>24s}{"img/s @" + str(batch):>12s}{mem_label:>24s}')
     na = float('nan')
-    for (impl, cfg), seconds in lat.items():
-        row = f'{impl:<15s}{cfg:<7s}{seconds:>10.3f}{mem1.get((impl, cfg), na):>24.0f}'
+    for impl, cfg in lat or thr:
+        row = f'{impl:<15s}{cfg:<7s}{lat.get((impl, cfg), na):>10.3f}{mem1.get((impl, cfg), na):>24.0f}'
         if (impl, cfg) in thr:
             row += f'{batch / thr[(impl, cfg)]:>12.2f}{memN.get((impl, cfg), na):>24.0f}'
         print(row)
     if 'fast' in fns:
         print(f'fast-path weight cache: A {cache_mb(nets["A"]):.0f} MB, G* {cache_mb(nets["G*"]):.0f} MB '
               '(normalised copies of the weights, kept between calls)')
+
+    def ratios(impl):
+        parts = [f'latency G*/A {lat[(impl, "G*")] / lat[(impl, "A")]:.3f}'] if lat else []
+        parts += [f'throughput G*/A {thr[(impl, "A")] / thr[(impl, "G*")]:.3f}'] if thr else []
+        return ', '.join(parts)
+    def speedups(impl):
+        parts = [f'batch 1 A {lat[("reference", "A")] / lat[(impl, "A")]:.2f}x, '
+                 f'G* {lat[("reference", "G*")] / lat[(impl, "G*")]:.2f}x faster'] if lat else []
+        parts += [f'batch {batch} A {thr[("reference", "A")] / thr[(impl, "A")]:.2f}x, '
+                  f'G* {thr[("reference", "G*")] / thr[(impl, "G*")]:.2f}x'] if thr else []
+        return '; '.join(parts)
     print()
     for impl in fns:
-        line = f'{impl:<10s} latency G*/A {lat[(impl, "G*")] / lat[(impl, "A")]:.3f}'
-        if thr:
-            line += f', throughput G*/A {thr[(impl, "A")] / thr[(impl, "G*")]:.3f}'
-        print(line)
+        print(f'{impl:<10s} {ratios(impl)}')
     if 'reference' in fns:
         for impl in (k for k in fns if k != 'reference'):
-            line = (f'{impl:<10s} vs reference: batch 1 A {lat[("reference", "A")] / lat[(impl, "A")]:.2f}x, '
-                    f'G* {lat[("reference", "G*")] / lat[(impl, "G*")]:.2f}x faster')
-            if thr:
-                line += (f'; batch {batch} A {thr[("reference", "A")] / thr[(impl, "A")]:.2f}x, '
-                         f'G* {thr[("reference", "G*")] / thr[(impl, "G*")]:.2f}x')
-            print(line)
-    best = min(fns, key=lambda impl: lat[(impl, 'A')] + lat[(impl, 'G*')])
+            print(f'{impl:<10s} vs reference: {speedups(impl)}')
+    timing = lat or thr
+    best = min(fns, key=lambda impl: timing[(impl, 'A')] + timing[(impl, 'G*')])
     print(f'\nimplementation: {best}')
-    print(f'latency ratio G*/A: {lat[(best, "G*")] / lat[(best, "A")]:.3f}')
+    if lat:
+        print(f'latency ratio G*/A: {lat[(best, "G*")] / lat[(best, "A")]:.3f}')
     if thr:
         print(f'throughput ratio G*/A: {thr[(best, "A")] / thr[(best, "G*")]:.3f}')
 
