@@ -84,18 +84,23 @@ def timed_call(fn, device, clock=time.perf_counter):
     return clock() - start
 
 def peak_memory_mb(fn, device):
-    """CUDA: peak allocated memory during fn(), weights included (as the paper reports it). CPU: peak resident
-    memory above the resident memory before the call (activations and temporaries; weights and caches excluded)."""
+    """Memory that fn() needs on top of what is already there (activations and temporaries; the weights and caches of
+    every network on the device excluded, see weights_mb and cache_mb). CUDA: peak allocated memory above the
+    allocated memory before the call. CPU: peak resident memory above the resident memory before the call."""
     if device.type == 'cuda':
         sync(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     release_freed_memory()  # start from live memory only
     with PeakRSS() as mem:
         fn()
     return (mem.peak - mem.start) / 2**20
+
+def weights_mb(net):
+    return sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
 
 def cache_mb(net):
     """Memory held by the fast path's cached (and prepacked) weights of `net`."""
@@ -208,7 +213,7 @@ def main(device, compile_, reps, throughput_reps, impls, channels, resolution, l
     else:
         mem1 = measure_memory(fns, small, device) if reps else {}
         memN = measure_memory(fns, large, device) if throughput_reps else {}
-    mem_label = 'peak MB' if device.type == 'cuda' else 'peak MB above resident'
+    mem_label = 'peak MB above allocated' if device.type == 'cuda' else 'peak MB above resident'
 
     print()
     print(f'{"implementation":<15s}{"config":<7s}{"latency s":>10s}{mem_label:>24s}{"img/s @" + str(batch):>12s}{mem_label:>24s}')
@@ -218,9 +223,9 @@ def main(device, compile_, reps, throughput_reps, impls, channels, resolution, l
         if (impl, cfg) in thr:
             row += f'{batch / thr[(impl, cfg)]:>12.2f}{memN.get((impl, cfg), na):>24.0f}'
         print(row)
-    if 'fast' in fns:
-        print(f'fast-path weight cache: A {cache_mb(nets["A"]):.0f} MB, G* {cache_mb(nets["G*"]):.0f} MB '
-              '(normalised copies of the weights, kept between calls)')
+    print(f'weights: A {weights_mb(nets["A"]):.0f} MB, G* {weights_mb(nets["G*"]):.0f} MB' + (
+          f'; fast-path weight cache: A {cache_mb(nets["A"]):.0f} MB, G* {cache_mb(nets["G*"]):.0f} MB '
+          '(normalised copies of the weights, kept between calls)' if 'fast' in fns else ''))
 
     def ratios(impl):
         parts = [f'latency G*/A {lat[(impl, "G*")] / lat[(impl, "A")]:.3f}'] if lat else []

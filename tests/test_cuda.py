@@ -50,7 +50,7 @@ def test_float32_matches_formulas(block, batch):
     c_skip = 0.25 / (sigma ** 2 + 0.25)
     assert maxdiff(fast, c_skip.reshape(-1, 1, 1, 1) * x) > 0.1  # the network part matters
 
-@pytest.mark.parametrize('precision, tol', [('fp16', 0.05), ('bf16', 0.3)])
+@pytest.mark.parametrize('precision, tol', [('fp16', 0.01), ('bf16', 0.06)])  # measured on an H200: 1.9e-3, 1.6e-2
 @pytest.mark.parametrize('block', ['A', 'G*'])
 def test_half_precision_activations(block, precision, tol):
     net = tiny(block, use_fp16=(precision == 'fp16'), use_bf16=(precision == 'bf16'))
