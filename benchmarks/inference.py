@@ -7,7 +7,7 @@ Batch-1 latency (the paper's CPU column) and batch-32 throughput (its GPU column
   compiled    (--compile) torch.compile of the reference ops, with inductor's weight freezing
 After a warm-up call of each, the runs are interleaved (A, G*, A, G*, ...) so that a busy machine slows both alike;
 medians are reported. The ratios compare G* with A *within* one implementation; the last lines are those of the
-fastest implementation measured (lowest batch-1 latency of A and G* together).
+fastest implementation measured (least time for A and G* together: at batch 1, or at the large batch with --reps=0).
 
   python benchmarks/inference.py                       # CPU: about 10 minutes on 2 cores
   python benchmarks/inference.py --threads=1 --clock=cpu   # robust when other jobs share the cores

@@ -24,6 +24,15 @@ def test_inference_prints_both_ratios():
     throughput = float(re.fullmatch(r'throughput ratio G\*/A: (\d+\.\d{3})', tail[1]).group(1))
     assert 0 < latency < 10 and 0 < throughput < 10
 
+def test_inference_throughput_only():
+    rc, out, err = run('inference.py', '--device=cpu', '--channels=64', '--resolution=8', '--label-dim=10',
+                       '--batch=2', '--reps=0', '--throughput-reps=1', '--warmup=0', '--threads=1', '--impls=fast')
+    assert rc == 0, err[-2000:]
+    assert 'latency ratio' not in out
+    assert re.search(r'^throughput ratio G\*/A: \d+\.\d{3}$', out, re.M), out
+    rc, _out, err = run('inference.py', '--device=cpu', '--reps=0', '--throughput-reps=0')
+    assert rc != 0 and '--reps and --throughput-reps are both 0: nothing to time' in err
+
 def test_sampling_and_train_speed_print_ratios():
     rc, out, err = run('sampling.py', '--device=cpu', '--num-images=2', '--batch=2', '--steps=2', '--threads=1',
                        '--impls=fast')
