@@ -16,7 +16,6 @@ else free) and the rate G* would need for a target ratio (the paper's 0.48).
 
 import os
 import sys
-import time
 
 import click
 import torch

@@ -191,9 +191,9 @@ def test_cli_end_to_end(tmp_path):
     assert log.startswith('Loading dataset...\n')
     status = [line for line in log.splitlines() if line.startswith('Status:')]
     assert len(status) == 5
-    gpu_mem = r'\d+\.\d\d' if torch.cuda.is_available() else r'0\.00'  # the GPU columns read 0.00 on a CPU
+    gpu_mem = r'(?=\d+\.\d\d)[\d. ]{6}' if torch.cuda.is_available() else r'0\.00  '  # GPU columns: 0.00 on a CPU
     assert re.fullmatch(r'Status: kimg 0\.5       time \S+( \S+)?\s+sec/tick [0-9.]+\s+sec/kimg [0-9.]+\s+maintenance [0-9.]+\s+'
-                        r'cpumem [0-9.]+\s+gpumem ' + gpu_mem + r'\s+reserved ' + gpu_mem + r'\s*', status[1]), status[1]
+                        r'cpumem [0-9.]+\s+gpumem ' + gpu_mem + r' reserved ' + gpu_mem, status[1]), status[1]
     assert 'Saving network-snapshot-0000002-0.100.pkl ... done' in log
 
     # stats.jsonl: one line per tick, key order of first report, %.3f kimg, no Loss/* at nimg 0.
