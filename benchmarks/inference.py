@@ -39,7 +39,7 @@ import common                                   # noqa: E402  (benchmarks/common
 class PeakRSS:
     """Samples the process's resident memory every millisecond in a background thread; `peak - start` is the
     memory a call needed on top of what was already resident (weights, caches). CPU only, and meaningful only after
-    release_freed_memory(): otherwise the C allocator keeps freed blocks and reuses them without new pages."""
+    misc.release_freed_cpu_memory(): otherwise the C allocator keeps freed blocks and reuses them without new pages."""
 
     def __enter__(self):
         self._proc = psutil.Process()
@@ -57,19 +57,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
-
-def release_freed_memory():
-    """Make glibc return every block of 64 KiB or more to the OS when freed, so that resident memory follows live
-    memory, and release what it holds now. It slows allocation down, hence it is done only for the memory pass,
-    after all timings. Returns False where the C library is not glibc."""
-    try:
-        import ctypes  # pylint: disable=import-outside-toplevel
-        libc = ctypes.CDLL('libc.so.6')
-        ok = libc.mallopt(-3, 65536) and libc.mallopt(-1, 0)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-        return bool(ok)
-    except (OSError, AttributeError):
-        return False
 
 def sync(device):
     if device.type == 'cuda':
@@ -94,7 +81,7 @@ def peak_memory_mb(fn, device):
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    release_freed_memory()  # start from live memory only
+    misc.release_freed_cpu_memory()  # start from live memory only
     with PeakRSS() as mem:
         fn()
     return (mem.peak - mem.start) / 2**20
@@ -207,7 +194,8 @@ def main(device, compile_, reps, throughput_reps, impls, channels, resolution, l
     # shape and cuDNN (benchmark mode) picks its kernels per shape: they get warm-up calls at this batch too.
     warm_again = warmup if (compile_ or device.type == 'cuda' or not reps) else 0
     thr = measure(fns, large, device, throughput_reps, warm_again, f'batch {batch}', clock) if throughput_reps else {}
-    if device.type == 'cpu' and not release_freed_memory():
+    # Memory last: releasing freed memory to the OS slows allocation down, so no timing may follow.
+    if device.type == 'cpu' and not misc.release_freed_cpu_memory():
         mem1 = memN = {}
         print('(memory not measured: needs glibc)')
     else:

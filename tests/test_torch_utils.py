@@ -225,3 +225,12 @@ def test_keep_freed_cpu_memory_serves_large_tensors_from_the_heap():
     out = subprocess.run([sys.executable, '-c', ALLOCATOR_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ['False', 'False', 'False']
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_release_freed_cpu_memory_undoes_it():
+    """benchmarks/inference.py measures memory after this: large tensors are fresh mmaps again."""
+    probe = ALLOCATOR_PROBE + 'print(misc.release_freed_cpu_memory(), in_heap(torch.empty(big, dtype=torch.uint8).data_ptr()))\n'
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ['False', 'True', 'True', 'True', 'False']

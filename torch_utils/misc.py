@@ -322,6 +322,19 @@ def pinned_buf(ref, dtype=None):
 # CPU memory allocator. Not part of EDM2.
 
 _allocator_tuned = False
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt parameters, from glibc's malloc.h
+
+def _glibc():
+    """The process's C library if it is glibc (mallopt, malloc_trim), else None (other OS, musl)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # pylint: disable=pointless-statement  # glibc only
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 def keep_freed_cpu_memory():
     """Make glibc keep freed memory for reuse instead of returning it to the OS. Returns True if applied.
@@ -338,16 +351,23 @@ def keep_freed_cpu_memory():
     global _allocator_tuned  # pylint: disable=global-statement
     if _allocator_tuned:
         return True
-    if not sys.platform.startswith('linux') or 'MALLOC_MMAP_MAX_' in os.environ:
+    libc = _glibc() if 'MALLOC_MMAP_MAX_' not in os.environ else None
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # pylint: disable=pointless-statement  # glibc only (not musl)
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     _allocator_tuned = bool(ok)
     return _allocator_tuned
+
+def release_freed_cpu_memory():
+    """The opposite, for measuring memory: make glibc return every freed block of 64 KiB or more to the OS (undoing
+    keep_freed_cpu_memory), so that resident memory follows live memory, and release what it holds now. Allocation
+    gets slower. Returns False where the C library is not glibc."""
+    global _allocator_tuned  # pylint: disable=global-statement
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = all(libc.mallopt(param, value) == 1 for param, value in
+             [(M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 65536), (M_TRIM_THRESHOLD, 0)])  # 65536: glibc's default max
+    libc.malloc_trim(0)
+    _allocator_tuned = False
+    return ok
