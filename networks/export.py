@@ -1,6 +1,6 @@
 """The weights-only network format (.pt) and the converter from snapshot pickles: `python -m networks.export IN OUT`.
 
-A snapshot pickle runs the code stored inside it when loaded (spec §7.1, §9). The weights-only file holds no code:
+A snapshot pickle runs the code stored inside it when loaded (docs/compatibility.md §2). The weights-only file holds no code:
 it is a `torch.save` of a plain dict
 
     format        'edm2plus-weights'
@@ -27,24 +27,7 @@ import torch
 import dnnlib
 from networks import loading
 
-FORMAT = 'edm2plus-weights'
-VERSION = 1
-
-# The only classes a weights-only file can ask for. Keys are what the file stores; values import our class.
-def _network_classes():
-    from networks import edm2plus  # pylint: disable=import-outside-toplevel
-    return {'networks.edm2plus.Precond': edm2plus.Precond}
-
-def _encoder_classes():
-    from training import encoders  # pylint: disable=import-outside-toplevel
-    return {'training.encoders.StandardRGBEncoder': encoders.StandardRGBEncoder,
-            'training.encoders.StabilityVAEEncoder': encoders.StabilityVAEEncoder}
-
-def _loss_classes():
-    from training import loss  # pylint: disable=import-outside-toplevel
-    return {'training.loss.EDM2Loss': loss.EDM2Loss}
-
-_LOSS_ATTRS = ('P_mean', 'P_std', 'sigma_data')  # EDM2Loss state (spec §7.1)
+_LOSS_ATTRS = ('P_mean', 'P_std', 'sigma_data')  # EDM2Loss state (docs/compatibility.md §3)
 
 #----------------------------------------------------------------------------
 # Writing.
@@ -70,13 +53,13 @@ def weights_dict(snapshot, source=None):
     except (TypeError, ValueError) as e:
         raise ValueError(f'{source or "network"}: cannot export: the architecture is not expressible in JSON ({e})') from None
     state = {key: value.detach().cpu().clone() for key, value in net.state_dict().items()}
-    return dict(format=FORMAT, version=VERSION, architecture=text, state_dict=state)
+    return dict(format=loading.WEIGHTS_FORMAT, version=loading.WEIGHTS_VERSION, architecture=text, state_dict=state)
 
 def _describe_encoder(encoder):
     if encoder is None:
         return None
     class_name = f'training.encoders.{type(encoder).__name__}'
-    if class_name not in _encoder_classes() or getattr(encoder, '_init_kwargs', None) is None:
+    if class_name not in loading.ALLOWED_CLASSES['encoder'] or getattr(encoder, '_init_kwargs', None) is None:
         raise ValueError(f'cannot export the encoder {type(encoder).__name__}: not one of ours, or it did not record '
                          'its constructor arguments')
     return dict(class_name=class_name, init_args=list(encoder._init_args or []), init_kwargs=dict(encoder._init_kwargs))  # pylint: disable=protected-access
@@ -104,72 +87,6 @@ def export(in_path, out_path, verbose=True):
         dtypes = sorted({str(t.dtype).replace('torch.', '') for t in data['state_dict'].values()})
         print(f'Wrote {out_path}: {len(data["state_dict"])} tensors, {num / 1e6:.2f}M values ({", ".join(dtypes)}), '
               f'{os.path.getsize(out_path) / 2**20:.1f} MiB')
-
-#----------------------------------------------------------------------------
-# Reading (called by networks.loading.load_snapshot for zip-archive files).
-
-def read_weights(f, name):
-    """Read a weights-only file from the open file `f`; return the snapshot EasyDict (encoder, dataset_kwargs,
-    loss_fn, ema). Never runs code from the file: any error is a NetworkFileError naming `name`."""
-    try:
-        data = torch.load(f, map_location='cpu', weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
-        if _is_unsafe_refusal(e):
-            raise loading.NetworkFileError(f'{name}: refused: this .pt file is not a weights-only network file; it '
-                                           'needs code to load (an EDM2 training state?)') from None
-        raise loading.NetworkFileError(f'{name}: truncated or corrupt .pt file ({loading._one_line(e)})') from None  # pylint: disable=protected-access
-    if isinstance(data, dict) and data.get('format') == FORMAT:
-        return _build(data, name)
-    if isinstance(data, dict) and {'net', 'optimizer'} <= set(data):
-        raise loading.NetworkFileError(f'{name}: a training state (training-state-*.pt), not a network: use a '
-                                       'network-snapshot-*.pkl, or export one with "python -m networks.export"')
-    raise loading.NetworkFileError(f'{name}: not a network file: a .pt file without the "{FORMAT}" format tag')
-
-def _is_unsafe_refusal(e):
-    # torch's weights-only unpickler refuses every global it does not know (e.g. dnnlib.util.EasyDict).
-    return isinstance(e, pickle.UnpicklingError) and 'weights' in str(e).lower()
-
-def _build(data, name):
-    def fail(what):
-        return loading.NetworkFileError(f'{name}: invalid weights-only file: {what}')
-    if not isinstance(data.get('version'), int) or data['version'] > VERSION:
-        raise fail(f'format version {data.get("version")!r} is newer than this code reads ({VERSION})')
-    try:
-        arch = json.loads(data['architecture'])
-        net_desc = arch['network']
-    except (KeyError, TypeError, ValueError) as e:
-        raise fail(f'unreadable architecture description ({loading._one_line(e)})') from None  # pylint: disable=protected-access
-    state = data.get('state_dict')
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise fail('"state_dict" is not a dict of named tensors')
-
-    net_class = _network_classes().get(net_desc.get('class_name'))
-    if net_class is None:
-        raise fail(f'unknown network class {net_desc.get("class_name")!r}')
-    try:
-        with torch.device('meta'):
-            net = net_class(*net_desc.get('init_args', []), **net_desc.get('init_kwargs', {}))
-        net.load_state_dict(state, strict=True, assign=True)
-    except Exception as e:  # pylint: disable=broad-except
-        raise fail(f'the weights do not fit the described network ({loading._one_line(e)})') from None  # pylint: disable=protected-access
-    net.eval().requires_grad_(False)
-
-    encoder = _construct(arch.get('encoder'), _encoder_classes(), fail, 'encoder')
-    loss_fn = _construct(arch.get('loss'), _loss_classes(), fail, 'loss')
-    dataset_kwargs = arch.get('dataset_kwargs')
-    dataset_kwargs = dnnlib.EasyDict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None
-    return dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn, ema=net)
-
-def _construct(desc, classes, fail, role):
-    if desc is None:
-        return None
-    cls = classes.get(desc.get('class_name')) if isinstance(desc, dict) else None
-    if cls is None:
-        raise fail(f'unknown {role} class {desc.get("class_name") if isinstance(desc, dict) else desc!r}')
-    try:
-        return cls(*desc.get('init_args', []), **desc.get('init_kwargs', {}))
-    except Exception as e:  # pylint: disable=broad-except
-        raise fail(f'cannot construct the {role} ({loading._one_line(e)})') from None  # pylint: disable=protected-access
 
 #----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Every network file format is read here: `load_snapshot(path)` gives the snapshot dict, `load_network(path)` the net.
 
 Two formats, told apart by the file's first bytes (not by its name):
-  * Pickle (.pkl): the snapshot layout of EDM2 (spec §2.10, §7.1), written by EDM2's tools or by ours. An EasyDict
+  * Pickle (.pkl): the snapshot layout of EDM2 (docs/compatibility.md §2-§3), written by EDM2's tools or by ours. An EasyDict
     with `ema` (the denoiser, float16) and usually `encoder`, `dataset_kwargs` and `loss_fn`. Its persistent objects
     carry the source code of their modules, and unpickling RUNS THAT CODE (torch_utils/persistence.py).
   * Weights-only (.pt): tensors plus a JSON description of the architecture (networks/export.py), read with
@@ -13,6 +13,8 @@ constructor arguments, with the same weights (`load_state_dict(strict=True)`), s
 paths; `native=False` keeps the module exactly as unpickled.
 """
 
+import importlib
+import json
 import os
 import pickle
 import warnings
@@ -25,6 +27,25 @@ import dnnlib
 PICKLE_WARNING = ('Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you '
                   'trust, or convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only '
                   '.pt format, which every tool accepts and which never runs code.')
+
+# The weights-only format: a torch.save of plain containers and tensors (layout in networks/export.py).
+WEIGHTS_FORMAT = 'edm2plus-weights'
+WEIGHTS_VERSION = 1
+
+# The only classes a weights-only file may name, per role. The file chooses among these names and supplies
+# constructor arguments and tensors; nothing else. They are looked up by name when a file asks for them (as a
+# pickle's class names are), so this module imports nothing above the networks layer.
+ALLOWED_CLASSES = {
+    'network': ('networks.edm2plus.Precond',),
+    'encoder': ('training.encoders.StandardRGBEncoder', 'training.encoders.StabilityVAEEncoder'),
+    'loss':    ('training.loss.EDM2Loss',),
+}
+
+def _allowed_class(role, class_name):
+    if class_name not in ALLOWED_CLASSES[role]:
+        return None
+    module, attr = class_name.rsplit('.', 1)
+    return getattr(importlib.import_module(module), attr)
 
 class NetworkFileError(ValueError):
     """A network file that cannot be used; the message is one line that names the file."""
@@ -48,8 +69,7 @@ def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True):
         head = f.read(4)
         f.seek(0)
         if head[:2] == b'PK':  # torch.save's zip archive
-            from networks import export  # pylint: disable=import-outside-toplevel  (export imports this module)
-            data = export.read_weights(f, name)
+            data = _read_weights(f, name)
         elif head[:1] == b'\x80':  # pickle protocol 2 or later (EDM2 and we write the default protocol)
             if not allow_pickle:
                 raise NetworkFileError(f'{name}: is a pickle, and pickles are refused here because loading them runs '
@@ -136,7 +156,7 @@ def _unpickle(f, name):
         raise NetworkFileError(f'{name}: could not be unpickled ({type(e).__name__}: {_one_line(e)})') from None
 
 def _check_snapshot(data, name):
-    """The structure every tool relies on (spec §7.1, 'Interface used by EDM2 tools')."""
+    """The structure every tool relies on (docs/compatibility.md §3)."""
     if not isinstance(data, dict):
         raise NetworkFileError(f'{name}: not a network snapshot: it holds a {type(data).__name__}, '
                                'not a dict with the key "ema"')
@@ -154,6 +174,72 @@ def _check_snapshot(data, name):
 def _one_line(e):
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+#----------------------------------------------------------------------------
+# Weights-only files (.pt), written by networks/export.py.
+
+def _read_weights(f, name):
+    """Read a weights-only file from the open file `f`; return the snapshot EasyDict (encoder, dataset_kwargs,
+    loss_fn, ema). Never runs code from the file: any error is a NetworkFileError naming `name`."""
+    try:
+        data = torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+        if _is_unsafe_refusal(e):
+            raise NetworkFileError(f'{name}: refused: this .pt file is not a weights-only network file; it '
+                                           'needs code to load (an EDM2 training state?)') from None
+        raise NetworkFileError(f'{name}: truncated or corrupt .pt file ({_one_line(e)})') from None
+    if isinstance(data, dict) and data.get('format') == WEIGHTS_FORMAT:
+        return _build(data, name)
+    if isinstance(data, dict) and {'net', 'optimizer'} <= set(data):
+        raise NetworkFileError(f'{name}: a training state (training-state-*.pt), not a network: use a '
+                                       'network-snapshot-*.pkl, or export one with "python -m networks.export"')
+    raise NetworkFileError(f'{name}: not a network file: a .pt file without the "{WEIGHTS_FORMAT}" format tag')
+
+def _is_unsafe_refusal(e):
+    # torch's weights-only unpickler refuses every global it does not know (e.g. dnnlib.util.EasyDict).
+    return isinstance(e, pickle.UnpicklingError) and 'weights' in str(e).lower()
+
+def _build(data, name):
+    def fail(what):
+        return NetworkFileError(f'{name}: invalid weights-only file: {what}')
+    if not isinstance(data.get('version'), int) or data['version'] > WEIGHTS_VERSION:
+        raise fail(f'format version {data.get("version")!r} is newer than this code reads ({WEIGHTS_VERSION})')
+    try:
+        arch = json.loads(data['architecture'])
+        net_desc = arch['network']
+    except (KeyError, TypeError, ValueError) as e:
+        raise fail(f'unreadable architecture description ({_one_line(e)})') from None
+    state = data.get('state_dict')
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise fail('"state_dict" is not a dict of named tensors')
+
+    net_class = _allowed_class('network', net_desc.get('class_name'))
+    if net_class is None:
+        raise fail(f'unknown network class {net_desc.get("class_name")!r}')
+    try:
+        with torch.device('meta'):
+            net = net_class(*net_desc.get('init_args', []), **net_desc.get('init_kwargs', {}))
+        net.load_state_dict(state, strict=True, assign=True)
+    except Exception as e:  # pylint: disable=broad-except
+        raise fail(f'the weights do not fit the described network ({_one_line(e)})') from None
+    net.eval().requires_grad_(False)
+
+    encoder = _construct(arch.get('encoder'), fail, 'encoder')
+    loss_fn = _construct(arch.get('loss'), fail, 'loss')
+    dataset_kwargs = arch.get('dataset_kwargs')
+    dataset_kwargs = dnnlib.EasyDict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None
+    return dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn, ema=net)
+
+def _construct(desc, fail, role):
+    if desc is None:
+        return None
+    cls = _allowed_class(role, desc.get('class_name')) if isinstance(desc, dict) else None
+    if cls is None:
+        raise fail(f'unknown {role} class {desc.get("class_name") if isinstance(desc, dict) else desc!r}')
+    try:
+        return cls(*desc.get('init_args', []), **desc.get('init_kwargs', {}))
+    except Exception as e:  # pylint: disable=broad-except
+        raise fail(f'cannot construct the {role} ({_one_line(e)})') from None
 
 #----------------------------------------------------------------------------
 # Checks of a native rebuild against the foreign module.
