@@ -1,4 +1,4 @@
-"""torch_utils: seeds and data order (spec §2.12, §7.2), statistics (§7.4), checkpoints (§7.3), small helpers."""
+"""torch_utils: seeds and data order, training statistics, checkpoints, persistence, small helpers."""
 
 import os
 import pickle
@@ -18,7 +18,7 @@ from torch_utils import training_stats
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #----------------------------------------------------------------------------
-# Seeds: Python's tuple hash (spec §2.12 reference values).
+# Seeds: Python's tuple hash (values computed with CPython 3.11, 64-bit).
 
 @pytest.mark.parametrize('args, seed', [
     ((0, 0), 397586535), ((0, 1), 16979904), ((1, 0), 1403689752), ((0, 0, 0), 360982090),
@@ -49,7 +49,7 @@ def test_format_time_reference_values():
     assert dnnlib.util.format_time(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == '2d 03h 04m'
 
 #----------------------------------------------------------------------------
-# InfiniteSampler (spec §7.2).
+# InfiniteSampler.
 
 def _take(sampler, n):
     it = iter(sampler)
@@ -122,7 +122,7 @@ def test_ddp_sync_is_transparent_without_ddp():
     misc.check_ddp_consistency(module)  # single process: nothing to compare, must not fail
 
 #----------------------------------------------------------------------------
-# Training statistics (spec §7.4).
+# Training statistics.
 
 def test_training_stats_moments_ignore_non_finite():
     collector = training_stats.Collector(regex='Test/.*')
@@ -139,7 +139,7 @@ def test_training_stats_moments_ignore_non_finite():
     assert collector.num('Test/a') == 0 and np.isnan(collector['Test/a'])
 
 #----------------------------------------------------------------------------
-# Distributed helpers and checkpoints (spec §7.3).
+# Distributed helpers and checkpoints.
 
 def test_single_process_helpers(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
@@ -175,7 +175,7 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
 
 def test_checkpoint_written_by_edm2_with_easydict_loads(tmp_path):
-    # EDM2 stores `state` as an EasyDict, which torch >= 2.6's weights-only default rejects (spec §9).
+    # EDM2 stores `state` as an EasyDict, which torch >= 2.6's weights-only default rejects.
     path = tmp_path / 'training-state-0000001.pt'
     torch.save(dict(state=dnnlib.EasyDict(cur_nimg=1024, total_elapsed_time=3.0)), str(path))
     state = dnnlib.EasyDict()
