@@ -16,8 +16,6 @@ import warnings
 import numpy as np
 import torch
 
-import dnnlib
-
 #----------------------------------------------------------------------------
 # Cached constant tensors. Pickled network sources import `constant` and `const_like` from here.
 
@@ -95,9 +93,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
     def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, start_idx=0):
         # Sampler.__init__ no longer accepts a data source on recent PyTorch, so none is passed.
         super().__init__()
-        assert len(dataset) > 0
-        assert num_replicas > 0
-        assert 0 <= rank < num_replicas
+        if len(dataset) == 0 or not 0 <= rank < num_replicas:
+            raise ValueError(f'InfiniteSampler: needs a non-empty dataset and 0 <= rank < num_replicas '
+                             f'(got {len(dataset)} items, rank {rank}, num_replicas {num_replicas})')
         self.dataset_size = len(dataset)
         self.rank = rank
         self.num_replicas = num_replicas
