@@ -1,6 +1,7 @@
 """Generic utilities: attribute dicts, cache paths, URL opening, construct-by-name, atomic writes, logging.
 
-The public names match EDM2's `dnnlib.util` (spec §0, §7.5) because EDM2 pickles and configs refer to them.
+The public names match EDM2's `dnnlib.util`: EDM2's pickles store `dnnlib.util.EasyDict` by name, and its
+configs name classes and functions as strings that `construct_class_by_name` / `call_func_by_name` resolve.
 """
 
 import contextlib
@@ -16,9 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
-import types
 import urllib.parse
-import uuid
 
 import numpy as np
 
@@ -68,22 +67,17 @@ def atomic_write(path, mode='wb'):
             os.remove(tmp)
         raise
 
-def atomic_save(path, write_fn, mode='wb'):
-    """Call write_fn(file) inside atomic_write(path)."""
-    with atomic_write(path, mode) as f:
-        write_fn(f)
-
 #----------------------------------------------------------------------------
 # Tee of stdout/stderr into a log file (EDM2's log.txt).
 
 class Logger:
+    """Tee: while open, whatever is printed to stdout or stderr goes to the original stdout and to `file_name`."""
+
     def __init__(self, file_name=None, file_mode='a', should_flush=True):
         self.file = open(file_name, file_mode) if file_name is not None else None
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self
 
     def __enter__(self):
         return self
@@ -91,77 +85,82 @@ class Logger:
     def __exit__(self, *_exc):
         self.close()
 
+    def _sinks(self):
+        return [sink for sink in (self.file, self.stdout) if sink is not None]
+
     def write(self, text):
-        if isinstance(text, bytes):
-            text = text.decode()
-        if len(text) == 0:
-            return
-        if self.file is not None:
-            self.file.write(text)
-        self.stdout.write(text)
-        if self.should_flush:
-            self.flush()
+        text = text.decode() if isinstance(text, bytes) else text
+        if text:
+            for sink in self._sinks():
+                sink.write(text)
+            if self.should_flush:
+                self.flush()
 
     def isatty(self):
         return self.stdout.isatty()
 
     def flush(self):
-        if self.file is not None:
-            self.file.flush()
-        self.stdout.flush()
+        for sink in self._sinks():
+            sink.flush()
 
     def close(self):
+        """Flush, give sys.stdout/sys.stderr back (where they are still this tee) and close the file."""
         self.flush()
-        if sys.stdout is self:
-            sys.stdout = self.stdout
-        if sys.stderr is self:
-            sys.stderr = self.stderr
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for stream in ('stdout', 'stderr'):
+            if getattr(sys, stream) is self:
+                setattr(sys, stream, getattr(self, stream))
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
 
 #----------------------------------------------------------------------------
-# Cache directory (spec §7.5 search order).
+# Cache directory for downloads and hub models.
 
 _cache_dir = None
 
 def set_cache_dir(path):
+    """Use `path` as the cache root from now on (None: back to the environment's choice)."""
     global _cache_dir
     _cache_dir = path
 
-def make_cache_dir_path(*paths):
+def _cache_root():
+    # The first of: set_cache_dir(), $DNNLIB_CACHE_DIR, then a .cache/dnnlib folder in $HOME, in $USERPROFILE
+    # (Windows) or in the temporary directory.
     if _cache_dir is not None:
-        return os.path.join(_cache_dir, *paths)
+        return _cache_dir
     if 'DNNLIB_CACHE_DIR' in os.environ:
-        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'HOME' in os.environ:
-        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
-    if 'USERPROFILE' in os.environ:
-        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
-    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+        return os.environ['DNNLIB_CACHE_DIR']
+    home = next((os.environ[var] for var in ('HOME', 'USERPROFILE') if var in os.environ), tempfile.gettempdir())
+    return os.path.join(home, '.cache', 'dnnlib')
+
+def make_cache_dir_path(*paths):
+    """A path inside the cache root, e.g. make_cache_dir_path('downloads')."""
+    return os.path.join(_cache_root(), *paths)
 
 #----------------------------------------------------------------------------
-# Human-readable durations (spec §2.13).
+# Human-readable durations, as in the training status line: the largest unit first, without padding, then the
+# next smaller units zero-padded to two digits; 3 units in full ('1h 01m 01s'), 2 when brief ('1h 01m').
+
+_UNITS = [('d', 86400, None), ('h', 3600, 24), ('m', 60, 60), ('s', 1, 60)]
+
+def _format_duration(seconds, num_units):
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    first = next(i for i, (_, size, _) in enumerate(_UNITS) if s >= size)
+    parts = []
+    for i, (unit, size, modulus) in enumerate(_UNITS[first:first + num_units]):
+        value = s // size if i == 0 else s // size % modulus
+        parts.append(f'{value}{unit}' if i == 0 else f'{value:02}{unit}')
+    return ' '.join(parts)
 
 def format_time(seconds):
-    s = int(np.rint(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02}m {s % 60:02}s'
-    return f'{s // 86400}d {(s // 3600) % 24:02}h {(s // 60) % 60:02}m'
+    """E.g. '59s', '2m 12s', '1h 01m 01s', '2d 03h 04m'."""
+    return _format_duration(seconds, 3)
 
 def format_time_brief(seconds):
-    s = int(np.rint(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02}m'
-    return f'{s // 86400}d {(s // 3600) % 24:02}h'
+    """E.g. '59s', '2m 12s', '1h 01m', '2d 03h'."""
+    return _format_duration(seconds, 2)
 
 #----------------------------------------------------------------------------
 # Small helpers kept for EDM2 compatibility.
@@ -204,7 +203,7 @@ def is_pickleable(obj):
         return False
 
 #----------------------------------------------------------------------------
-# Construct objects and call functions by their dotted names (spec §0).
+# Construct objects and call functions by their dotted names, as EDM2 configs store them.
 
 def get_module_from_obj_name(obj_name):
     """Split 'a.b.c.D' into (module, 'attr path'), trying the longest importable module prefix first."""
@@ -290,7 +289,7 @@ def copy_files_and_create_dirs(files):
         shutil.copyfile(src, dst)
 
 #----------------------------------------------------------------------------
-# URLs and local files (spec §7.5).
+# URLs and local files.
 
 def is_url(obj, allow_file_urls=False):
     if not isinstance(obj, str) or '://' not in obj:
@@ -364,14 +363,3 @@ def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename
             return cache_file
     assert not return_filename
     return io.BytesIO(url_data)
-
-#----------------------------------------------------------------------------
-# Unique temporary module names (used by persistence when executing embedded sources).
-
-def unique_module_name(prefix='_imported_module_'):
-    return prefix + uuid.uuid4().hex
-
-def new_module(name):
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    return module

@@ -1,4 +1,4 @@
-"""torch_utils: seeds and data order (spec §2.12, §7.2), statistics (§7.4), checkpoints (§7.3), small helpers."""
+"""torch_utils: seeds and data order, training statistics, checkpoints, persistence, small helpers."""
 
 import os
 import pickle
@@ -13,12 +13,13 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils import persistence
 from torch_utils import training_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #----------------------------------------------------------------------------
-# Seeds: Python's tuple hash (spec §2.12 reference values).
+# Seeds: Python's tuple hash (values computed with CPython 3.11, 64-bit).
 
 @pytest.mark.parametrize('args, seed', [
     ((0, 0), 397586535), ((0, 1), 16979904), ((1, 0), 1403689752), ((0, 0, 0), 360982090),
@@ -48,8 +49,40 @@ def test_format_time_reference_values():
     assert dnnlib.util.format_time(3600 + 61) == '1h 01m 01s'
     assert dnnlib.util.format_time(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == '2d 03h 04m'
 
+def test_format_time_brief_reference_values():
+    brief = dnnlib.util.format_time_brief
+    assert [brief(v) for v in (0, 59.6, 60, 132, 3600 + 61, 86399, 86400, 2 * 86400 + 3 * 3600 + 4 * 60)] == \
+        ['0s', '1m 00s', '1m 00s', '2m 12s', '1h 01m', '23h 59m', '1d 00h', '2d 03h']
+    assert dnnlib.util.format_time(86399) == '23h 59m 59s' and dnnlib.util.format_time(2.5) == '2s'  # half to even
+
+def test_cache_dir_search_order(monkeypatch, tmp_path):
+    for var in ('DNNLIB_CACHE_DIR', 'HOME', 'USERPROFILE'):
+        monkeypatch.delenv(var, raising=False)
+    tmp = os.path.join(__import__('tempfile').gettempdir(), '.cache', 'dnnlib', 'downloads')
+    assert dnnlib.util.make_cache_dir_path('downloads') == tmp
+    monkeypatch.setenv('USERPROFILE', '/u')
+    assert dnnlib.make_cache_dir_path('x') == os.path.join('/u', '.cache', 'dnnlib', 'x')
+    monkeypatch.setenv('HOME', '/h')
+    assert dnnlib.make_cache_dir_path('x') == os.path.join('/h', '.cache', 'dnnlib', 'x')
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', '/d')
+    assert dnnlib.make_cache_dir_path('x', 'y') == os.path.join('/d', 'x', 'y')
+    monkeypatch.setattr(dnnlib.util, '_cache_dir', None)
+    dnnlib.util.set_cache_dir(str(tmp_path))
+    assert dnnlib.make_cache_dir_path('x') == os.path.join(str(tmp_path), 'x')
+
+def test_logger_tees_stdout_and_stderr_into_the_file(tmp_path, capsys):
+    path = tmp_path / 'log.txt'
+    with dnnlib.util.Logger(file_name=str(path), file_mode='a') as logger:
+        assert sys.stdout is logger and sys.stderr is logger
+        print('hello')
+        print('oops', file=sys.stderr)
+        sys.stdout.write(b'bytes\n')
+    assert sys.stdout is not logger and sys.stderr is not logger
+    assert path.read_text() == 'hello\noops\nbytes\n'
+    assert capsys.readouterr().out == 'hello\noops\nbytes\n'  # both streams go to the original stdout
+
 #----------------------------------------------------------------------------
-# InfiniteSampler (spec §7.2).
+# InfiniteSampler.
 
 def _take(sampler, n):
     it = iter(sampler)
@@ -114,6 +147,41 @@ def test_copy_params_and_buffers_and_summary(capsys):
     assert total[1:3] == [str(3 * 4 + 4 + 4 + 4), str(4 + 4 + 1)]   # parameters, buffers
     assert '[2, 4]' in out and 'float32' in out
 
+def test_copy_params_and_buffers_require_all_checks_before_copying():
+    src, dst = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4)
+    before = dst.weight.detach().clone()
+    with pytest.raises(KeyError, match="'bias'"):
+        misc.copy_params_and_buffers(src, dst, require_all=True)
+    assert torch.equal(dst.weight, before)  # nothing copied
+    misc.copy_params_and_buffers(src, dst)
+    assert torch.equal(dst.weight, src.weight)
+
+class _Twice(torch.nn.Module):
+    """Blocks in a ModuleDict (never called itself) and a tuple output: call depth differs from name depth."""
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleDict(dict(a=torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()),
+                                               b=torch.nn.Linear(3, 2, bias=False)))
+        self.register_buffer('scale', torch.ones(5))
+    def forward(self, x):
+        y = self.blocks['a'](x)
+        return y, self.blocks['b'](y).half()
+
+def test_print_module_summary_rows_follow_call_depth(capsys):
+    misc.print_module_summary(_Twice(), [torch.zeros(4, 2)], max_nesting=1)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert rows[0] == ['_Twice', 'Parameters', 'Buffers', 'Output', 'shape', 'Datatype']
+    # Depth 1 (blocks.a, blocks.b) listed; blocks.a's Linear (depth 2) is counted in blocks.a.
+    assert rows[2:-2] == [['blocks.a', '9', '-', '[4,', '3]', 'float32'],
+                          ['blocks.b', '6', '-', '[4,', '2]', 'float32'],
+                          ['<top-level>:0', '-', '5', '[4,', '3]', 'float32'],
+                          ['<top-level>:1', '-', '-', '[4,', '2]', 'float16']]
+    assert rows[-1] == ['Total', '15', '5', '-', '-']
+    misc.print_module_summary(_Twice(), [torch.zeros(4, 2)], max_nesting=2)
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    # blocks.a adds nothing now (its ReLU produced its output, its Linear holds the parameters): skipped.
+    assert names[2:-2] == ['blocks.a.0', 'blocks.a.1', 'blocks.b', '<top-level>:0', '<top-level>:1']
+
 def test_ddp_sync_is_transparent_without_ddp():
     module = torch.nn.Linear(2, 2)
     with misc.ddp_sync(module, sync=False):
@@ -122,7 +190,7 @@ def test_ddp_sync_is_transparent_without_ddp():
     misc.check_ddp_consistency(module)  # single process: nothing to compare, must not fail
 
 #----------------------------------------------------------------------------
-# Training statistics (spec §7.4).
+# Training statistics.
 
 def test_training_stats_moments_ignore_non_finite():
     collector = training_stats.Collector(regex='Test/.*')
@@ -138,8 +206,98 @@ def test_training_stats_moments_ignore_non_finite():
     collector.update()  # nothing new since the last update
     assert collector.num('Test/a') == 0 and np.isnan(collector['Test/a'])
 
+def test_training_stats_collectors_see_only_their_own_interval():
+    training_stats.report('Test2/early', 5.0)
+    late = training_stats.Collector(regex='Test2/.*')  # what was reported before it existed does not count
+    keep = training_stats.Collector(regex='Test2/.*', keep_previous=True)
+    training_stats.report('Test2/early', torch.tensor([1.0, 3.0]))
+    training_stats.report('Test2/x', -2.0)
+    late.update()
+    keep.update()
+    assert (late.num('Test2/early'), late.mean('Test2/early'), late.std('Test2/early')) == (2, 2.0, 1.0)
+    assert late.std('Test2/x') == 0.0 and late['Test2/x'] == -2.0
+    training_stats.report('Test2/x', 4.0)
+    late.update()
+    keep.update()
+    assert late.num('Test2/early') == 0 and late['Test2/x'] == 4.0
+    assert keep.num('Test2/early') == 2 and keep['Test2/early'] == 2.0  # kept from the interval before
+    assert list(keep.as_dict()) == ['Test2/early', 'Test2/x']
+    with pytest.raises(KeyError, match='Other/y'):
+        late.num('Other/y')
+
 #----------------------------------------------------------------------------
-# Distributed helpers and checkpoints (spec §7.3).
+# Persistence: pickles that carry their module's source.
+
+PERSISTENT_MODULE = '''
+import torch
+from torch_utils import persistence
+
+@persistence.persistent_class
+class Scaler(torch.nn.Module):
+    """Multiplies by a learned gain."""
+    def __init__(self, channels, gain=2.0):
+        super().__init__()
+        self.channels = channels
+        self.gain = torch.nn.Parameter(torch.full([channels], float(gain)))
+
+    def forward(self, x):
+        return x * self.gain
+
+@persistence.persistent_class
+class Holder:
+    def __init__(self, item):
+        self.item = item
+'''
+
+@pytest.fixture
+def persistent_module(tmp_path, monkeypatch):
+    (tmp_path / 'persistent_mod_for_test.py').write_text(PERSISTENT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    yield importlib.import_module('persistent_mod_for_test')
+    sys.modules.pop('persistent_mod_for_test', None)
+
+def test_persistent_pickle_layout_and_round_trip(persistent_module):
+    Scaler = persistent_module.Scaler
+    assert Scaler.__name__ == 'Scaler' and Scaler.__qualname__ == 'Scaler' and Scaler.__doc__ == 'Multiplies by a learned gain.'
+    assert Scaler.__module__ == 'persistent_mod_for_test' and persistence.persistent_class(Scaler) is Scaler
+    net = Scaler(3, gain=0.5)
+    assert persistence.is_persistent(net) and persistence.is_persistent(Scaler)
+    assert not persistence.is_persistent(type('Sub', (Scaler,), {})) and not persistence.is_persistent(torch.nn.Linear)
+    assert net.init_args == (3,) and net.init_kwargs == dict(gain=0.5) and isinstance(net.init_kwargs, dnnlib.EasyDict)
+
+    func, (meta,), state = net.__reduce__()[:3]
+    assert func is persistence._reconstruct_persistent_obj and state is None
+    assert list(meta) == ['type', 'version', 'module_src', 'class_name', 'state']
+    assert (meta['type'], meta['version'], meta['module_src'], meta['class_name']) == ('class', 6, PERSISTENT_MODULE, 'Scaler')
+    assert meta['state']['channels'] == 3 and meta['state']['_init_args'] == (3,)
+
+    same = pickle.loads(pickle.dumps(net))  # same source already imported: the original class
+    assert type(same) is Scaler and torch.equal(same.gain, net.gain)
+    # A source not imported yet runs in a fresh module (as in a process that never imported it).
+    fresh = persistence._reconstruct_persistent_obj(dict(meta, module_src=PERSISTENT_MODULE + '# other copy\n'))
+    assert type(fresh).__module__.startswith('_imported_module_') and type(fresh).__name__ == 'Scaler'
+    assert persistence.is_persistent(fresh) and torch.equal(fresh(torch.ones(3)), torch.full([3], 0.5))
+    again = pickle.loads(pickle.dumps(fresh))
+    assert type(again) is type(fresh)  # its source is known now: no second module
+
+def test_persistent_checks_at_construction_and_import_hooks(persistent_module, monkeypatch):
+    Holder = persistent_module.Holder
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        Holder(lambda: 0)  # not picklable: refused when constructed, not at the first snapshot
+    holder = Holder(dict(t=torch.zeros(2), a=np.ones(2), n=[1, 'x']))
+    assert pickle.loads(pickle.dumps(holder)).item['n'] == [1, 'x']
+    seen = []
+    def hook(meta):
+        seen.append(meta.class_name)
+        meta.state.item = 'patched'
+        return meta
+    monkeypatch.setattr(persistence, '_import_hooks', [])
+    persistence.import_hook(hook)
+    assert pickle.loads(pickle.dumps(Holder(1))).item == 'patched' and seen == ['Holder']
+
+#----------------------------------------------------------------------------
+# Distributed helpers and checkpoints.
 
 def test_single_process_helpers(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
@@ -175,7 +333,7 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
 
 def test_checkpoint_written_by_edm2_with_easydict_loads(tmp_path):
-    # EDM2 stores `state` as an EasyDict, which torch >= 2.6's weights-only default rejects (spec §9).
+    # EDM2 stores `state` as an EasyDict, which torch >= 2.6's weights-only default rejects.
     path = tmp_path / 'training-state-0000001.pt'
     torch.save(dict(state=dnnlib.EasyDict(cur_nimg=1024, total_elapsed_time=3.0)), str(path))
     state = dnnlib.EasyDict()

@@ -1,4 +1,4 @@
-"""Process-group set-up, rank-aware printing and resumable checkpoints (spec §7.3).
+"""Process-group set-up, rank-aware printing and resumable checkpoints.
 
 Launch with `torchrun` (one process per GPU, or any number of CPU processes) or run plain `python`: without a
 launcher, or with a world size of 1, no process group is created and every helper here acts as a single process.
@@ -84,19 +84,22 @@ def broadcast_bool(flag):
     return bool(value.item())
 
 #----------------------------------------------------------------------------
-# Hooks for cluster schedulers; EDM2 keeps them as no-ops and so do we.
+# Hooks through which a cluster scheduler could follow and interrupt training. Nothing here talks to one, so
+# progress reports are dropped and training is never asked to stop or suspend.
+
+def update_progress(cur, total):
+    """Report that `cur` of `total` units (kimg) are done."""
+
+def request_suspend():
+    """Ask the scheduler to suspend this job and resume it later."""
 
 def should_stop():
+    """Whether the scheduler wants training to end now."""
     return False
 
 def should_suspend():
+    """Whether the scheduler wants training to save its state and suspend."""
     return False
-
-def request_suspend():
-    pass
-
-def update_progress(cur, total):
-    _ = cur, total
 
 #----------------------------------------------------------------------------
 
@@ -106,9 +109,9 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 #----------------------------------------------------------------------------
-# Checkpoints: one torch.save'd dict with an entry per named object (spec §2.10, §2.11).
+# Checkpoints: one torch.save'd dict with an entry per named object.
 # We store plain dicts and tensors only, so that torch.load(weights_only=True) (the default since PyTorch 2.6)
-# can read them without executing code; EDM2-written states also hold an EasyDict, read as in spec §9.
+# can read them without executing code; states written by EDM2 also hold an EasyDict, which is allowed by name.
 
 def _object_state(obj):
     if obj is None:

@@ -1,9 +1,8 @@
 """Small tensor, module and randomness helpers.
 
-The names are EDM2's (spec §0, §7.2) because pickled network sources import `constant`/`const_like` from here,
-and because seeds and data order must match EDM2's bit for bit (spec §2.12): both are derived from CPython's
-hash of a tuple of small integers, which this module computes explicitly so that it does not depend on the
-interpreter.
+The names are EDM2's because pickled network sources import `constant`/`const_like` from here, and because
+seeds and data order must match EDM2's bit for bit: both are derived from CPython's hash of a tuple of small
+integers, which this module computes explicitly so that it does not depend on the interpreter.
 """
 
 import contextlib
@@ -17,44 +16,37 @@ import warnings
 import numpy as np
 import torch
 
-import dnnlib
-
 #----------------------------------------------------------------------------
-# Cached constant tensors (used by pickled network code; spec §7.2).
+# Cached constant tensors. Pickled network sources import `constant` and `const_like` from here.
 
-_constant_cache = dict()
+_constants = {}
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
-    """Return a cached tensor holding `value` (broadcast to `shape`), created once per distinct request."""
-    value = np.asarray(value)
-    if shape is not None:
-        shape = tuple(shape)
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-    if device is None:
-        device = torch.device('cpu')
-    if memory_format is None:
-        memory_format = torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key, None)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
+    """A tensor holding `value` broadcast to `shape`, made once per distinct request and then reused.
+
+    The cache key includes the value's bytes, so equal requests share one tensor; never modify the result.
+    """
+    array = np.asarray(value)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device('cpu') if device is None else device
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
+    shape = None if shape is None else tuple(shape)
+    key = (array.dtype, array.shape, array.tobytes(), shape, dtype, device, memory_format)
+    cached = _constants.get(key)
+    if cached is None:
+        cached = torch.tensor(array, dtype=dtype, device=device)
         if shape is not None:
-            tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape))
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
+            cached = cached.broadcast_to(torch.broadcast_shapes(cached.shape, shape))
+        cached = _constants[key] = cached.contiguous(memory_format=memory_format)
+    return cached
 
 def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
-    """`constant` with the dtype and device of the tensor `ref` unless given."""
-    if dtype is None:
-        dtype = ref.dtype
-    if device is None:
-        device = ref.device
-    return constant(value, shape=shape, dtype=dtype, device=device, memory_format=memory_format)
+    """`constant` with the dtype and device of the tensor `ref`, unless given."""
+    return constant(value, shape, ref.dtype if dtype is None else dtype, ref.device if device is None else device,
+                    memory_format)
 
 #----------------------------------------------------------------------------
-# CPython's hash of a tuple of integers (spec §2.12): xxHash-style mixing of the items' hashes.
+# CPython's hash of a tuple of integers: xxHash-style mixing of the items' hashes.
 
 _MASK64 = (1 << 64) - 1
 _XXPRIME_1 = 11400714785074694791
@@ -81,29 +73,29 @@ def tuple_hash(items):
     return acc - (1 << 64) if acc >> 63 else acc         # read as a signed 64-bit value
 
 def seed_from_tuple(*args):
-    """The 31-bit seed EDM2 derives from a tuple: hash(args) % 2^31 (spec §2.12)."""
+    """The 31-bit seed EDM2 derives from a tuple: hash(args) % 2^31."""
     return tuple_hash(args) % (1 << 31)
 
 def set_random_seed(*args):
-    """Seed torch (all devices) and numpy's global generator from the tuple `args` (spec §2.12)."""
+    """Seed torch (all devices) and numpy's global generator from the tuple `args`."""
     seed = seed_from_tuple(*args)
     torch.manual_seed(seed)
     np.random.seed(seed)
     return seed
 
 #----------------------------------------------------------------------------
-# Endless, resumable data order (spec §7.2).
+# Endless, resumable data order.
 # Epoch e of the global stream is arange(N) shuffled by RandomState(hash((seed, e)) % 2^31); rank r takes the
 # global positions start_idx + r, start_idx + r + num_replicas, ... Restarting at start_idx = cur_nimg therefore
 # continues exactly where an interrupted run stopped.
 
 class InfiniteSampler(torch.utils.data.Sampler):
     def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, start_idx=0):
-        # Sampler.__init__ no longer accepts a data source on recent PyTorch (spec §9), so none is passed.
+        # Sampler.__init__ no longer accepts a data source on recent PyTorch, so none is passed.
         super().__init__()
-        assert len(dataset) > 0
-        assert num_replicas > 0
-        assert 0 <= rank < num_replicas
+        if len(dataset) == 0 or not 0 <= rank < num_replicas:
+            raise ValueError(f'InfiniteSampler: needs a non-empty dataset and 0 <= rank < num_replicas '
+                             f'(got {len(dataset)} items, rank {rank}, num_replicas {num_replicas})')
         self.dataset_size = len(dataset)
         self.rank = rank
         self.num_replicas = num_replicas
@@ -131,125 +123,120 @@ class InfiniteSampler(torch.utils.data.Sampler):
 #----------------------------------------------------------------------------
 # Parameters and buffers.
 
-def params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.parameters()) + list(module.buffers())
-
 def named_params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.named_parameters()) + list(module.named_buffers())
+    """[(name, tensor)]: the module's named parameters, then its named buffers."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+def params_and_buffers(module):
+    """The module's parameters, then its buffers."""
+    return [tensor for _name, tensor in named_params_and_buffers(module)]
 
 @torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
-    """Copy every parameter/buffer of dst_module that has a same-named tensor in src_module."""
-    assert isinstance(src_module, torch.nn.Module)
-    assert isinstance(dst_module, torch.nn.Module)
-    src_tensors = dict(named_params_and_buffers(src_module))
-    for name, tensor in named_params_and_buffers(dst_module):
-        assert (name in src_tensors) or (not require_all), f'copy_params_and_buffers: missing "{name}"'
-        if name in src_tensors:
-            tensor.copy_(src_tensors[name])
+    """Copy into each parameter/buffer of dst_module the same-named tensor of src_module, where there is one.
+
+    With require_all, every tensor of dst_module must have a source, checked before anything is copied.
+    """
+    source = dict(named_params_and_buffers(src_module))
+    targets = named_params_and_buffers(dst_module)
+    missing = [name for name, _tensor in targets if name not in source]
+    if require_all and missing:
+        raise KeyError(f'copy_params_and_buffers: the source module has no tensor named {missing[0]!r}')
+    for name, tensor in targets:
+        if name in source:
+            tensor.copy_(source[name])
 
 #----------------------------------------------------------------------------
-# Distributed data parallel helpers.
+# Distributed data parallel.
 
-@contextlib.contextmanager
 def ddp_sync(module, sync):
-    """Skip DDP's gradient all-reduce inside the block when `sync` is False (accumulation rounds, spec §2.3)."""
-    assert isinstance(module, torch.nn.Module)
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        yield
-    else:
-        with module.no_sync():
-            yield
+    """Context: with sync=False, a DDP module skips its gradient all-reduce (the accumulation rounds before the
+    last); anything else runs unchanged."""
+    if not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
 
 def check_ddp_consistency(module, ignore_regex=None):
-    """Assert that every parameter and buffer equals rank 0's copy (NaNs compared as zeros)."""
-    assert isinstance(module, torch.nn.Module)
+    """Raise unless every parameter and buffer equals rank 0's copy (NaN compares as 0, inf as the largest value).
+
+    Names are written `<ModuleType>.<name>`; those fully matching ignore_regex are skipped.
+    """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    skip = re.compile(ignore_regex) if ignore_regex is not None else None
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
+        label = f'{type(module).__name__}.{name}'
+        if skip is not None and skip.fullmatch(label):
             continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = torch.nan_to_num(tensor)
-        other = tensor.clone()
-        torch.distributed.broadcast(tensor=other, src=0)
-        assert (tensor == other).all(), f'DDP consistency check failed: {fullname} differs from rank 0'
+        mine = tensor.detach()
+        mine = torch.nan_to_num(mine) if mine.is_floating_point() else mine
+        reference = mine.clone()
+        torch.distributed.broadcast(tensor=reference, src=0)
+        if not torch.equal(mine, reference):
+            raise RuntimeError(f'DDP consistency check failed: {label} differs from rank 0')
 
 #----------------------------------------------------------------------------
-# Module summary table printed at the start of training (spec §2.9).
+# Module summary table, printed once at the start of training.
+
+def _claim(tensors, claimed):
+    """The tensors not claimed yet (by identity), which now become claimed."""
+    fresh = [t for t in tensors if id(t) not in claimed]
+    claimed.update(id(t) for t in fresh)
+    return fresh
 
 @torch.no_grad()
 def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
-    """Run `module(*inputs)` once and print a table of its sub-modules' parameters, buffers and outputs."""
-    assert isinstance(module, torch.nn.Module)
-    assert not isinstance(module, torch.jit.ScriptModule)
-    assert isinstance(inputs, (tuple, list))
+    """Run `module(*inputs)` once and print a table of its sub-modules, returning the module's output.
 
-    # Record every sub-module call that happens at a shallow enough nesting level.
-    entries = []
-    nesting = [0]
-    def pre_hook(_mod, _inputs):
-        nesting[0] += 1
-    def post_hook(mod, _inputs, outputs):
-        nesting[0] -= 1
-        if nesting[0] <= max_nesting:
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            outputs = [t for t in outputs if isinstance(t, torch.Tensor)]
-            entries.append(dnnlib.EasyDict(mod=mod, outputs=outputs))
-    hooks = [mod.register_forward_pre_hook(pre_hook) for mod in module.modules()]
-    hooks += [mod.register_forward_hook(post_hook) for mod in module.modules()]
+    One row per call of a sub-module made at most `max_nesting` calls deep inside `module`, in the order the calls
+    finish (inner before outer), so each parameter and buffer is counted at the innermost listed module that owns it.
+    With skip_redundant, rows that add no parameters, buffers or new output tensors are left out.
+    """
+    names = {mod: name for name, mod in module.named_modules()}
+    running = []  # sub-modules whose forward has started but not finished; the call depth is its length
+    calls = []    # (sub-module, its output tensors)
+    def enter(mod, _inputs):
+        if mod in names:
+            running.append(mod)
+    def leave(mod, _inputs, output):
+        if mod in names:
+            running.pop()
+            if len(running) <= max_nesting:
+                outputs = output if isinstance(output, (tuple, list)) else [output]
+                calls.append((mod, [t for t in outputs if isinstance(t, torch.Tensor)]))
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]
     try:
-        outputs = module(*inputs)
+        result = module(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
 
-    # Attribute each tensor to the innermost recorded module that owns it.
-    tensors_seen = set()
-    for e in entries:
-        e.unique_params = [t for t in e.mod.parameters() if id(t) not in tensors_seen]
-        e.unique_buffers = [t for t in e.mod.buffers() if id(t) not in tensors_seen]
-        e.unique_outputs = [t for t in e.outputs if id(t) not in tensors_seen]
-        tensors_seen |= {id(t) for t in e.unique_params + e.unique_buffers + e.unique_outputs}
-    if skip_redundant:
-        entries = [e for e in entries if len(e.unique_params) or len(e.unique_buffers) or len(e.unique_outputs)]
+    rows = []
+    totals = [0, 0]
+    claimed = set()
+    for mod, outputs in calls:
+        counts = [sum(t.numel() for t in _claim(tensors, claimed)) for tensors in (mod.parameters(), mod.buffers())]
+        if skip_redundant and not any(counts) and not _claim(outputs, claimed):
+            continue
+        claimed.update(id(t) for t in outputs)
+        totals = [a + b for a, b in zip(totals, counts)]
+        label = names[mod] or '<top-level>'
+        for idx, out in enumerate(outputs or [None]):
+            rows.append([f'{label}:{idx}' if len(outputs) > 1 else label,
+                         *(str(c) if c and idx == 0 else '-' for c in counts),
+                         '-' if out is None else str(list(out.shape)),
+                         '-' if out is None else str(out.dtype).replace('torch.', '')])
 
-    # Build and print the table.
-    rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype']]
-    rows += [['---'] * len(rows[0])]
-    param_total = 0
-    buffer_total = 0
-    submodule_names = {mod: name for name, mod in module.named_modules()}
-    for e in entries:
-        name = '<top-level>' if e.mod is module else submodule_names[e.mod]
-        param_size = sum(t.numel() for t in e.unique_params)
-        buffer_size = sum(t.numel() for t in e.unique_buffers)
-        output_shapes = [str(list(t.shape)) for t in e.outputs]
-        output_dtypes = [str(t.dtype).split('.')[-1] for t in e.outputs]
-        rows += [[
-            name + (':0' if len(e.outputs) >= 2 else ''),
-            str(param_size) if param_size else '-',
-            str(buffer_size) if buffer_size else '-',
-            (output_shapes + ['-'])[0],
-            (output_dtypes + ['-'])[0],
-        ]]
-        for idx in range(1, len(e.outputs)):
-            rows += [[name + f':{idx}', '-', '-', output_shapes[idx], output_dtypes[idx]]]
-        param_total += param_size
-        buffer_total += buffer_size
-    rows += [['---'] * len(rows[0])]
-    rows += [['Total', str(param_total), str(buffer_total), '-', '-']]
-
-    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    header = [type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype']
+    rule = ['---'] * len(header)
+    table = [header, rule, *rows, rule, ['Total', str(totals[0]), str(totals[1]), '-', '-']]
+    widths = [max(map(len, column)) for column in zip(*table)]
     print()
-    for row in rows:
-        print('  '.join(cell + ' ' * (width - len(cell)) for cell, width in zip(row, widths)))
+    for row in table:
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print()
-    return outputs
+    return result
 
 #----------------------------------------------------------------------------
 # Images.
@@ -276,20 +263,18 @@ def suppress_tracer_warnings():
         yield
 
 def assert_shape(tensor, ref_shape):
-    """Assert tensor.shape == ref_shape, where None in ref_shape matches any size and a tensor matches its value."""
+    """Raise AssertionError unless tensor.shape matches ref_shape, where None matches any size. Sizes that are
+    tensors (while tracing) are compared with an assert the tracer records."""
     if tensor.ndim != len(ref_shape):
         raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
-    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
-        if ref_size is None:
-            pass
-        elif isinstance(ref_size, torch.Tensor):
+    for dim, (size, want) in enumerate(zip(tensor.shape, ref_shape)):
+        if want is None:
+            continue
+        if isinstance(size, torch.Tensor) or isinstance(want, torch.Tensor):
             with suppress_tracer_warnings():
-                symbolic_assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
-        elif isinstance(size, torch.Tensor):
-            with suppress_tracer_warnings():
-                symbolic_assert(torch.equal(size, torch.as_tensor(ref_size)), f'Wrong size for dimension {idx}: expected {ref_size}')
-        elif size != ref_size:
-            raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
+                symbolic_assert(torch.equal(torch.as_tensor(size), torch.as_tensor(want)), f'Wrong size for dimension {dim}')
+        elif size != want:
+            raise AssertionError(f'Wrong size for dimension {dim}: got {size}, expected {want}')
 
 #----------------------------------------------------------------------------
 # Profiler ranges named after the function.

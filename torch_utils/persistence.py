@@ -1,9 +1,11 @@
-"""Pickles that carry their own source code: EDM2's persistence format, version 6 (spec §7.1).
+"""Pickles that carry their own source code (EDM2's persistence format, version 6).
 
-A class decorated with `persistent_class` pickles as a call to `_reconstruct_persistent_obj(meta)`, where `meta`
-holds the full source text of the module that defines the class, the class name and the instance state. Loading
-such a pickle therefore works without the original package being importable, but it EXECUTES THAT SOURCE CODE:
-only load pickles from people you trust (or use the weights-only `.pt` format of `networks/export.py`).
+An instance of a class decorated with `persistent_class` pickles as the call `_reconstruct_persistent_obj(meta)`,
+meta = {'type': 'class', 'version': 6, 'module_src': full source text of the defining module, 'class_name': ...,
+'state': the instance state}. Loading such a pickle works without the original package, but it EXECUTES THAT
+SOURCE CODE: only load pickles from people you trust (or use the weights-only `.pt` format of
+`networks/export.py`). The names `persistent_class`, `is_persistent`, `import_hook` and
+`_reconstruct_persistent_obj` are referenced by EDM2's pickles and embedded sources and must not change.
 """
 
 import copy
@@ -14,146 +16,153 @@ import sys
 import types
 import uuid
 
+import numpy as np
+import torch
+
 import dnnlib
 
-_version = 6            # Written into every pickle; EDM2 refuses any other value.
-_decorators = set()     # Every persistent subclass created so far.
-_import_hooks = []      # Callables meta -> meta applied before reconstruction.
-_module_to_src = {}     # Module object -> its source text.
-_src_to_module = {}     # Source text -> module object (reused when the same source is loaded again).
+_version = 6            # Written into every pickle; EDM2 accepts no other value.
+_persistent = set()     # The persistent subclasses made so far (exact classes: a subclass of one is not persistent).
+_import_hooks = []      # Callables meta -> meta, applied to every object before it is rebuilt.
+_module_sources = {}    # Module -> its source text.
+_src_to_module = {}     # Source text -> module (a source seen before is not executed again).
 
 #----------------------------------------------------------------------------
+# Module <-> source text.
+
+def _remember(module, src):
+    _module_sources[module] = src
+    _src_to_module[src] = module
+
+def _source_of(module):
+    if module not in _module_sources:
+        _remember(module, inspect.getsource(module))
+    return _module_sources[module]
+
+def _src_to_module_obj(src):
+    """The module whose source is `src`: one imported earlier, else a fresh `_imported_module_<hex>` running it."""
+    if src in _src_to_module:
+        return _src_to_module[src]
+    module = types.ModuleType(f'_imported_module_{uuid.uuid4().hex}')
+    sys.modules[module.__name__] = module
+    _remember(module, src)  # before running it: its classes are made persistent while it runs
+    try:
+        exec(src, module.__dict__)  # pylint: disable=exec-used
+    except BaseException:
+        # Forget the half-built module, so that a later load (e.g. after installing a missing package) runs the
+        # source again instead of finding a module without its classes.
+        sys.modules.pop(module.__name__, None)
+        _module_sources.pop(module, None)
+        _src_to_module.pop(src, None)
+        raise
+    return module
+
+#----------------------------------------------------------------------------
+# Making a class persistent.
 
 def persistent_class(orig_class):
-    """Class decorator: instances record their constructor arguments and pickle together with their module's source."""
-    assert isinstance(orig_class, type)
+    """Class decorator: instances record their constructor arguments and pickle with their module's source text.
+
+    Returns a subclass with the same name, qualified name, module and docstring; a class that is already
+    persistent comes back unchanged.
+    """
+    if not isinstance(orig_class, type):
+        raise TypeError(f'persistent_class: expected a class, got {type(orig_class).__name__}')
     if is_persistent(orig_class):
         return orig_class
+    module = sys.modules.get(orig_class.__module__)
+    if module is None:
+        raise ValueError(f'persistent_class: module {orig_class.__module__!r} of {orig_class.__name__} is not imported')
+    src = _source_of(module)
+    name = orig_class.__name__
 
-    assert orig_class.__module__ in sys.modules
-    orig_module = sys.modules[orig_class.__module__]
-    orig_module_src = _module_to_src_text(orig_module)
+    def __init__(self, *args, **kwargs):
+        orig_class.__init__(self, *args, **kwargs)
+        keep = getattr(self, '_record_init_args', True)  # an instance may opt out before this point
+        self._init_args = copy.deepcopy(args) if keep else None
+        self._init_kwargs = copy.deepcopy(kwargs) if keep else None
+        if getattr(module, name, None) is None:
+            raise TypeError(f'persistent_class: {name} must be defined at the top level of {module.__name__}')
+        _check_pickleable(self.__reduce__())  # fail at construction rather than at the first snapshot
 
-    class Decorator(orig_class):
-        _orig_module_src = orig_module_src
-        _orig_class_name = orig_class.__name__
+    def __reduce__(self):
+        reduced = tuple(orig_class.__reduce__(self))
+        if reduced[0] is _reconstruct_persistent_obj:  # a persistent base class has done it already
+            return reduced + (None,) * (3 - len(reduced))
+        state = reduced[2] if len(reduced) > 2 else None
+        meta = dict(type='class', version=_version, module_src=src, class_name=name, state=state)
+        return (_reconstruct_persistent_obj, (meta,), None) + reduced[3:]
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            record = getattr(self, '_record_init_args', True)
-            self._init_args = copy.deepcopy(args) if record else None
-            self._init_kwargs = copy.deepcopy(kwargs) if record else None
-            assert orig_class.__name__ in orig_module.__dict__
-            _check_pickleable(self.__reduce__())
+    def init_args(self):
+        if self._init_args is None:
+            raise AttributeError(f'{name} did not record its constructor arguments')
+        return copy.deepcopy(self._init_args)
 
-        @property
-        def init_args(self):
-            assert self._init_args is not None
-            return copy.deepcopy(self._init_args)
+    def init_kwargs(self):
+        if self._init_kwargs is None:
+            raise AttributeError(f'{name} did not record its constructor arguments')
+        return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
 
-        @property
-        def init_kwargs(self):
-            assert self._init_kwargs is not None
-            return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
-
-        def __reduce__(self):
-            fields = list(super().__reduce__())
-            fields += [None] * max(3 - len(fields), 0)
-            if fields[0] is not _reconstruct_persistent_obj:
-                meta = dict(type='class', version=_version, module_src=self._orig_module_src,
-                            class_name=self._orig_class_name, state=fields[2])
-                fields[0] = _reconstruct_persistent_obj
-                fields[1] = (meta,)
-                fields[2] = None
-            return tuple(fields)
-
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__doc__ = orig_class.__doc__
-    Decorator.__module__ = orig_class.__module__
-    _decorators.add(Decorator)
-    return Decorator
+    members = dict(__module__=orig_class.__module__, __qualname__=orig_class.__qualname__, __doc__=orig_class.__doc__,
+                   __init__=__init__, __reduce__=__reduce__,
+                   init_args=property(init_args, doc='Deep copy of the positional constructor arguments.'),
+                   init_kwargs=property(init_kwargs, doc='Deep copy of the keyword constructor arguments (EasyDict).'))
+    persistent = types.new_class(name, (orig_class,), exec_body=lambda ns: ns.update(members))
+    _persistent.add(persistent)
+    return persistent
 
 def is_persistent(obj):
     """True for a persistent class or an instance of one."""
-    try:
-        if obj in _decorators:
-            return True
-    except TypeError:
-        pass
-    return type(obj) in _decorators
+    return (obj if isinstance(obj, type) else type(obj)) in _persistent
 
 def import_hook(hook):
     """Register hook(meta) -> meta, called on every persistent object before it is rebuilt (e.g. to patch source)."""
-    assert callable(hook)
+    if not callable(hook):
+        raise TypeError(f'import_hook: {hook!r} is not callable')
     _import_hooks.append(hook)
 
 #----------------------------------------------------------------------------
+# Unpickling. Referenced by name from every network pickle.
 
-def _reconstruct_persistent_obj(meta):
-    """Rebuild a persistent object from its pickled meta; referenced by name from every network pickle."""
-    meta = dnnlib.EasyDict(meta)
-    meta.state = dnnlib.EasyDict(meta.state)
+def _checked_meta(raw):
+    """The pickled meta as EasyDicts, after every import hook, checked to describe a version-6 class instance."""
+    meta = dnnlib.EasyDict(raw, state=dnnlib.EasyDict(raw['state']))
     for hook in _import_hooks:
         meta = hook(meta)
-        assert meta is not None
+        if meta is None:
+            raise pickle.UnpicklingError(f'import hook {hook!r} returned None')
     if meta.get('version') != _version:
         raise pickle.UnpicklingError(f'Unsupported persistence format version {meta.get("version")!r} (expected {_version})')
-    module = _src_to_module_obj(meta.module_src)
     if meta.type != 'class':
         raise pickle.UnpicklingError(f'Unsupported persistent object type {meta.type!r}')
-    orig_class = module.__dict__.get(meta.class_name)
-    if not isinstance(orig_class, type):
+    return meta
+
+def _reconstruct_persistent_obj(meta):
+    """Rebuild a persistent object from its meta: run the stored source (once), then restore the state."""
+    meta = _checked_meta(meta)
+    cls = getattr(_src_to_module_obj(meta.module_src), meta.class_name, None)
+    if not isinstance(cls, type):
         raise pickle.UnpicklingError(f'The source stored in the pickle defines no class {meta.class_name!r}')
-    decorator_class = persistent_class(orig_class)
-    obj = decorator_class.__new__(decorator_class)
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(meta.state)
+    cls = persistent_class(cls)
+    obj = cls.__new__(cls)  # no __init__: the state holds everything
+    if hasattr(obj, '__setstate__'):
+        obj.__setstate__(meta.state)
     else:
         obj.__dict__.update(meta.state)
     return obj
 
-def _module_to_src_text(module):
-    src = _module_to_src.get(module)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_to_src[module] = src
-        _src_to_module[src] = module
-    return src
-
-def _src_to_module_obj(src):
-    module = _src_to_module.get(src)
-    if module is None:
-        name = '_imported_module_' + uuid.uuid4().hex
-        module = types.ModuleType(name)
-        sys.modules[name] = module
-        _module_to_src[module] = src
-        _src_to_module[src] = module
-        try:
-            exec(src, module.__dict__)  # pylint: disable=exec-used
-        except BaseException:
-            # Forget the half-built module, so that a later load (e.g. after installing a missing package) runs
-            # the source again instead of reusing a module without its classes.
-            del sys.modules[name], _module_to_src[module], _src_to_module[src]
-            raise
-    return module
-
 #----------------------------------------------------------------------------
+# Construction-time pickle check.
+
+class _LeafSkipper(pickle.Pickler):
+    """Pickles into a buffer but stands in for tensors, arrays and persistent objects, whose pickling is known to
+    work and would only cost time (persistent sub-modules are checked by their own constructors)."""
+
+    def persistent_id(self, obj):
+        skip = isinstance(obj, (torch.Tensor, np.ndarray)) or is_persistent(obj)
+        return id(obj) if skip else None
 
 def _check_pickleable(obj):
-    """Raise if obj contains something the standard pickler cannot handle (checked at construction time)."""
-    def recurse(obj):
-        if isinstance(obj, (list, tuple, set)):
-            return [recurse(x) for x in obj]
-        if isinstance(obj, dict):
-            return [[recurse(x), recurse(y)] for x, y in obj.items()]
-        if isinstance(obj, (str, int, float, bool, bytes, bytearray)):
-            return None
-        if f'{type(obj).__module__}.{type(obj).__name__}' in ['numpy.ndarray', 'torch.Tensor', 'torch.nn.parameter.Parameter']:
-            return None
-        if is_persistent(obj):
-            return None
-        return obj
-    with io.BytesIO() as f:
-        pickle.dump(recurse(obj), f)
+    """Raise the standard pickler's error if `obj` holds something it cannot handle."""
+    with io.BytesIO() as buffer:
+        _LeafSkipper(buffer).dump(obj)

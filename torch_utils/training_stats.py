@@ -1,181 +1,176 @@
-"""Training statistics: cheap `report(name, value)` calls anywhere, summed across ranks by a `Collector` (spec §7.4).
+"""Training statistics: cheap `report(name, value)` calls anywhere, summed across ranks by a `Collector`.
 
-Every report adds the moments [count, sum, sum of squares] of the value's finite elements to a per-name
-accumulator. `Collector.update()` all-reduces those accumulators over ranks and exposes the mean/std of what
-was reported since its previous update. All ranks must report the same names in the same order.
+A report adds three moments of the value's finite elements, [count, sum, sum of squares], to a pending
+accumulator of its name. Synchronising moves every pending accumulator into a running total (all-reduced over
+ranks when there are several); a Collector remembers the totals it saw last time, so what it shows after
+`update()` is exactly what was reported since its previous `update()`. Every rank must report the same names in
+the same order, or the all-reduce would add up different statistics.
 """
 
+import hashlib
+import math
 import re
 
-import numpy as np
 import torch
 
 import dnnlib
 
 #----------------------------------------------------------------------------
+# Module state. Moments are taken in float32 (the values' precision) and accumulated in float64.
 
-_num_moments = 3                # [number of finite elements, sum, sum of squares]
-_reduce_dtype = torch.float32   # Values are converted to this before the moments are taken.
-_counter_dtype = torch.float64  # Moments are accumulated in double precision.
-_rank = 0                       # This process's rank.
-_sync_device = None             # Device used for the cross-rank all-reduce (None: single process).
-_sync_called = False            # Has a Collector synchronised yet? (init_multiprocessing must come first.)
-_counters = dict()              # name -> device -> accumulated moments.
-_cumulative = dict()            # name -> moments already collected (on the CPU).
+_MOMENTS = 3
+_TOTAL_DTYPE = torch.float64
 
-#----------------------------------------------------------------------------
+_rank = 0               # This process's rank.
+_sync_device = None     # Where ranks all-reduce (None: a single process, nothing to reduce).
+_synced_once = False    # After the first synchronisation the rank and device may no longer change.
+_pending = {}           # name -> {device: moments reported there since the last synchronisation}
+_totals = {}            # name -> CPU moments of everything synchronised so far
 
 def init_multiprocessing(rank, sync_device):
     """Declare this process's rank and the device used for all-reduce (None when there is a single process)."""
     global _rank, _sync_device
-    if _sync_called and (rank, sync_device) != (_rank, _sync_device):
+    if _synced_once and (rank, sync_device) != (_rank, _sync_device):
         raise RuntimeError('init_multiprocessing() must be called before the first Collector.update()')
-    _rank = rank
-    _sync_device = sync_device
+    _rank, _sync_device = rank, sync_device
 
 #----------------------------------------------------------------------------
+# Reporting.
+
+def _moments(value):
+    """float64 [number of finite elements, their sum, sum of their squares] (sums in float32), None if empty."""
+    x = torch.as_tensor(value)
+    if x.numel() == 0:
+        return None
+    x = x.detach().flatten().to(torch.float32)
+    finite = torch.isfinite(x)
+    x = torch.where(finite, x, torch.zeros_like(x))
+    return torch.stack([finite.sum().to(torch.float32), x.sum(), x.square().sum()]).to(_TOTAL_DTYPE)
 
 def report(name, value):
-    """Add the finite elements of `value` to statistic `name`; return `value` unchanged."""
-    if name not in _counters:
-        _counters[name] = dict()
+    """Add the finite elements of `value` to statistic `name` and return `value` unchanged.
 
-    elems = torch.as_tensor(value)
-    if elems.numel() == 0:
-        return value   # Only registers the name (keeps name lists equal across ranks).
-
-    elems = elems.detach().flatten().to(_reduce_dtype)
-    finite = torch.isfinite(elems)
-    elems = torch.where(finite, elems, torch.zeros_like(elems))
-    moments = torch.stack([
-        finite.sum().to(_reduce_dtype),
-        elems.sum(),
-        elems.square().sum(),
-    ]).to(_counter_dtype)
-    assert moments.ndim == 1 and moments.shape[0] == _num_moments
-
-    device = moments.device
-    if device not in _counters[name]:
-        _counters[name][device] = torch.zeros_like(moments)
-    _counters[name][device].add_(moments)
+    An empty value only registers the name, which keeps the lists of names equal across ranks.
+    """
+    per_device = _pending.setdefault(name, {})
+    moments = _moments(value)
+    if moments is not None:
+        if moments.device not in per_device:
+            per_device[moments.device] = torch.zeros_like(moments)
+        per_device[moments.device].add_(moments)
     return value
 
 def report0(name, value):
-    """report() on rank 0 only; other ranks register the name with an empty value so name lists stay equal."""
+    """report() on rank 0; the other ranks register the name with an empty value."""
     report(name, value if _rank == 0 else [])
     return value
 
 #----------------------------------------------------------------------------
+# Synchronisation.
+
+def _names_digest(names):
+    """A 63-bit fingerprint of the ordered name list, equal on every rank that reported the same names."""
+    digest = hashlib.sha256('\n'.join(names).encode('utf-8')).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1
+
+def _synchronise(names):
+    """Fold the pending moments of `names` (all devices, all ranks) into the totals; return {name: total}."""
+    global _synced_once
+    if not names:
+        return {}
+    _synced_once = True
+    distributed = _sync_device is not None
+
+    if distributed:  # rank 0's fingerprint against ours: a mismatch would silently mix statistics
+        mine = _names_digest(names)
+        theirs = torch.tensor([mine], dtype=torch.int64, device=_sync_device)
+        torch.distributed.broadcast(tensor=theirs, src=0)
+        if int(theirs.item()) != mine:
+            raise ValueError('Training statistics are inconsistent between ranks')
+
+    table = torch.zeros([len(names), _MOMENTS], dtype=_TOTAL_DTYPE, device=_sync_device if distributed else 'cpu')
+    for row, name in zip(table, names):
+        for accumulated in _pending[name].values():
+            row.add_(accumulated.to(table.device))
+            accumulated.zero_()
+    if distributed:
+        torch.distributed.all_reduce(table)
+
+    result = {}
+    for row, name in zip(table.cpu(), names):
+        if name not in _totals:
+            _totals[name] = torch.zeros([_MOMENTS], dtype=_TOTAL_DTYPE)
+        result[name] = _totals[name].add_(row)
+    return result
+
+#----------------------------------------------------------------------------
 
 class Collector:
-    """Periodically gathers the statistics whose names fully match `regex`.
+    """The statistics whose names fully match `regex`, as reported between the last two update() calls.
 
-    update() makes the values reported since the previous update() (or since construction) available through
-    num(), mean(), std(), as_dict() and collector[name]. With keep_previous=True a name without new data keeps
-    its previous values instead of becoming empty.
+    Read them with num(), mean(), std(), as_dict() or collector[name] (the mean). With keep_previous=True, a name
+    that received nothing new keeps the values of the interval where it last did.
     """
 
     def __init__(self, regex='.*', keep_previous=False):
         self._regex = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative = dict()
-        self._moments = dict()
-        self.update()
-        self._moments.clear()
+        self._seen = {}       # name -> totals at the previous update()
+        self._interval = {}   # name -> moments of the last interval, in the order names are shown
+        self.update()         # what was reported before construction does not count
+        self._interval.clear()
 
     def names(self):
         """All matching statistic names, in the order they were first reported."""
-        return [name for name in _counters if self._regex.fullmatch(name)]
+        return [name for name in _pending if self._regex.fullmatch(name)]
 
     def update(self):
+        """Make the values reported since the previous update() the current ones."""
         if not self._keep_previous:
-            self._moments.clear()
-        for name, cumulative in _sync(self.names()):
-            if name not in self._cumulative:
-                self._cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-            delta = cumulative - self._cumulative[name]
-            self._cumulative[name].copy_(cumulative)
-            if float(delta[0]) != 0 or name not in self._moments:
-                self._moments[name] = delta
+            self._interval.clear()
+        for name, total in _synchronise(self.names()).items():
+            previous = self._seen.get(name)
+            delta = total - (previous if previous is not None else torch.zeros_like(total))
+            self._seen[name] = total.clone()
+            if name not in self._interval or float(delta[0]) != 0:
+                self._interval[name] = delta
 
-    def _get_delta(self, name):
-        assert self._regex.fullmatch(name)
-        if name not in self._moments:
-            self._moments[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        return self._moments[name]
+    def _counts(self, name):
+        """(count, sum, sum of squares) of the last interval; an unseen name enters as empty."""
+        if not self._regex.fullmatch(name):
+            raise KeyError(f'Statistic {name!r} does not match this collector\'s regex {self._regex.pattern!r}')
+        if name not in self._interval:
+            self._interval[name] = torch.zeros([_MOMENTS], dtype=_TOTAL_DTYPE)
+        n, total, total_sq = self._interval[name].tolist()
+        return int(n), total, total_sq
 
     def num(self, name):
         """Number of finite scalars reported for `name` in the last interval."""
-        return int(self._get_delta(name)[0])
+        return self._counts(name)[0]
 
     def mean(self, name):
         """Mean of the finite scalars reported for `name` in the last interval (NaN when none)."""
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0:
-            return float('nan')
-        return float(delta[1] / delta[0])
+        n, total, _ = self._counts(name)
+        return total / n if n else float('nan')
 
     def std(self, name):
-        """Population standard deviation of the last interval (0 for one scalar, NaN when none)."""
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0 or not np.isfinite(float(delta[1])):
+        """Population standard deviation, sqrt(E[x^2] - E[x]^2), of the last interval (0 for one scalar, NaN for none)."""
+        n, total, total_sq = self._counts(name)
+        if n == 0 or not math.isfinite(total):
             return float('nan')
-        if int(delta[0]) == 1:
-            return float(0)
-        mean = float(delta[1] / delta[0])
-        raw_var = float(delta[2] / delta[0])
-        return float(np.sqrt(max(raw_var - np.square(mean), 0)))
+        if n == 1:
+            return 0.0
+        mean = total / n
+        return math.sqrt(max(total_sq / n - mean * mean, 0))
 
     def as_dict(self):
-        """EasyDict name -> EasyDict(num, mean, std) for every statistic seen so far."""
-        stats = dnnlib.EasyDict()
-        for name in self._moments:
-            stats[name] = dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
-        return stats
+        """EasyDict name -> EasyDict(num, mean, std) for every statistic of the last interval."""
+        return dnnlib.EasyDict({name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
+                                for name in list(self._interval)})
 
     def __getitem__(self, name):
         return self.mean(name)
 
 #----------------------------------------------------------------------------
 
-def _sync(names):
-    """Return [(name, cumulative moments on CPU)] summed over devices and, when distributed, over ranks."""
-    global _sync_called
-    if len(names) == 0:
-        return []
-    _sync_called = True
-
-    # All ranks must agree on the names, or the all-reduce below would silently mix statistics.
-    if _sync_device is not None:
-        value = hash(tuple(tuple(ord(c) for c in name) for name in names))
-        other = torch.tensor([value], dtype=torch.int64, device=_sync_device)
-        torch.distributed.broadcast(tensor=other, src=0)
-        if int(other.cpu()) != value:
-            raise ValueError('Training statistics are inconsistent between ranks')
-
-    # Sum the new moments of every device into one vector per name.
-    deltas = []
-    device = _sync_device if _sync_device is not None else torch.device('cpu')
-    for name in names:
-        delta = torch.zeros([_num_moments], dtype=_counter_dtype, device=device)
-        for counter in _counters[name].values():
-            delta.add_(counter.to(device))
-            counter.copy_(torch.zeros_like(counter))
-        deltas.append(delta)
-    deltas = torch.stack(deltas)
-
-    if _sync_device is not None:
-        torch.distributed.all_reduce(deltas)
-
-    deltas = deltas.cpu()
-    for idx, name in enumerate(names):
-        if name not in _cumulative:
-            _cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        _cumulative[name].add_(deltas[idx])
-    return [(name, _cumulative[name]) for name in names]
-
-#----------------------------------------------------------------------------
-
 default_collector = Collector()
-
-#----------------------------------------------------------------------------
