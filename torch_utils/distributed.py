@@ -5,6 +5,7 @@ launcher, or with a world size of 1, no process group is created and every helpe
 The backend is nccl when CUDA is available, else gloo.
 """
 
+import datetime
 import os
 import re
 import socket
@@ -22,6 +23,22 @@ def _find_free_port():
         s.bind(('', 0))
         return s.getsockname()[1]
 
+def _elastic_attempt_store(timeout):
+    """Under torchrun, a key-value store of this restart attempt's own, or None elsewhere.
+
+    torchrun (elastic agent) keeps one TCP store for the whole job and hands it to the workers of every restart
+    attempt. The process group's rendezvous keys (each rank's address, arrival counters) of an attempt whose
+    worker died are still there when the restarted workers meet: a new rank may connect to a dead peer's address
+    or wait for a counter that already passed, and then fail or hang. A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) gives each attempt fresh keys.
+    """
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return None
+    client = torch.distributed.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
+                                        is_master=False, timeout=timeout)
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    return torch.distributed.PrefixStore(f'edm2plus/attempt{attempt}', client)
+
 def init():
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...), if there is one.
 
@@ -37,8 +54,14 @@ def init():
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
         if os.name == 'nt':
             backend = 'gloo'  # NCCL is not available on Windows.
-        init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
-        torch.distributed.init_process_group(backend=backend, init_method=init_method)
+        timeout = datetime.timedelta(minutes=float(os.environ.get('EDM2PLUS_DIST_TIMEOUT_MIN', '30')))
+        store = _elastic_attempt_store(timeout)
+        if store is not None:
+            torch.distributed.init_process_group(backend=backend, store=store, rank=int(os.environ['RANK']),
+                                                 world_size=world_size, timeout=timeout)
+        else:
+            init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
+            torch.distributed.init_process_group(backend=backend, init_method=init_method, timeout=timeout)
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count())
