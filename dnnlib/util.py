@@ -48,23 +48,30 @@ class EasyDict(dict):
 
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
-    """Context manager yielding a file object; the file appears at `path` only when the block succeeds."""
+    """Context manager yielding a file object; the file appears at `path` only when the block succeeds.
+
+    An OSError met while making or writing the file (full disk, read-only folder) is raised again naming `path`,
+    not the hidden temporary name, so that a one-line report points at what the user asked for."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp, folder):
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
 
 #----------------------------------------------------------------------------

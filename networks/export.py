@@ -26,6 +26,7 @@ import torch
 
 import dnnlib
 from networks import loading
+from torch_utils import cli
 
 _LOSS_ATTRS = ('P_mean', 'P_std', 'sigma_data')  # EDM2Loss state (docs/compatibility.md §3)
 
@@ -76,10 +77,13 @@ def save_weights(snapshot, path, source=None):
         torch.save(data, f)
     return data
 
-def export(in_path, out_path, verbose=True):
-    """Convert the network file `in_path` (a pickle, ours or EDM2's, or a weights-only file) to `out_path`."""
+def _check_not_input(in_path, out_path):
     if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
         raise ValueError(f'{out_path}: the output must not overwrite the input')
+
+def export(in_path, out_path, verbose=True):
+    """Convert the network file `in_path` (a pickle, ours or EDM2's, or a weights-only file) to `out_path`."""
+    _check_not_input(in_path, out_path)
     snapshot = loading.load_snapshot(in_path, verbose=verbose)
     data = save_weights(snapshot, out_path, source=in_path)
     if verbose:
@@ -101,11 +105,15 @@ the architecture, is loaded with torch.load(weights_only=True), and is accepted 
 path is. {loading.PICKLE_WARNING} Converting reads IN once, so IN must be a file you trust.""")
 @click.argument('in_path', metavar='IN', type=str)
 @click.argument('out_path', metavar='OUT', type=str)
-def main(in_path, out_path):
-    try:
-        export(in_path, out_path)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e))
+@click.option('--overwrite', help='Replace OUT if it exists', is_flag=True)
+def main(in_path, out_path, overwrite):
+    with cli.os_errors(out_path):
+        try:
+            _check_not_input(in_path, out_path)
+            cli.check_output_file(out_path, overwrite=overwrite)
+            export(in_path, out_path)
+        except ValueError as e:
+            raise cli.CliError(str(e)) from None
 
 if __name__ == '__main__':
     main()  # pylint: disable=no-value-for-parameter

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 import dnnlib
+from torch_utils.cli import one_line
 
 # The sentence every tool that loads networks puts in its --help (and the README says the same).
 PICKLE_WARNING = ('Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you '
@@ -53,12 +54,14 @@ class NetworkFileError(ValueError):
 #----------------------------------------------------------------------------
 # Public API.
 
-def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True):
+def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True, finite=True):
     """Return the snapshot stored at path_or_url as an EasyDict with at least `ema` (plus `encoder`,
     `dataset_kwargs`, `loss_fn` where the file has them). The network keeps the stored dtype (float16 in snapshots).
 
     native:       rebuild a foreign Precond as networks.edm2plus.Precond (same weights and outputs).
     allow_pickle: False refuses pickles, i.e. accepts only files whose loading cannot run code.
+    finite:       refuse a network with a NaN or infinite weight (written by a run that diverged), which would
+                  otherwise give black images and meaningless metrics without a word.
     """
     name = os.fspath(path_or_url)
     if verbose:
@@ -80,17 +83,19 @@ def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True):
         else:
             raise NetworkFileError(f'{name}: not a network file (neither a snapshot pickle nor a weights-only .pt)')
     data = _check_snapshot(data, name)
+    if finite:
+        check_finite(data.ema, name)
     if native:
         data.ema = to_native(data.ema, name=name)
     return data
 
-def load_network(path_or_url, device=None, dtype=None, native=True, verbose=True):
+def load_network(path_or_url, device=None, dtype=None, native=True, verbose=True, finite=True):
     """Return the EMA network of a snapshot file as stored (snapshots: eval mode, float16), optionally moved to
     `device` and cast to `dtype`. A module passed instead of a path is returned as it is (moved/cast likewise).
     Casting float16 snapshots to float32 changes D by ~1e-4: EDM2 itself computes gain/sqrt(fan_in) with the
     float16 gains of a loaded snapshot, so the stored dtype reproduces EDM2's outputs exactly."""
     if isinstance(path_or_url, (str, os.PathLike)):
-        net = load_snapshot(path_or_url, verbose=verbose, native=native).ema
+        net = load_snapshot(path_or_url, verbose=verbose, native=native, finite=finite).ema
     else:
         net = path_or_url
     if device is not None:
@@ -98,6 +103,15 @@ def load_network(path_or_url, device=None, dtype=None, native=True, verbose=True
     if dtype is not None:
         net = net.to(dtype)
     return net
+
+def check_finite(net, name):
+    """Raise NetworkFileError naming `name` unless every floating-point parameter and buffer of `net` is finite."""
+    tensors = list(net.named_parameters()) + list(net.named_buffers())
+    bad = [(key, t) for key, t in tensors if t.is_floating_point() and not t.is_meta and not bool(t.isfinite().all())]
+    if bad:
+        count = sum(int((~t.isfinite()).sum()) for _, t in bad)
+        raise NetworkFileError(f'{name}: the network has {count} non-finite (NaN or infinite) weight value(s), '
+                               f'first in {bad[0][0]}; the training run that wrote it probably diverged')
 
 def is_native(net):
     """True if `net` is an instance of the current networks.edm2plus.Precond."""
@@ -150,10 +164,10 @@ def _unpickle(f, name):
     except EOFError:
         raise NetworkFileError(f'{name}: truncated pickle (the file ends early)') from None
     except pickle.UnpicklingError as e:
-        raise NetworkFileError(f'{name}: corrupt or unsupported pickle ({_one_line(e)})') from None
+        raise NetworkFileError(f'{name}: corrupt or unsupported pickle ({one_line(e)})') from None
     except Exception as e:  # pylint: disable=broad-except
         # Typically the code embedded in the pickle failed to run here, e.g. it imports a missing package.
-        raise NetworkFileError(f'{name}: could not be unpickled ({type(e).__name__}: {_one_line(e)})') from None
+        raise NetworkFileError(f'{name}: could not be unpickled ({one_line(e, with_type=True)})') from None
 
 def _check_snapshot(data, name):
     """The structure every tool relies on (docs/compatibility.md §3)."""
@@ -171,10 +185,6 @@ def _check_snapshot(data, name):
         raise NetworkFileError(f'{name}: the network in "ema" lacks the attribute(s) {", ".join(missing)}')
     return dnnlib.EasyDict(data)
 
-def _one_line(e):
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
 #----------------------------------------------------------------------------
 # Weights-only files (.pt), written by networks/export.py.
 
@@ -187,7 +197,7 @@ def _read_weights(f, name):
         if _is_unsafe_refusal(e):
             raise NetworkFileError(f'{name}: refused: this .pt file is not a weights-only network file; it '
                                            'needs code to load (an EDM2 training state?)') from None
-        raise NetworkFileError(f'{name}: truncated or corrupt .pt file ({_one_line(e)})') from None
+        raise NetworkFileError(f'{name}: truncated or corrupt .pt file ({one_line(e)})') from None
     if isinstance(data, dict) and data.get('format') == WEIGHTS_FORMAT:
         return _build(data, name)
     if isinstance(data, dict) and {'net', 'optimizer'} <= set(data):
@@ -208,7 +218,7 @@ def _build(data, name):
         arch = json.loads(data['architecture'])
         net_desc = arch['network']
     except (KeyError, TypeError, ValueError) as e:
-        raise fail(f'unreadable architecture description ({_one_line(e)})') from None
+        raise fail(f'unreadable architecture description ({one_line(e)})') from None
     state = data.get('state_dict')
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise fail('"state_dict" is not a dict of named tensors')
@@ -221,7 +231,7 @@ def _build(data, name):
             net = net_class(*net_desc.get('init_args', []), **net_desc.get('init_kwargs', {}))
         net.load_state_dict(state, strict=True, assign=True)
     except Exception as e:  # pylint: disable=broad-except
-        raise fail(f'the weights do not fit the described network ({_one_line(e)})') from None
+        raise fail(f'the weights do not fit the described network ({one_line(e)})') from None
     net.eval().requires_grad_(False)
 
     encoder = _construct(arch.get('encoder'), fail, 'encoder')
@@ -239,7 +249,7 @@ def _construct(desc, fail, role):
     try:
         return cls(*desc.get('init_args', []), **desc.get('init_kwargs', {}))
     except Exception as e:  # pylint: disable=broad-except
-        raise fail(f'cannot construct the {role} ({_one_line(e)})') from None
+        raise fail(f'cannot construct the {role} ({one_line(e)})') from None
 
 #----------------------------------------------------------------------------
 # Checks of a native rebuild against the foreign module.

@@ -5,6 +5,7 @@ launcher, or with a world size of 1, no process group is created and every helpe
 The backend is nccl when CUDA is available, else gloo.
 """
 
+import contextlib
 import datetime
 import os
 import re
@@ -81,6 +82,27 @@ def shutdown(meet=True):
                 torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()
+
+@contextlib.contextmanager
+def process_group():
+    """`with process_group() as device:` runs the block as one rank of torchrun's process group, if there is one,
+    on this process's device (see device()). A group that this call created is left on the way out: after a
+    barrier when the block succeeded, at once when it raised (the other ranks may never arrive). A group that was
+    already there stays, for its owner to close."""
+    owner = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized()
+    init()
+    ok = False
+    try:
+        yield device()
+        ok = True
+    finally:
+        if owner:
+            shutdown(meet=ok)
+
+def device():
+    """The device this process computes on: its CUDA device (init() picks it from LOCAL_RANK) if CUDA is
+    available, else the CPU."""
+    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
 
 def is_distributed():
     """True when a process group with more than one process is active."""
