@@ -98,11 +98,12 @@ def check_output_dir(path):
 # that gives the allowed form or range.
 
 def _range_text(lo, hi, lo_open=False, hi_open=False):
-    if lo is not None and hi is not None:
-        return f'{lo}{" <" if lo_open else " <="} x{" <" if hi_open else " <="} {hi}'
-    if lo is not None:
-        return f'x {">" if lo_open else ">="} {lo}'
-    return f'x {"<" if hi_open else "<="} {hi}'
+    """A range written as click writes its own, e.g. `0<x<0.289`, `x>=1`."""
+    left = f'{lo}{"<" if lo_open else "<="}' if lo is not None else ''
+    right = f'{"<" if hi_open else "<="}{hi}' if hi is not None else ''
+    if lo is not None and hi is None:
+        return f'x{">" if lo_open else ">="}{lo}'
+    return f'{left}x{right}'
 
 def _out_of_range(x, lo, hi, lo_open=False, hi_open=False):
     return ((lo is not None and (x < lo or (lo_open and x == lo))) or
@@ -201,7 +202,7 @@ class Nimg(click.ParamType):
                           param, ctx)
             count = int(match.group(1)) << self.SHIFTS[match.group(2) or '']
         if self.min is not None and count < self.min:
-            self.fail(f'{value} is not in the range x >= {self.min}.', param, ctx)
+            self.fail(f'{value} is not in the range x>={self.min}.', param, ctx)
         return count
 
 class Resolution(click.ParamType):
