@@ -1,6 +1,6 @@
 """Calculate FID and FD_DINOv2 of image folders or of a network's samples against reference statistics.
 
-Subcommands (spec §1.3): `ref` (reference statistics of a dataset), `calc` (metrics of a folder or zip of images),
+Subcommands: `ref` (reference statistics of a dataset), `calc` (metrics of a folder or zip of images),
 `gen` (metrics of images generated on the fly, never written to disk). Runs as a plain process or under
 `torchrun --nproc_per_node=N` (nccl on CUDA, gloo on CPU); each process measures its share of the images and the
 feature sums are added up at the end, so the result does not depend on the number of processes.

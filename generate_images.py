@@ -1,4 +1,4 @@
-"""Generate images with a trained EDM2 / EDM2+ network (spec §1.2, §4).
+"""Generate images with a trained EDM2 / EDM2+ network.
 
 Examples:
   python generate_images.py --net=phema/phema-2147483-0.050.pkl --outdir=out --seeds=0-63 --grid=grid.png
@@ -22,7 +22,7 @@ from sampling.generate import config_presets, StackedRandomGenerator, generate_i
 from sampling.sampler import edm_sampler  # noqa: F401
 
 #----------------------------------------------------------------------------
-# Option rules (spec §1.2): a preset fills net, gnet and guidance only where the command line left them unset;
+# Option rules: a preset fills net, gnet and guidance only where the command line left them unset;
 # guidance 1 (or unset) discards the guide; any other guidance needs one.
 
 def resolve_options(opts):
@@ -130,7 +130,7 @@ def cmdline(**opts):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'--{key}={path}: no such network file')
 
-    # Validation is done; only now start the process group (spec §1.2).
+    # Validation is done; only now start the process group.
     owns_group = init_distributed()
     ok = False
     try:

@@ -1,4 +1,4 @@
-"""Generation tests (spec §1.2, §4.4, §4.5): per-seed determinism across batch sizes and processes, labels, output
+"""Generation tests: per-seed determinism across batch sizes and processes, labels, output
 layout, grid, option rules and errors. Uses a tiny conditional Precond (8×8, 4 classes) with randomised weights."""
 
 import copy
@@ -40,7 +40,7 @@ def tiny_net():
 
 @pytest.fixture(scope='module')
 def tiny_pkl(tmp_path_factory, tiny_net):
-    # Snapshot layout of the contract (spec §2.10): EasyDict with encoder, dataset_kwargs, loss_fn, ema (fp16, eval, cpu).
+    # EDM2's snapshot layout: EasyDict with encoder, dataset_kwargs, loss_fn, ema (fp16, eval, cpu).
     from training.encoders import StandardRGBEncoder
     path = tmp_path_factory.mktemp('net') / 'network-snapshot-0000001-0.100.pkl'
     snapshot = dnnlib.EasyDict(encoder=StandardRGBEncoder(), dataset_kwargs=dnnlib.EasyDict(), loss_fn=None,
@@ -91,7 +91,7 @@ def test_stacked_random_generator_draws_per_seed():
     assert rnd.randn_like(noise).shape == noise.shape
 
 #----------------------------------------------------------------------------
-# Per-seed determinism (spec §4.5).
+# Per-seed determinism.
 
 def test_images_do_not_depend_on_batch_size(tiny_net):
     seeds = [0, 1, 2, 3, 4, 5, 6, 2**32 + 5]
@@ -181,7 +181,7 @@ def test_grid(tiny_net, tmp_path):
     assert grid_layout(5, [2, 0, 2, 0, 2]) == [[0, 2, 4], [1, 3]]
 
 #----------------------------------------------------------------------------
-# Command line: option rules and errors (spec §1.2).
+# Command line: option rules and errors.
 
 def run_cli(args):
     return CliRunner().invoke(cli.cmdline, args)
