@@ -6,9 +6,14 @@ its class, when classes are given): each seed owns a `torch.Generator`, and batc
 which seeds are computed together.
 """
 
+import contextlib
+import importlib.util
 import math
 import os
+import pickletools
 import re
+import sys
+import zipfile
 
 import numpy as np
 import PIL.Image
@@ -168,6 +173,75 @@ def make_grid(images, rows):
     return grid
 
 #----------------------------------------------------------------------------
+# Latent networks (EDM2's ImageNet-512 models) decode their samples with the Stable Diffusion VAE, which needs the
+# diffusers package. Whether a network does is decided before anything is loaded: by the file name of EDM2's
+# published models, or by the class name of the encoder stored in the file, read without running the file's code.
+
+DIFFUSERS_INSTALL = 'pip install diffusers==0.26.3 accelerate==0.27.2'
+
+class MissingPackageError(ImportError):
+    """The work asked for needs a package that is not installed; the message is one line with the install command."""
+
+def _vae_error(name):
+    return MissingPackageError(f'{name}: its samples are Stable Diffusion VAE latents, and decoding them needs the '
+                               f'diffusers package: {DIFFUSERS_INSTALL}')
+
+def _diffusers_missing():
+    return importlib.util.find_spec('diffusers') is None
+
+_STRING_OPS = ('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE')
+
+def _pickled_encoder_name(f):
+    """Class name of the first encoder in a snapshot pickle, read with pickletools (nothing is run); None when the
+    network comes first or there is none. Persistent objects store their class as the 'class_name' entry of a dict,
+    so the name is the string that follows that key; strings seen before are referenced through the memo."""
+    memo, previous = {}, None
+    for op, arg, _pos in pickletools.genops(f):
+        if op.name == 'MEMOIZE':
+            memo[len(memo)] = previous
+            continue
+        if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+            memo[arg] = previous
+            continue
+        value = arg if op.name in _STRING_OPS else memo.get(arg) if op.name in ('GET', 'BINGET', 'LONG_BINGET') else None
+        if previous == 'class_name' and isinstance(value, str):
+            if value.endswith('Encoder'):
+                return value
+            if value == 'Precond':
+                return None
+        previous = value
+    return None
+
+def stored_encoder_name(path):
+    """Class name of the encoder a local network file stores (snapshot pickle or weights-only .pt), or None."""
+    try:
+        with open(path, 'rb') as f:
+            if f.read(2) != b'PK':
+                f.seek(0)
+                return _pickled_encoder_name(f)
+        with zipfile.ZipFile(path) as z:  # weights-only: the architecture is JSON inside the archive's data.pkl
+            data = z.read(next(n for n in z.namelist() if n.rsplit('/', 1)[-1] == 'data.pkl'))
+        m = re.search(rb'training\.encoders\.(\w+)', data)
+        return m.group(1).decode() if m else None
+    except Exception:  # pylint: disable=broad-except  (unreadable files are reported by the loader itself)
+        return None
+
+def require_decoder(net, name=None):
+    """Raise MissingPackageError (naming `name`, default the path) if the network at `net` (path or URL) makes
+    latents that only the Stable Diffusion VAE decodes and diffusers is not installed. A file is read only up to
+    its encoder (stored first in snapshots); a module, or a file that does not tell, is checked by generate_images
+    once its encoder is known, before the encoder is set up."""
+    if not isinstance(net, (str, os.PathLike)) or not _diffusers_missing():
+        return
+    net = os.fspath(net)
+    if dnnlib.util.is_url(net):
+        latent = os.path.basename(net).startswith('edm2-img512-')
+    else:
+        latent = os.path.isfile(net) and stored_encoder_name(net) == 'StabilityVAEEncoder'
+    if latent:
+        raise _vae_error(name or net)
+
+#----------------------------------------------------------------------------
 # The generator.
 
 class _ImageIterable:
@@ -211,9 +285,19 @@ def _load(path, role, device, verbose):
     snapshot = _rank0_first(lambda: loading.load_snapshot(path, verbose=(verbose and dnnlib.util.is_url(path))))
     return snapshot.ema.to(device), snapshot
 
+def _edm2_ops(*nets):
+    """Context in which the given networks run EDM2's exact op sequence: the `reference_mode()` of each network's
+    module (networks.edm2plus has one; a network without a faster path needs none)."""
+    stack = contextlib.ExitStack()
+    for module in dict.fromkeys(sys.modules.get(type(net).__module__) for net in nets):
+        mode = getattr(module, 'reference_mode', None)
+        if mode is not None:
+            stack.enter_context(mode())
+    return stack
+
 def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, seeds=range(16, 24), class_idx=None,
                     max_batch_size=32, encoder_batch_size=4, verbose=True, device=None, grid=None,
-                    sampler_fn=edm_sampler, **sampler_kwargs):
+                    sampler_fn=edm_sampler, edm2_exact=False, **sampler_kwargs):
     """Return an iterable of EasyDict(images, labels, noise, batch_idx, num_batches, indices, seeds), one per batch.
 
     net, gnet:          main and guiding network, each a module or the path/URL of a network file. The guide is
@@ -228,12 +312,17 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     grid:               path of one PNG with every image (rows by class when several are given), written by rank 0.
     sampler_fn:         sampler(net, noise, labels, gnet, randn_like, **sampler_kwargs); sampler_kwargs are its
                         options (num_steps, sigma_min, sigma_max, rho, guidance, guidance_interval, S_*).
+    edm2_exact:         run the networks with EDM2's exact op sequence (their reference path) instead of the
+                        default fast path: slower, but bit-identical to EDM2's own results.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     verbose = verbose and rank == 0
     seeds = parse_int_list(seeds)
     if max_batch_size < 1:
         raise ValueError(f'max_batch_size must be at least 1, got {max_batch_size}')
+    net_name = os.fspath(net) if isinstance(net, (str, os.PathLike)) else 'the network'
+    if encoder is None:
+        require_decoder(net)
 
     # Networks and encoder. A guide is only loaded when it will be evaluated.
     if device is None:
@@ -249,6 +338,8 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
         encoder = snapshot.get('encoder', None)
     if encoder is None:
         encoder = StandardRGBEncoder()
+    if type(encoder).__name__ == 'StabilityVAEEncoder' and _diffusers_missing():
+        raise _vae_error(net_name)  # before init() would fail on the import
     if verbose:
         print(f'Setting up {type(encoder).__name__}...')
     if hasattr(encoder, 'init'):
@@ -291,7 +382,7 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
                     if classes is not None:  # The draw above still happens, so the stream stays the same.
                         drawn = torch.as_tensor([classes[i] for i in indices], device=device)
                     r.labels = torch.eye(label_dim, device=device)[drawn]
-                with torch.no_grad():
+                with torch.no_grad(), (_edm2_ops(net, gnet) if edm2_exact else contextlib.nullcontext()):
                     latents = sampler_fn(net=net, noise=r.noise, labels=r.labels, gnet=gnet,
                                          randn_like=rnd.randn_like, **sampler_kwargs)
                     r.images = encoder.decode(latents)
