@@ -443,6 +443,20 @@ def test_truncated_newest_state_is_set_aside(straight_run, tmp_path, capsys):
     assert_states_equal(a['net'], b['net'], 'net')       # retrained from 1 kimg: the same result
     assert_states_equal(a['ema'], b['ema'], 'ema')
 
+def test_no_readable_state_left_is_an_error(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'training-state-0000001.pt').write_bytes(b'PK\x03\x04 cut short')
+    (run_dir / 'network-snapshot-0000001-0.050.pkl').write_bytes(b'an earlier snapshot')
+    data = make_dataset(tmp_path / 'data')
+    with pytest.raises(tl.TrainingError) as info:
+        tl.training_loop(run_dir=str(run_dir), **tiny_config(data))
+    assert str(info.value) == (f'{run_dir}: no readable training state left to resume from (set aside: '
+                               'training-state-0000001.pt); not starting over in this directory')
+    assert sorted(os.listdir(run_dir)) == ['network-snapshot-0000001-0.050.pkl', 'training-state-0000001.pt.corrupt']
+    assert (run_dir / 'network-snapshot-0000001-0.050.pkl').read_bytes() == b'an earlier snapshot'
+    assert (run_dir / 'training-state-0000001.pt.corrupt').read_bytes() == b'PK\x03\x04 cut short'
+
 def test_state_that_cannot_be_applied_is_a_one_line_error(straight_run, tmp_path):
     import shutil
     data, straight_dir = straight_run

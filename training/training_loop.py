@@ -142,11 +142,13 @@ def snapshot_name(cur_nimg, ema_suffix, at_stop=False):
 
 def first_non_finite(named_modules):
     """'<label>.<parameter>' of the first parameter with a NaN/Inf value among [(label, module)], else None."""
+    names, flags = [], []
     for label, module in named_modules:
         for name, param in module.named_parameters():
-            if not bool(torch.isfinite(param).all()):
-                return f'{label}.{name}'
-    return None
+            names.append(f'{label}.{name}')
+            flags.append(torch.isfinite(param).all())
+    finite = torch.stack(flags).cpu().tolist() if flags else []  # one device sync for all of them
+    return next((name for name, ok in zip(names, finite) if not ok), None)
 
 def data_error_message(error):
     """The one-line message of a data error; errors raised in a DataLoader worker arrive as the worker's formatted
@@ -192,7 +194,9 @@ def set_aside(path):
 
 def resume_newest(checkpoint, run_dir, rank):
     """Load the newest complete training state into `checkpoint`'s objects; return its path (None: none found).
-    Incomplete ones are named and set aside (rank 0 renames them); a complete one that fails to load is an error."""
+    Incomplete ones are named and set aside (rank 0 renames them); a complete one that fails to load is an error,
+    and so is having none left after setting some aside (a fresh start would overwrite the run's snapshots)."""
+    set_aside_paths = []
     for path in training_state_files(run_dir):
         reason = incomplete_reason(path)
         if reason is None:
@@ -202,10 +206,14 @@ def resume_newest(checkpoint, run_dir, rank):
                 first = (str(e).strip().splitlines() or [''])[0]
                 raise TrainingError(f'{path}: cannot resume from this training state ({type(e).__name__}: {first})') from None
             return path
-        dist.print0(f'Warning: {path}: unreadable training state ({reason}); setting it aside and resuming from the '
-                    f'previous one.')
+        dist.print0(f'Warning: {path}: unreadable training state ({reason}); setting it aside and resuming from an '
+                    f'earlier one.')
         if rank == 0:
             dist.print0(f'Set aside as {set_aside(path)}')
+        set_aside_paths.append(path)
+    if set_aside_paths:
+        raise TrainingError(f'{run_dir}: no readable training state left to resume from (set aside: '
+                            f'{", ".join(os.path.basename(p) for p in set_aside_paths)}); not starting over in this directory')
     return None
 
 #----------------------------------------------------------------------------
