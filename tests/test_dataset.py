@@ -249,11 +249,18 @@ def test_bad_class_label_is_named(tmp_path, bad, shown, rule):
 
 def test_bad_label_vectors_are_named(tmp_path):
     path = make_dataset(tmp_path / 'ragged', n=3, labels=labels_of(NAMES, [[1, 2], [3], [4, 5]]))
-    with pytest.raises(ValueError, match=r'dataset\.json: invalid labels \(the label of 00000/img00000000\.png is \[1, 2\]; '
-                                         r'labels must be class indices or vectors of numbers\)$'):
+    with pytest.raises(ValueError, match=r'dataset\.json: invalid labels \(the label of 00000/img00000001\.png is \[3\]; '
+                                         r'labels must be class indices or vectors of numbers of one length \(2\)\)$'):
         ImageFolderDataset(path).label_dim
     path = make_dataset(tmp_path / 'text', n=2, labels=labels_of(NAMES, [['a', 'b'], ['c', 'd']]))
     with pytest.raises(ValueError, match=r'invalid labels \(the label of 00000/img00000000\.png is \["a", "b"\]'):
+        ImageFolderDataset(path).label_dim
+    path = make_dataset(tmp_path / 'mixed', n=3, labels=labels_of(NAMES, [[0.5, 1], 2, [1, 1]]))
+    with pytest.raises(ValueError, match=r'invalid labels \(the label of 00000/img00000001\.png is 2; '):
+        ImageFolderDataset(path).label_dim
+    path = make_dataset(tmp_path / 'huge', n=2, labels=labels_of(NAMES, [0, 2 ** 70]))
+    with pytest.raises(ValueError, match=r'invalid labels \(the label of 00000/img00000001\.png is 1180591620717411303424; '
+                                         r'not a usable class label\)$'):
         ImageFolderDataset(path).label_dim
 
 def test_labels_missing_for_several_files(tmp_path):

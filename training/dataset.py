@@ -211,6 +211,9 @@ def parse_labels(text, keys, where):
     if all(is_index):
         if num_classes is not None and (type(num_classes) is not int or num_classes <= 0):  # pylint: disable=unidiomatic-typecheck
             raise ValueError(f'{where}: num_classes must be a positive integer, got {json.dumps(num_classes)}')
+        too_large = next((key for key, value in zip(keys, values) if abs(value) >= 1 << 62), None)
+        if too_large is not None:
+            raise invalid(too_large, 'not a usable class label')
         labels = np.array(values, dtype=np.int64)
         upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
         bad = np.flatnonzero((labels < 0) | (labels >= upper))
@@ -220,15 +223,15 @@ def parse_labels(text, keys, where):
         return labels, num_classes
 
     rule = 'labels must be class indices or vectors of numbers'
-    if any(is_index):
+    if is_index[0]:  # Class labels, as the first one is: name the first that is not.
         raise invalid(keys[is_index.index(False)], rule)
-    try:
-        vectors = np.array(values)
-    except ValueError:  # ragged
-        vectors = None
-    if vectors is None or vectors.ndim != 2 or vectors.dtype.kind not in 'iuf':
-        raise invalid(keys[0], rule)
-    return vectors.astype(np.float32), None
+    # Otherwise: vectors of numbers, all of one length.
+    width = len(values[0]) if isinstance(values[0], list) else None
+    for key, value in zip(keys, values):
+        if not (isinstance(value, list) and len(value) == width and all(type(v) in (int, float) for v in value)):  # pylint: disable=unidiomatic-typecheck
+            raise invalid(key, rule + (
+                f' of one length ({width})' if isinstance(value, list) and width is not None and len(value) != width else ''))
+    return np.array(values).astype(np.float32), None
 
 class ImageFolderDataset(Dataset):
     def __init__(self, path, resolution=None, **kwargs):
