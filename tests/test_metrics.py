@@ -484,7 +484,7 @@ def test_dinov2_preprocessing_and_errors(standins, image_folder, tmp_path, monke
     det = DINOv2Detector(path=standins.bare, device='cpu')
     x = det.preprocess(images)
     assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
-    # Antialiased bicubic resize of the float pixels, then ImageNet normalisation (spec §5.1).
+    # Antialiased bicubic resize of the float pixels, then ImageNet normalisation (docs/compatibility.md §8).
     resized = torch.nn.functional.interpolate(images.float(), size=(224, 224), mode='bicubic', antialias=True)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(x, (resized / 255 - mean[:, None, None]) / std[:, None, None])
