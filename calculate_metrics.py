@@ -1,6 +1,6 @@
 """Calculate FID and FD_DINOv2 of image folders or of a network's samples against reference statistics.
 
-Subcommands (spec §1.3): `ref` (reference statistics of a dataset), `calc` (metrics of a folder or zip of images),
+Subcommands: `ref` (reference statistics of a dataset), `calc` (metrics of a folder or zip of images),
 `gen` (metrics of images generated on the fly, never written to disk). Runs as a plain process or under
 `torchrun --nproc_per_node=N` (nccl on CUDA, gloo on CPU); each process measures its share of the images and the
 feature sums are added up at the end, so the result does not depend on the number of processes.
@@ -17,6 +17,7 @@ import dnnlib
 from torch_utils import misc
 from metrics import MetricsError
 from networks.loading import NetworkFileError
+from sampling.generate import MissingPackageError
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
@@ -87,7 +88,7 @@ def run_command(fn):
     try:
         fn()
         ok = True
-    except (MetricsError, NetworkFileError, FileNotFoundError) as e:
+    except (MetricsError, NetworkFileError, FileNotFoundError, MissingPackageError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         dist.shutdown(meet=ok)
@@ -172,9 +173,12 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
-def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, max_batch_size):
+@click.option('--edm2-exact', 'edm2_exact', is_flag=True,
+              help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images and metrics, but "
+                   "slower than the default fast path")
+def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, max_batch_size, edm2_exact):
     """Calculate metrics for a network's samples, generated on the fly."""
-    from sampling.generate import generate_images, parse_int_list
+    from sampling.generate import generate_images, parse_int_list, require_decoder
     if guidance != 1 and gnet is None:
         raise click.UsageError('--guidance other than 1 needs --gnet')
     if seeds is not None:
@@ -189,13 +193,17 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
     for option, path in (('--net', net), ('--gnet', gnet)):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'{option}: {path}: no such network file')
+    try:
+        require_decoder(net, f'--net={net}')  # before the reference, the detectors or the network are loaded
+    except MissingPackageError as e:
+        raise click.ClickException(str(e)) from None
 
     def work():
         device = init_distributed()
         ref = load_reference(ref_path)
         sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
         image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device,
-                                     **sampler_kwargs)
+                                     edm2_exact=edm2_exact, **sampler_kwargs)
         stats_iter = same_on_all_ranks(lambda: calculate_stats_for_iterable(
             image_iter, metrics=metrics, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))
         report(final_stats(stats_iter), ref, metrics)

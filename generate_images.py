@@ -1,4 +1,4 @@
-"""Generate images with a trained EDM2 / EDM2+ network (spec §1.2, §4).
+"""Generate images with a trained EDM2 / EDM2+ network.
 
 Examples:
   python generate_images.py --net=phema/phema-2147483-0.050.pkl --outdir=out --seeds=0-63 --grid=grid.png
@@ -19,10 +19,11 @@ import dnnlib
 from torch_utils import misc
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
+from sampling.generate import MissingPackageError, require_decoder
 from sampling.sampler import edm_sampler  # noqa: F401
 
 #----------------------------------------------------------------------------
-# Option rules (spec §1.2): a preset fills net, gnet and guidance only where the command line left them unset;
+# Option rules: a preset fills net, gnet and guidance only where the command line left them unset;
 # guidance 1 (or unset) discards the guide; any other guidance needs one.
 
 def resolve_options(opts):
@@ -105,6 +106,7 @@ class SigmaInterval(click.ParamType):
 
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',       type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--edm2-exact', 'edm2_exact', help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images, but slower than the default fast path", is_flag=True)
 
 # I/O.
 @click.option('--outdir',            help='Where to save the output images', metavar='DIR',              type=str, required=True)
@@ -124,19 +126,24 @@ def cmdline(**opts):
     convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
     tool accepts and which never runs code.
     """
+    preset_net = opts['preset'] if opts['net'] is None else None
     opts = resolve_options(dnnlib.EasyDict(opts))
     for key in ['net', 'gnet']:
         path = opts[key]
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'--{key}={path}: no such network file')
+    try:
+        require_decoder(opts.net, f'--preset={preset_net}' if preset_net else f'--net={opts.net}')
+    except MissingPackageError as e:
+        raise click.ClickException(str(e)) from None
 
-    # Validation is done; only now start the process group (spec §1.2).
+    # Validation is done; only now start the process group.
     owns_group = init_distributed()
     ok = False
     try:
         try:
             image_iter = generate_images(**opts)
-        except (OSError, ValueError, pickle.UnpicklingError) as e:
+        except (OSError, ValueError, pickle.UnpicklingError, MissingPackageError) as e:
             raise click.ClickException(str(e)) from None
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         for _ in tqdm.tqdm(image_iter, unit='batch', disable=(rank != 0)):

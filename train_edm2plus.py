@@ -272,6 +272,10 @@ def cmdline(**opts):
         time_limit = opts.minutes * 60 if opts.minutes is not None else None
         training_loop.training_loop(run_dir=opts.outdir, time_limit=time_limit, **c)
         ok = True
+    except training_loop.TrainingError as e:  # One line (also in log.txt); the last good training state is kept.
+        if logger.file is not None:
+            logger.file.write(f'Error: {e}\n')
+        raise click.ClickException(str(e)) from None
     except BaseException:
         if logger.file is not None:
             logger.file.write(traceback.format_exc())

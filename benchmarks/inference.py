@@ -1,4 +1,4 @@
-"""Inference speed and memory of CONFIG A (EDM2) vs G* (EDM2+): the protocol of the paper's Table 4 (issue 9).
+"""Inference speed and memory of CONFIG A (EDM2) vs G* (EDM2+): the protocol of the EDM2+ paper's Table 4.
 
 Batch-1 latency (the paper's CPU column) and batch-32 throughput (its GPU column) of both networks at base width
 192, 64x64, 1000 classes, for each implementation:

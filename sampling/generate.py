@@ -1,4 +1,4 @@
-"""Generate images from a trained denoiser: seeds, batching across processes, labels, decoding, PNG output (spec §4).
+"""Generate images from a trained denoiser: seeds, batching across processes, labels, decoding, PNG output.
 
 `generate_images(...)` is the library entry point used by `generate_images.py` and by `calculate_metrics.py gen`;
 it returns an iterable (with `len`) that produces one batch per step. Every image depends only on its seed (and
@@ -6,20 +6,27 @@ its class, when classes are given): each seed owns a `torch.Generator`, and batc
 which seeds are computed together.
 """
 
+import contextlib
+import importlib.util
 import math
 import os
+import pickletools
 import re
+import sys
+import zipfile
 
 import numpy as np
 import PIL.Image
 import torch
 
 import dnnlib
+from torch_utils import distributed as dist
 from networks import loading
+from training.encoders import StandardRGBEncoder
 from sampling.sampler import edm_sampler
 
 #----------------------------------------------------------------------------
-# EDM2's published post-hoc EMA reconstructions (spec §4.4). The files are downloaded (and cached) on first use;
+# EDM2's published post-hoc EMA reconstructions. The files are downloaded (and cached) on first use;
 # the comments give the metric each one was chosen for and its value as reported by EDM2.
 
 model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
@@ -74,7 +81,7 @@ config_presets = {
 }
 
 #----------------------------------------------------------------------------
-# Seed lists such as '0-63,100' (spec §1.2): comma-separated integers or inclusive ranges a-b.
+# Seed lists such as '0-63,100': comma-separated integers or inclusive ranges a-b.
 
 def parse_int_list(s):
     """Return a list of ints from '1,2,5-10' (lists, tuples and ranges pass through as lists)."""
@@ -96,72 +103,34 @@ def parse_int_list(s):
     return result
 
 #----------------------------------------------------------------------------
-# One generator per seed (spec §4.5), stacked into batch-shaped draws. Generator i produces exactly what a batch of
-# one with seed i would, so results do not depend on how seeds are grouped. Seeds are taken modulo 2^32 (EDM2).
+# Per-seed randomness. Every seed owns a torch.Generator seeded with seed mod 2^32, and row i of a batch-shaped draw
+# comes from generator i alone, exactly what a batch of that one seed would draw. So an image depends on its seed,
+# never on which seeds share its batch or process.
 
 class StackedRandomGenerator:
+    """Batch-shaped random draws, one row per seed (randn, randn_like, randint, like the torch functions)."""
+
     def __init__(self, device, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.generators = [torch.Generator(device).manual_seed(int(s) % 2**32) for s in seeds]
+
+    def _rows(self, size, draw):
+        """Stack draw(row_shape, generator) over the seeds; size[0] must be the number of seeds."""
+        size = list(size)
+        if not size or size[0] != len(self.generators):
+            raise ValueError(f'draws of shape {size} do not have one row for each of the {len(self.generators)} seeds')
+        return torch.stack([draw(size[1:], g) for g in self.generators])
 
     def randn(self, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._rows(size, lambda shape, g: torch.randn(shape, generator=g, **kwargs))
 
     def randn_like(self, input):
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
     def randint(self, *args, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._rows(size, lambda shape, g: torch.randint(*args, size=shape, generator=g, **kwargs))
 
 #----------------------------------------------------------------------------
-# Process-group helpers. torch.distributed is used directly (guarded), so the library works the same whether the
-# caller initialised a process group (torchrun) or not (plain python, notebooks, tests).
-
-def _dist_active():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-def _rank():
-    return torch.distributed.get_rank() if _dist_active() else 0
-
-def _world_size():
-    return torch.distributed.get_world_size() if _dist_active() else 1
-
-def _barrier():
-    if _dist_active() and _world_size() > 1:
-        torch.distributed.barrier()
-
-def _rank0_first(fn):
-    """Run fn() on rank 0, then on the other ranks (spec §4.5: one download, then cache hits). Rank 0 releases
-    the others even when it fails, so a bad path ends every process instead of leaving them waiting."""
-    if _rank() != 0:
-        _barrier()
-    try:
-        return fn()
-    finally:
-        if _rank() == 0:
-            _barrier()
-
-#----------------------------------------------------------------------------
-# Pixel decoding when no encoder is given or stored (spec §6.2): uint8 = trunc(clip(127.5·x + 128, 0, 255)).
-# training.encoders.StandardRGBEncoder is the real one; this stand-in is used only if that module is missing.
-
-class _FallbackRGBDecoder:
-    def init(self, device):
-        pass
-
-    def decode(self, x):
-        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-def _default_encoder():
-    try:
-        from training.encoders import StandardRGBEncoder
-    except ImportError:
-        return _FallbackRGBDecoder()
-    return StandardRGBEncoder()
-
-#----------------------------------------------------------------------------
-# Output files (spec §1.2): <outdir>/<seed:06d>.png, or with subdirs <outdir>/<floor(seed/1000)*1000:06d>/<seed:06d>.png.
+# Output files: <outdir>/<seed:06d>.png, or with subdirs <outdir>/<floor(seed/1000)*1000:06d>/<seed:06d>.png.
 # Written atomically, so an interrupted run never leaves a truncated PNG under its final name.
 
 def image_path(outdir, seed, subdirs=False):
@@ -204,7 +173,76 @@ def make_grid(images, rows):
     return grid
 
 #----------------------------------------------------------------------------
-# The generator (spec §4.5).
+# Latent networks (EDM2's ImageNet-512 models) decode their samples with the Stable Diffusion VAE, which needs the
+# diffusers package. Whether a network does is decided before anything is loaded: by the file name of EDM2's
+# published models, or by the class name of the encoder stored in the file, read without running the file's code.
+
+DIFFUSERS_INSTALL = 'pip install diffusers==0.26.3 accelerate==0.27.2'
+
+class MissingPackageError(ImportError):
+    """The work asked for needs a package that is not installed; the message is one line with the install command."""
+
+def _vae_error(name):
+    return MissingPackageError(f'{name}: its samples are Stable Diffusion VAE latents, and decoding them needs the '
+                               f'diffusers package: {DIFFUSERS_INSTALL}')
+
+def _diffusers_missing():
+    return importlib.util.find_spec('diffusers') is None
+
+_STRING_OPS = ('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE')
+
+def _pickled_encoder_name(f):
+    """Class name of the first encoder in a snapshot pickle, read with pickletools (nothing is run); None when the
+    network comes first or there is none. Persistent objects store their class as the 'class_name' entry of a dict,
+    so the name is the string that follows that key; strings seen before are referenced through the memo."""
+    memo, previous = {}, None
+    for op, arg, _pos in pickletools.genops(f):
+        if op.name == 'MEMOIZE':
+            memo[len(memo)] = previous
+            continue
+        if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+            memo[arg] = previous
+            continue
+        value = arg if op.name in _STRING_OPS else memo.get(arg) if op.name in ('GET', 'BINGET', 'LONG_BINGET') else None
+        if previous == 'class_name' and isinstance(value, str):
+            if value.endswith('Encoder'):
+                return value
+            if value == 'Precond':
+                return None
+        previous = value
+    return None
+
+def stored_encoder_name(path):
+    """Class name of the encoder a local network file stores (snapshot pickle or weights-only .pt), or None."""
+    try:
+        with open(path, 'rb') as f:
+            if f.read(2) != b'PK':
+                f.seek(0)
+                return _pickled_encoder_name(f)
+        with zipfile.ZipFile(path) as z:  # weights-only: the architecture is JSON inside the archive's data.pkl
+            data = z.read(next(n for n in z.namelist() if n.rsplit('/', 1)[-1] == 'data.pkl'))
+        m = re.search(rb'training\.encoders\.(\w+)', data)
+        return m.group(1).decode() if m else None
+    except Exception:  # pylint: disable=broad-except  (unreadable files are reported by the loader itself)
+        return None
+
+def require_decoder(net, name=None):
+    """Raise MissingPackageError (naming `name`, default the path) if the network at `net` (path or URL) makes
+    latents that only the Stable Diffusion VAE decodes and diffusers is not installed. A file is read only up to
+    its encoder (stored first in snapshots); a module, or a file that does not tell, is checked by generate_images
+    once its encoder is known, before the encoder is set up."""
+    if not isinstance(net, (str, os.PathLike)) or not _diffusers_missing():
+        return
+    net = os.fspath(net)
+    if dnnlib.util.is_url(net):
+        latent = os.path.basename(net).startswith('edm2-img512-')
+    else:
+        latent = os.path.isfile(net) and stored_encoder_name(net) == 'StabilityVAEEncoder'
+    if latent:
+        raise _vae_error(name or net)
+
+#----------------------------------------------------------------------------
+# The generator.
 
 class _ImageIterable:
     """What generate_images returns: len() = batches on this process; iterating runs them."""
@@ -225,6 +263,17 @@ def _default_device(net):
             return p.device
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
+def _rank0_first(fn):
+    """Run fn() on rank 0, then on the other ranks (one download, then cache hits). Rank 0 releases the others
+    even when it fails, so a bad path ends every process instead of leaving them waiting."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        return fn()
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+
 def _load(path, role, device, verbose):
     """Return (network, snapshot) for a path/URL, or (module, None) for a module."""
     if not isinstance(path, (str, os.PathLike)):
@@ -236,28 +285,44 @@ def _load(path, role, device, verbose):
     snapshot = _rank0_first(lambda: loading.load_snapshot(path, verbose=(verbose and dnnlib.util.is_url(path))))
     return snapshot.ema.to(device), snapshot
 
-def generate_images(
-    net,                                # main network: module, or path/URL of a snapshot pickle
-    gnet                = None,         # guiding network (module or path/URL); None = the main net (spec §4.3)
-    encoder             = None,         # latents → uint8 images; None = the snapshot's, else StandardRGBEncoder
-    outdir              = None,         # folder for the PNGs; None = write nothing
-    subdirs             = False,        # group PNGs into sub-folders of 1000 seeds
-    seeds               = range(16, 24),# one image per seed
-    class_idx           = None,         # None = random class per seed; int = that class; list = classes in turn
-    max_batch_size      = 32,           # largest batch per process for the diffusion model
-    encoder_batch_size  = 4,            # batch size of the encoder's decoder (if it has one)
-    verbose             = True,         # print status lines (rank 0 only)
-    device              = None,         # None = the net's device, else CUDA if available, else CPU
-    grid                = None,         # path of a grid PNG of all images (written by rank 0 at the end)
-    sampler_fn          = edm_sampler,  # sampler(net, noise, labels, gnet, randn_like, **sampler_kwargs)
-    **sampler_kwargs,                   # num_steps, sigma_min, sigma_max, rho, guidance, guidance_interval, S_*
-):
-    """Return an iterable of EasyDict(images, labels, noise, batch_idx, num_batches, indices, seeds), one per batch."""
-    rank, world = _rank(), _world_size()
+def _edm2_ops(*nets):
+    """Context in which the given networks run EDM2's exact op sequence: the `reference_mode()` of each network's
+    module (networks.edm2plus has one; a network without a faster path needs none)."""
+    stack = contextlib.ExitStack()
+    for module in dict.fromkeys(sys.modules.get(type(net).__module__) for net in nets):
+        mode = getattr(module, 'reference_mode', None)
+        if mode is not None:
+            stack.enter_context(mode())
+    return stack
+
+def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, seeds=range(16, 24), class_idx=None,
+                    max_batch_size=32, encoder_batch_size=4, verbose=True, device=None, grid=None,
+                    sampler_fn=edm_sampler, edm2_exact=False, **sampler_kwargs):
+    """Return an iterable of EasyDict(images, labels, noise, batch_idx, num_batches, indices, seeds), one per batch.
+
+    net, gnet:          main and guiding network, each a module or the path/URL of a network file. The guide is
+                        loaded only when guidance != 1; without one the main net guides itself.
+    encoder:            turns samples into uint8 images; default: the one stored with `net`, else StandardRGBEncoder.
+    outdir, subdirs:    write <outdir>/[<thousands>/]<seed:06d>.png; None writes nothing.
+    seeds:              one image per seed (list, range or text such as '0-63').
+    class_idx:          None = a random class per seed; an int = that class; a list = its classes in turn.
+    max_batch_size:     largest batch of one process; encoder_batch_size: batch of the encoder's decoder, if any.
+    verbose:            status lines (rank 0 only).
+    device:             None = the device of `net`, else CUDA when available, else CPU.
+    grid:               path of one PNG with every image (rows by class when several are given), written by rank 0.
+    sampler_fn:         sampler(net, noise, labels, gnet, randn_like, **sampler_kwargs); sampler_kwargs are its
+                        options (num_steps, sigma_min, sigma_max, rho, guidance, guidance_interval, S_*).
+    edm2_exact:         run the networks with EDM2's exact op sequence (their reference path) instead of the
+                        default fast path: slower, but bit-identical to EDM2's own results.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
     verbose = verbose and rank == 0
     seeds = parse_int_list(seeds)
     if max_batch_size < 1:
         raise ValueError(f'max_batch_size must be at least 1, got {max_batch_size}')
+    net_name = os.fspath(net) if isinstance(net, (str, os.PathLike)) else 'the network'
+    if encoder is None:
+        require_decoder(net)
 
     # Networks and encoder. A guide is only loaded when it will be evaluated.
     if device is None:
@@ -272,7 +337,9 @@ def generate_images(
     if encoder is None and snapshot is not None:
         encoder = snapshot.get('encoder', None)
     if encoder is None:
-        encoder = _default_encoder()
+        encoder = StandardRGBEncoder()
+    if type(encoder).__name__ == 'StabilityVAEEncoder' and _diffusers_missing():
+        raise _vae_error(net_name)  # before init() would fail on the import
     if verbose:
         print(f'Setting up {type(encoder).__name__}...')
     if hasattr(encoder, 'init'):
@@ -294,7 +361,8 @@ def generate_images(
                 raise ValueError(f'class {c} is out of range: the network has {label_dim} classes (0-{label_dim - 1})')
         classes = [classes[i % len(classes)] for i in range(len(seeds))]  # classes in turn, by position in the list
 
-    # Batches: near-equal contiguous chunks, dealt to ranks in turn; every rank runs the same number of batches.
+    # Batches: near-equal contiguous chunks of the seed list, dealt to the ranks in turn, so that every rank runs
+    # the same number of batches (some possibly empty).
     num_batches = max(math.ceil(len(seeds) / (max_batch_size * world)), 1) * world
     rank_batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world]
     if verbose:
@@ -306,7 +374,7 @@ def generate_images(
             r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx,
                                 num_batches=len(rank_batches), indices=indices, seeds=[seeds[i] for i in indices])
             if len(indices) > 0:
-                # Per-seed draws in a fixed order (spec §4.5): noise, then the class, then (inside the sampler) churn.
+                # Each seed's generator draws its noise, then its class, then (inside the sampler) any churn noise.
                 rnd = StackedRandomGenerator(device, r.seeds)
                 r.noise = rnd.randn([len(indices), net.img_channels, net.img_resolution, net.img_resolution], device=device)
                 if label_dim > 0:
@@ -314,7 +382,7 @@ def generate_images(
                     if classes is not None:  # The draw above still happens, so the stream stays the same.
                         drawn = torch.as_tensor([classes[i] for i in indices], device=device)
                     r.labels = torch.eye(label_dim, device=device)[drawn]
-                with torch.no_grad():
+                with torch.no_grad(), (_edm2_ops(net, gnet) if edm2_exact else contextlib.nullcontext()):
                     latents = sampler_fn(net=net, noise=r.noise, labels=r.labels, gnet=gnet,
                                          randn_like=rnd.randn_like, **sampler_kwargs)
                     r.images = encoder.decode(latents)
@@ -325,7 +393,7 @@ def generate_images(
                             save_png(image_path(outdir, seed, subdirs), image)
                         if grid is not None:
                             grid_images[int(idx)] = image
-            _barrier()
+            dist.barrier()
             yield r
         if grid is not None:
             _write_grid(grid, grid_images, grid_layout(len(seeds), classes))
@@ -334,11 +402,11 @@ def generate_images(
 
 def _write_grid(path, grid_images, rows):
     """Collect every rank's images on rank 0 and write the grid there."""
-    if _world_size() > 1:
-        parts = [None] * _world_size()
+    if dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
         torch.distributed.all_gather_object(parts, grid_images)
         grid_images = {k: v for part in parts for k, v in part.items()}
-    if _rank() == 0 and grid_images:
+    if dist.get_rank() == 0 and grid_images:
         save_png(path, make_grid(grid_images, rows))
 
 #----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Deterministic and stochastic ODE samplers for EDM-style denoisers (spec §4.1–4.3).
+"""Deterministic and stochastic ODE samplers for EDM-style denoisers (EDM, Karras et al. 2022, §3 and Alg. 1–2).
 
 Layout, smallest piece first:
-  * `edm_time_steps`   — the ρ-spaced noise levels σ_0 > … > σ_{N−1} followed by 0 (spec §4.1).
-  * `guided_denoiser`  — turns (net, gnet, labels, guidance, interval) into one function D(x, σ) (spec §4.3).
+  * `edm_time_steps`   — the ρ-spaced noise levels σ_0 > … > σ_{N−1} followed by 0 (EDM eq. 5).
+  * `guided_denoiser`  — turns (net, gnet, labels, guidance, interval) into one function D(x, σ).
   * `sample_heun`, `sample_euler` — plain solvers over (denoise, x, sigmas, …); a new solver is one new function.
-  * `edm_sampler`      — EDM2's entry point (spec §4.2): noise in, images out, Heun with 2N − 1 evaluations.
+  * `edm_sampler`      — EDM2's entry point: noise in, images out, Heun with 2N − 1 evaluations.
   * `euler_sampler`    — same signature with a first-order solver (for comparisons; not used by EDM2).
 
 Networks are called as `net(x, sigma, labels)` with `sigma` a 0-d tensor; their output is cast to `dtype`.
@@ -20,7 +20,7 @@ import tqdm
 import dnnlib
 
 #----------------------------------------------------------------------------
-# Noise levels (spec §4.1): σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N, then σ_N = 0.
+# Noise levels (EDM eq. 5): σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N, then σ_N = 0.
 # Computed in `dtype` so that float32 gives EDM2's values to the last bit (σ_0 = 79.999985, not 80).
 
 def edm_time_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, dtype=torch.float32, device=None):
@@ -34,14 +34,14 @@ def edm_time_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, dtype=tor
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 #----------------------------------------------------------------------------
-# Guidance (spec §4.3): D = D_guide + w·(D_main − D_guide), i.e. lerp(D_guide, D_main, w). The guide is never
+# Guidance (autoguidance, Karras et al. 2024, eq. 1; the same formula gives classifier-free guidance): D = D_guide + w·(D_main − D_guide), i.e. lerp(D_guide, D_main, w). The guide is never
 # evaluated when w = 1. Beyond EDM2: with `guidance_interval=(lo, hi)` the guide is only used for lo ≤ σ ≤ hi
 # (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"); elsewhere D = D_main.
 
 def guided_denoiser(net, labels=None, gnet=None, guidance=1, guidance_interval=None, dtype=torch.float32):
     """Return D(x, sigma) → denoised x in `dtype`, combining the main and the guiding network."""
     if gnet is None:
-        gnet = net  # EDM2's Python API: a missing guide defaults to the main net (spec §4.3).
+        gnet = net  # EDM2's Python API: a missing guide defaults to the main net.
     lo, hi = (-math.inf, math.inf) if guidance_interval is None else map(float, guidance_interval)
     if not lo <= hi:
         raise ValueError(f'guidance_interval must satisfy lo <= hi, got ({lo}, {hi})')
@@ -56,7 +56,7 @@ def guided_denoiser(net, labels=None, gnet=None, guidance=1, guidance_interval=N
     return denoise
 
 #----------------------------------------------------------------------------
-# Stochastic "churn" (spec §4.2, EDM paper Alg. 2): raise the noise level from σ to σ̂ = σ(1 + γ) by adding fresh
+# Stochastic "churn" (EDM paper Alg. 2): raise the noise level from σ to σ̂ = σ(1 + γ) by adding fresh
 # noise of variance σ̂² − σ², with γ = min(S_churn/N, √2 − 1) inside [S_min, S_max]. The noise comes from
 # `randn_like`, which generation binds to the per-seed generators, so stochastic samples still depend only on
 # their seed. Without churn no random numbers are drawn at all.
@@ -74,7 +74,7 @@ def _report(callback, **info):
         callback(dnnlib.EasyDict(info))
 
 #----------------------------------------------------------------------------
-# Heun's second-order method on the probability-flow ODE dx/dσ = (x − D(x, σ))/σ (spec §4.2, EDM Alg. 1/2).
+# Heun's second-order method on the probability-flow ODE dx/dσ = (x − D(x, σ))/σ (EDM Alg. 1/2).
 # The step into σ = 0 is a plain Euler step (the ODE's slope is undefined there): 2N − 1 evaluations in all.
 
 def sample_heun(denoise, x, sigmas, S_churn=0, S_min=0, S_max=math.inf, S_noise=1,
@@ -95,7 +95,7 @@ def sample_heun(denoise, x, sigmas, S_churn=0, S_min=0, S_max=math.inf, S_noise=
     return x
 
 # Euler's first-order method: one evaluation per step. Only for comparison (tests, benchmarks); the same number of
-# evaluations buys far less accuracy than Heun (spec issue 5, "must show").
+# evaluations buys far less accuracy than Heun (tests/test_sampler.py measures it).
 
 def sample_euler(denoise, x, sigmas, S_churn=0, S_min=0, S_max=math.inf, S_noise=1,
                  randn_like=torch.randn_like, callback=None, progress=False):
@@ -110,7 +110,7 @@ def sample_euler(denoise, x, sigmas, S_churn=0, S_min=0, S_max=math.inf, S_noise
     return x
 
 #----------------------------------------------------------------------------
-# EDM2-compatible entry points: unit-variance noise in, samples out (spec §4.2). x_0 = noise·σ_0.
+# EDM2-compatible entry points: unit-variance noise in, samples out. x_0 = noise·σ_0.
 
 def _run(solver, net, noise, labels, gnet, num_steps, sigma_min, sigma_max, rho, guidance, guidance_interval,
          S_churn, S_min, S_max, S_noise, dtype, randn_like, callback, progress):

@@ -1,11 +1,11 @@
 """A stand-in for EDM2's own environment, for the compatibility tests (test_compat.py, test_export.py).
 
 EDM2's code is not available here (and may not be copied), so this module writes, into a temporary folder, a
-minimal package tree with the names EDM2's pickles and embedded sources rely on (spec §0, §7.1): `dnnlib` with
+minimal package tree with the names EDM2's pickles and embedded sources rely on: `dnnlib` with
 EasyDict, `torch_utils.persistence` implementing the version-6 pickle format in a few lines, `torch_utils.misc`
 with const_like/constant, and (for writing EDM2-layout snapshots) stubs of `torch_utils.distributed` and
 `torch_utils.training_stats` plus a `training` package whose network module is an independent implementation of
-EDM2's CONFIG A from spec §2.8 (EDM2's names, state_dict layout and attributes). Scripts run in a fresh Python
+EDM2's CONFIG A from the EDM2 paper's formulas (EDM2's names, state_dict layout and attributes). Scripts run in a fresh Python
 started with -S (no site processing, so the editable install of this project is invisible) with only that folder
 and the interpreter's site-packages (torch, numpy, psutil) on sys.path.
 """
@@ -50,7 +50,7 @@ def make_cache_dir_path(*parts):
 
 CORE['torch_utils/__init__.py'] = ''
 
-# Version-6 persistent pickles (spec §7.1): the decorator records the constructor arguments and pickles the
+# Version-6 persistent pickles: the decorator records the constructor arguments and pickles the
 # instance as _reconstruct_persistent_obj(meta) with the defining module's full source text.
 CORE['torch_utils/persistence.py'] = '''
 import copy
@@ -169,9 +169,13 @@ def report0(name, value):
 
 WRITER['training/__init__.py'] = ''
 
-# EDM2's CONFIG A network, written for these tests from the facts of spec §2.8.
+# EDM2's CONFIG A network, written for these tests from the formulas of the EDM2 paper (Karras et al. 2024).
 WRITER['training/networks_edm2.py'] = '''
-"""Test stand-in for EDM2's network module: CONFIG A with EDM2's names, state_dict layout and attributes."""
+"""Test stand-in for EDM2's network module: CONFIG A under EDM2's class, attribute and parameter names.
+
+The U-Net is first written out as a table of layers (`unet_layout`), which the classes then instantiate; a block's
+own layers come from a second table (`block_layers`). Creation order = parameter order = order of random draws.
+"""
 
 import numpy as np
 import torch
@@ -207,34 +211,70 @@ def mp_cat(a, b, dim=1, t=0.5):
     c = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
     return torch.cat([a * (c * (1 - t) / np.sqrt(na)), b * (c * t / np.sqrt(nb))], dim=dim)
 
+def set_plain(module, **values):
+    """Plain (non-tensor) attributes, which the pickled state carries by name."""
+    for key, value in values.items():
+        setattr(module, key, value)
+
+#----------------------------------------------------------------------------
+# Layers.
+
+def fourier_features(x, freqs, phases):
+    # sqrt(2) cos(freqs x + phases), evaluated in float32 whatever the storage dtype.
+    as32 = [t.to(torch.float32) for t in (x, freqs, phases)]
+    angles = torch.outer(as32[0], as32[1]) + as32[2]
+    return (np.sqrt(2) * torch.cos(angles)).to(x.dtype)
+
 @persistence.persistent_class
 class MPFourier(torch.nn.Module):
     def __init__(self, num_channels, bandwidth=1):
         super().__init__()
-        self.register_buffer('freqs', 2 * np.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
+        # Both buffers are 2 pi times a draw: normal frequencies (times bandwidth), then uniform phases.
+        for name, draw, scale in [('freqs', torch.randn, bandwidth), ('phases', torch.rand, 1)]:
+            self.register_buffer(name, 2 * np.pi * draw(num_channels) * scale)
 
     def forward(self, x):
-        angles = torch.outer(x.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
-        return (np.sqrt(2) * torch.cos(angles)).to(x.dtype)
+        return fourier_features(x, self.freqs, self.phases)
+
+def used_weight(param, gain, training, dtype):
+    """The weight an MPConv applies: unit-norm rows (forced into the stored parameter while training) scaled by
+    gain / sqrt(fan_in)."""
+    w = param.to(torch.float32)
+    if training:
+        with torch.no_grad():
+            param.copy_(normalize(w))  # float32 storage: w is that same tensor, so it is normalised as well
+    fan_in = w[0].numel()
+    return (normalize(w) * (gain / np.sqrt(fan_in))).to(dtype)
 
 @persistence.persistent_class
 class MPConv(torch.nn.Module):
     def __init__(self, in_channels, out_channels, kernel):
         super().__init__()
-        self.out_channels = out_channels
-        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        set_plain(self, out_channels=out_channels)
+        shape = [out_channels, in_channels] + list(kernel)
+        self.weight = torch.nn.Parameter(torch.randn(shape))
 
     def forward(self, x, gain=1):
-        w = self.weight.to(torch.float32)
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)
-        w = (w * (gain / np.sqrt(w[0].numel()))).to(x.dtype)
-        if w.ndim == 2:
-            return torch.nn.functional.linear(x, w)
-        return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+        w = used_weight(self.weight, gain, self.training, x.dtype)
+        if w.ndim == 4:
+            return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+        return torch.nn.functional.linear(x, w)
+
+#----------------------------------------------------------------------------
+# Blocks.
+
+def block_layers(in_channels, out_channels, emb_channels, flavor, num_heads):
+    """(name, input width, output width, kernel, present) of a block's convolutions, in creation order."""
+    branch_in = out_channels if flavor == 'enc' else in_channels
+    attn = num_heads > 0
+    return [
+        ('conv_res0',  branch_in,    out_channels,     [3, 3], True),
+        ('emb_linear', emb_channels, out_channels,     [],     True),
+        ('conv_res1',  out_channels, out_channels,     [3, 3], True),
+        ('conv_skip',  in_channels,  out_channels,     [1, 1], in_channels != out_channels),
+        ('attn_qkv',   out_channels, 3 * out_channels, [1, 1], attn),
+        ('attn_proj',  out_channels, out_channels,     [1, 1], attn),
+    ]
 
 @persistence.persistent_class
 class Block(torch.nn.Module):
@@ -242,48 +282,75 @@ class Block(torch.nn.Module):
                  resample_filter=[1, 1], attention=False, channels_per_head=64, dropout=0, res_balance=0.3,
                  attn_balance=0.3, clip_act=256):
         super().__init__()
-        self.out_channels = out_channels
-        self.flavor = flavor
-        self.resample_filter = resample_filter
-        self.resample_mode = resample_mode
-        self.num_heads = out_channels // channels_per_head if attention else 0
-        self.dropout = dropout
-        self.res_balance = res_balance
-        self.attn_balance = attn_balance
-        self.clip_act = clip_act
+        heads = out_channels // channels_per_head if attention else 0
+        set_plain(self, out_channels=out_channels, flavor=flavor, resample_filter=resample_filter,
+                  resample_mode=resample_mode, num_heads=heads, dropout=dropout, res_balance=res_balance,
+                  attn_balance=attn_balance, clip_act=clip_act)
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
-        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
-        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
-        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
-        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
-        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
+        for name, cin, cout, kernel, present in block_layers(in_channels, out_channels, emb_channels, flavor, heads):
+            setattr(self, name, MPConv(cin, cout, kernel=kernel) if present else None)
+
+    def skip(self, x):
+        return x if self.conv_skip is None else self.conv_skip(x)
+
+    def residual(self, x, emb):
+        modulation = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = self.conv_res0(mp_silu(x))
+        y = mp_silu(y * modulation[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        return self.conv_res1(y)
+
+    def attention(self, x):
+        # qkv channel (head * C_h + c) * 3 + j holds q (j = 0), k (1), v (2); cosine attention per head.
+        n, c, h, w = x.shape
+        q, k, v = normalize(self.attn_qkv(x).reshape(n, self.num_heads, -1, 3, h * w), dim=2).unbind(3)
+        logits = torch.matmul(q.transpose(2, 3), k) / np.sqrt(q.shape[2])
+        y = torch.matmul(v, logits.softmax(dim=3).transpose(2, 3))
+        return self.attn_proj(y.reshape(n, c, h, w))
 
     def forward(self, x, emb):
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
-        if self.flavor == 'enc':
-            if self.conv_skip is not None:
-                x = self.conv_skip(x)
-            x = normalize(x, dim=1)
-        y = self.conv_res0(mp_silu(x))
-        scale = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
-        if self.training and self.dropout:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
-        y = self.conv_res1(y)
-        if self.flavor == 'dec' and self.conv_skip is not None:
-            x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+        encoder = self.flavor == 'enc'
+        if encoder:
+            x = normalize(self.skip(x), dim=1)
+        y = self.residual(x, emb)
+        x = mp_sum(x if encoder else self.skip(x), y, t=self.res_balance)
         if self.num_heads:
-            n, c, h, w = x.shape
-            qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
-            q, k, v = normalize(qkv, dim=2).unbind(3)
-            attn = (torch.matmul(q.transpose(2, 3), k) / np.sqrt(q.shape[2])).softmax(dim=3)
-            y = torch.matmul(v, attn.transpose(2, 3)).reshape(n, c, h, w)
-            x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
-        if self.clip_act is not None:
-            x = x.clip_(-self.clip_act, self.clip_act)
-        return x
+            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+        return x if self.clip_act is None else x.clip_(-self.clip_act, self.clip_act)
+
+#----------------------------------------------------------------------------
+# U-Net and preconditioning.
+
+def unet_layout(img_resolution, img_channels, widths, num_blocks, attn_resolutions):
+    """[(part, name, in, out, options)] in creation order; options None = the input convolution, else a Block's
+    keyword arguments. Every encoder entry's output is a skip; decoder blocks take one each, last in first out."""
+    layout = []
+    def add(part, res, suffix, cin, cout, options=None):
+        layout.append((part, f'{res}x{res}_{suffix}', cin, cout, options))
+        return cout
+    width = img_channels + 1
+    for level, target in enumerate(widths):
+        res = img_resolution >> level
+        if level == 0:
+            width = add('enc', res, 'conv', width, target)
+        else:
+            width = add('enc', res, 'down', width, width, dict(flavor='enc', resample_mode='down'))
+        for i in range(num_blocks):
+            width = add('enc', res, f'block{i}', width, target, dict(flavor='enc', attention=res in attn_resolutions))
+    skips = [entry[3] for entry in layout]
+    for level in reversed(range(len(widths))):
+        res, target = img_resolution >> level, widths[level]
+        if level == len(widths) - 1:
+            add('dec', res, 'in0', width, width, dict(flavor='dec', attention=True))
+            add('dec', res, 'in1', width, width, dict(flavor='dec'))
+        else:
+            add('dec', res, 'up', width, width, dict(flavor='dec', resample_mode='up'))
+        for i in range(num_blocks + 1):
+            width = add('dec', res, f'block{i}', width + skips.pop(), target,
+                        dict(flavor='dec', attention=res in attn_resolutions))
+    return layout
 
 @persistence.persistent_class
 class UNet(torch.nn.Module):
@@ -292,93 +359,80 @@ class UNet(torch.nn.Module):
                  label_balance=0.5, concat_balance=0.5, **block_kwargs):
         super().__init__()
         widths = [model_channels * m for m in channel_mult]
-        cnoise = widths[0] if channel_mult_noise is None else model_channels * channel_mult_noise
-        cemb = max(widths) if channel_mult_emb is None else model_channels * channel_mult_emb
-        self.label_balance = label_balance
-        self.concat_balance = concat_balance
+        noise_width = widths[0] if channel_mult_noise is None else model_channels * channel_mult_noise
+        emb_width = max(widths) if channel_mult_emb is None else model_channels * channel_mult_emb
+        set_plain(self, label_balance=label_balance, concat_balance=concat_balance)
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
-        self.emb_fourier = MPFourier(cnoise)
-        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
-        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
-        self.enc = torch.nn.ModuleDict()
-        c = img_channels + 1
-        for level, width in enumerate(widths):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f'{r}x{r}_conv'] = MPConv(c, width, kernel=[3, 3])
-                c = width
+        self.emb_fourier = MPFourier(noise_width)
+        self.emb_noise = MPConv(noise_width, emb_width, kernel=[])
+        self.emb_label = MPConv(label_dim, emb_width, kernel=[]) if label_dim else None
+        self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
+        for part, name, cin, cout, options in unet_layout(img_resolution, img_channels, widths, num_blocks,
+                                                          attn_resolutions):
+            if options is None:
+                layer = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f'{r}x{r}_down'] = Block(c, c, cemb, flavor='enc', resample_mode='down', **block_kwargs)
-            for i in range(num_blocks):
-                self.enc[f'{r}x{r}_block{i}'] = Block(c, width, cemb, flavor='enc', attention=(r in attn_resolutions), **block_kwargs)
-                c = width
-        skip_widths = [m.out_channels for m in self.enc.values()]
-        self.dec = torch.nn.ModuleDict()
-        for level in reversed(range(len(widths))):
-            r, width = img_resolution >> level, widths[level]
-            if level == len(widths) - 1:
-                self.dec[f'{r}x{r}_in0'] = Block(c, c, cemb, flavor='dec', attention=True, **block_kwargs)
-                self.dec[f'{r}x{r}_in1'] = Block(c, c, cemb, flavor='dec', **block_kwargs)
-            else:
-                self.dec[f'{r}x{r}_up'] = Block(c, c, cemb, flavor='dec', resample_mode='up', **block_kwargs)
-            for i in range(num_blocks + 1):
-                self.dec[f'{r}x{r}_block{i}'] = Block(c + skip_widths.pop(), width, cemb, flavor='dec', attention=(r in attn_resolutions), **block_kwargs)
-                c = width
-        self.out_conv = MPConv(c, img_channels, kernel=[3, 3])
+                layer = Block(cin, cout, emb_width, **options, **block_kwargs)
+            getattr(self, part)[name] = layer
+        self.out_conv = MPConv(widths[0], img_channels, kernel=[3, 3])
 
-    def forward(self, x, noise_labels, class_labels):
+    def embedding(self, noise_labels, class_labels):
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
-            emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
-        emb = mp_silu(emb)
+            scaled = class_labels * np.sqrt(class_labels.shape[1])
+            emb = mp_sum(emb, self.emb_label(scaled), t=self.label_balance)
+        return mp_silu(emb)
+
+    def forward(self, x, noise_labels, class_labels):
+        emb = self.embedding(noise_labels, class_labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        skips = []
-        for module in self.enc.values():
-            x = module(x) if isinstance(module, MPConv) else module(x, emb)
-            skips.append(x)
-        for name, module in self.dec.items():
-            if 'block' in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = module(x, emb)
+        stack = []
+        for part in (self.enc, self.dec):
+            for name, layer in part.items():
+                if part is self.dec and 'block' in name:
+                    x = mp_cat(x, stack.pop(), t=self.concat_balance)
+                x = layer(x, emb) if isinstance(layer, Block) else layer(x)
+                if part is self.enc:
+                    stack.append(x)
         return self.out_conv(x, gain=self.out_gain)
+
+def edm_scalings(sigma, sigma_data):
+    """c_skip, c_out, c_in, c_noise of EDM's preconditioning (Karras et al. 2022, Table 1)."""
+    total = sigma ** 2 + sigma_data ** 2
+    return sigma_data ** 2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.flatten().log() / 4
 
 @persistence.persistent_class
 class Precond(torch.nn.Module):
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=128,
                  **unet_kwargs):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_data = sigma_data
+        set_plain(self, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                  use_fp16=use_fp16, sigma_data=sigma_data)
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
+    def labels_for(self, class_labels, device):
+        if not self.label_dim:
+            return None
+        if class_labels is None:
+            return torch.zeros([1, self.label_dim], device=device)
+        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
         x = x.to(torch.float32)
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == 'cuda' else torch.float32
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.flatten().log() / 4
-        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
+        half = self.use_fp16 and not force_fp32 and x.device.type == 'cuda'
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        F_x = self.unet((c_in * x).to(torch.float16 if half else torch.float32), c_noise,
+                        self.labels_for(class_labels, x.device), **unet_kwargs)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        if return_logvar:
-            return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
-        return D_x
+        if not return_logvar:
+            return D_x
+        return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 '''
 
-# EDM2's loss lives in its training-loop module, whose whole source (with these imports) is pickled (spec §7.1).
+# EDM2's loss lives in its training-loop module, whose whole source (with these imports) is pickled with the loss.
 WRITER['training/training_loop.py'] = '''
 """Test stand-in for EDM2's training-loop module: the imports its pickled source makes, and the loss."""
 
@@ -395,31 +449,24 @@ from torch_utils import training_stats
 from torch_utils import persistence
 from torch_utils import misc
 
+def sample_sigma(n, P_mean, P_std, device):
+    # Log-normal noise levels: ln(sigma) ~ N(P_mean, P_std^2) (EDM, Karras et al. 2022, Table 1).
+    return (torch.randn([n, 1, 1, 1], device=device) * P_std + P_mean).exp()
+
+def loss_weight(sigma, sigma_data):
+    # lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, divided by exp(u(sigma)) below (EDM2 eq. 21).
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
 @persistence.persistent_class
 class EDM2Loss:
     def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+        vars(self).update(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
 
     def __call__(self, net, images, labels=None):
-        sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        noise = torch.randn_like(images) * sigma
-        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
-        return weight / logvar.exp() * (denoised - images) ** 2 + logvar
-
-def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
-    lr = ref_lr
-    if ref_batches > 0:
-        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
-    if rampup_Mimg > 0:
-        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
-    return lr
-
-def training_loop(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=None),
-                  loss_kwargs=dict(class_name='training.training_loop.EDM2Loss'), device=torch.device('cuda')):
-    raise NotImplementedError('stand-in')
+        sigma = sample_sigma(images.shape[0], self.P_mean, self.P_std, images.device)
+        noisy = images + torch.randn_like(images) * sigma
+        denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
+        return loss_weight(sigma, self.sigma_data) / logvar.exp() * (denoised - images) ** 2 + logvar
 '''
 
 WRITER['training/encoders.py'] = '''
@@ -447,7 +494,7 @@ class StandardRGBEncoder(Encoder):
 '''
 
 #----------------------------------------------------------------------------
-# Writes EDM2-layout files (spec §2.10): snapshots of one run at kimg 4 and 8 for two EMA lengths (run/), a
+# Writes EDM2-layout files: snapshots of one run at kimg 4 and 8 for two EMA lengths (run/), a
 # post-hoc reconstruction, an unconditional net (as used for guidance), and the outputs EDM2's side computes.
 
 WRITE_EDM2_FILES = '''

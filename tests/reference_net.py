@@ -1,9 +1,9 @@
 """An independent, deliberately plain implementation of the denoiser's formulas, for tests.
 
-It reads a network's weights from its state_dict and recomputes D(x, sigma, labels) from the formulas of
-edm2-compat.md §2.8 and edm2plus-blocks.md alone: the U-Net layout is rebuilt from the constructor arguments, every
-block variant's residual branch is transcribed from the spec's table, attention loops over heads with the documented
-qkv channel order, resampling is 2x2 averaging / pixel repetition. Nothing is imported from networks/edm2plus.py, so
+It reads a network's weights from its state_dict and recomputes D(x, sigma, labels) from the formulas of the EDM2
+paper (Karras et al. 2024, Appendix B) and the EDM2+ paper (Sec. 3, eqs. 2-9) alone: the U-Net layout is rebuilt
+from the constructor arguments, every block variant's residual branch is transcribed from the paper's equations,
+attention loops over heads with EDM2's qkv channel order, resampling is 2x2 averaging / pixel repetition. Nothing is imported from networks/edm2plus.py, so
 a mistake there (in the reference path or the fast path) cannot cancel out here. By default it computes in float64,
 which makes it a precise yardstick for both float32 paths.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Residual branches, left to right (edm2plus-blocks.md, "The variants"). Widths: 'in' = branch input, 'out' = block
+# Residual branches, left to right (EDM2+ paper, eqs. 2-9). Widths: 'in' = branch input, 'out' = block
 # output, 'E' = expansion * out. ('dw', C) is a depthwise k x k convolution, ('pw', A, B) a 1x1 one, ('conv', A, B)
 # a dense 3x3 one, ('mod', C) the modulation. Dropout is omitted (identity in eval mode).
 _G_STAR = ['silu', ('dw', 'in'), ('pw', 'in', 'E'), 'silu', ('pw', 'E', 'out'), 'silu', ('mod', 'out'), ('dw', 'out')]
@@ -39,7 +39,7 @@ def _branch(block, flavor):
     return BRANCHES[block]
 
 #----------------------------------------------------------------------------
-# Formulas (edm2-compat.md §2.8).
+# Formulas (EDM2 paper, Appendix B: magnitude-preserving layers).
 
 def _rms_normalize(x, dims, eps=1e-4):
     n = x.square().sum(dim=dims, keepdim=True).sqrt()
@@ -141,7 +141,7 @@ def reference_forward(net, x, sigma, labels=None, dtype=torch.float64):
         emb = _mp_sum(emb, _linear(labels.to(dtype) * np.sqrt(net.label_dim), sd['unet.emb_label.weight']), 0.5)
     emb = _silu(emb)
 
-    # U-Net (edm2-compat.md §2.8): names and order from the spec.
+    # U-Net (EDM2 paper Fig. 21): EDM2's module names and order.
     cblock = [kw['model_channels'] * m for m in kw['channel_mult']]
     heads = lambda c, res: c // kw['channels_per_head'] if res in kw['attn_resolutions'] else 0
     h = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)

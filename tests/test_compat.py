@@ -1,4 +1,4 @@
-"""EDM2 checkpoint compatibility in both directions (issue 7; spec §0, §2.10, §7.1, §10.1).
+"""EDM2 checkpoint compatibility in both directions (docs/compatibility.md §1-§3).
 
 EDM2-written files come from tests/edm2_standin.py: a fresh interpreter that sees only a stand-in of EDM2's package
 tree (its own version-6 persistence and an independent EDM2-layout CONFIG A network) writes snapshots exactly as
@@ -42,7 +42,7 @@ def outputs(net, exp, labels=True):
 def assert_close(a, b):
     torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
 
-# Globals an EDM2 network pickle references (spec §7.1, verified with pickletools there).
+# Globals an EDM2 network pickle references (docs/compatibility.md §2).
 EDM2_GLOBALS = {('dnnlib.util', 'EasyDict'), ('torch_utils.persistence', '_reconstruct_persistent_obj'),
                 ('collections', 'OrderedDict'), ('torch._utils', '_rebuild_parameter'),
                 ('torch._utils', '_rebuild_tensor_v2'), ('torch.storage', '_load_from_bytes'),
@@ -71,7 +71,7 @@ def pickle_globals(data):
     return found
 
 #----------------------------------------------------------------------------
-# Names EDM2's pickles, embedded sources and configs refer to (spec §0).
+# Names EDM2's pickles, embedded sources and configs refer to (docs/compatibility.md §1).
 
 SPEC_NAMES = {
     'dnnlib': 'EasyDict make_cache_dir_path',
@@ -359,7 +359,7 @@ def test_training_states_are_not_networks(tmp_path):
     CheckpointIO(state=dnnlib.EasyDict(cur_nimg=0), net=net, optimizer=torch.optim.Adam(net.parameters())).save(
         tmp_path / 'training-state-0000000.pt', verbose=False)
     assert 'a training state' in bad_file_message(tmp_path / 'training-state-0000000.pt')
-    # EDM2's training states hold an EasyDict: refused without running anything (spec §9).
+    # EDM2's training states hold an EasyDict: refused without running anything.
     with open(tmp_path / 'training-state-edm2.pt', 'wb') as f:
         torch.save(dict(state=dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0), net=net.state_dict()), f)
     assert 'refused' in bad_file_message(tmp_path / 'training-state-edm2.pt')

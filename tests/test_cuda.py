@@ -1,4 +1,4 @@
-"""The CUDA paths (issue 9), on a machine with a GPU; skipped elsewhere (CI has none).
+"""The CUDA paths, on a machine with a GPU; skipped elsewhere (CI has none).
 
 float32, float16 and bfloat16 activations through the fast and the reference path against the float64 formulas
 (tests/reference_net.py, computed on the CPU), a training step against the same step on the CPU, and sampling on the

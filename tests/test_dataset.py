@@ -1,4 +1,4 @@
-"""training/dataset.py: ImageFolderDataset with EDM2's semantics (spec §6.1) and errors that name the file."""
+"""training/dataset.py: ImageFolderDataset with EDM2's semantics and errors that name the file."""
 
 import io
 import json
@@ -208,3 +208,64 @@ def test_unreadable_datasets_are_named(tmp_path):
         ImageFolderDataset(str(tmp_path / 'empty'))
     with pytest.raises(OSError, match='Image files do not match the specified resolution'):
         ImageFolderDataset(make_dataset(tmp_path / 'ds', n=2), resolution=16)
+
+#----------------------------------------------------------------------------
+# Label validation: every error names dataset.json and the image whose label is wrong.
+
+def labels_of(names, values, **extra):
+    return dict(labels=[[name, value] for name, value in zip(names, values)], **extra)
+
+NAMES = [f'00000/img{i:08d}.png' for i in range(4)]
+
+def test_stated_class_count(tmp_path):
+    ds = ImageFolderDataset(make_dataset(tmp_path / 'ok', n=4, labels=labels_of(NAMES, [0, 2, 1, 2], num_classes=10)))
+    assert ds.label_dim == 10 and ds.has_onehot_labels  # the stated count, not max + 1 = 3
+    np.testing.assert_array_equal(ds[1][1], np.eye(10, dtype=np.float32)[2])
+    path = make_dataset(tmp_path / 'bad', n=4, labels=labels_of(NAMES, [0, 2, 2000, 2], num_classes=10))
+    with pytest.raises(ValueError) as info:
+        ImageFolderDataset(path).label_dim
+    assert str(info.value) == (f'{os.path.join(path, "dataset.json")}: invalid labels (the label of '
+                               '00000/img00000002.png is 2000; class labels must be 0..9)')
+    path = make_dataset(tmp_path / 'count', n=4, labels=labels_of(NAMES, [0, 1, 1, 0], num_classes='ten'))
+    with pytest.raises(ValueError, match=r'dataset\.json: num_classes must be a positive integer, got "ten"$'):
+        ImageFolderDataset(path).label_dim
+
+@pytest.mark.parametrize('bad, shown, rule', [
+    (-1, '-1', 'class labels must not be negative'),
+    (1.5, '1.5', 'labels must be class indices or vectors of numbers'),
+    (2.0, '2.0', 'labels must be class indices or vectors of numbers'),
+    ('cat', '"cat"', 'labels must be class indices or vectors of numbers'),
+    (True, 'true', 'labels must be class indices or vectors of numbers'),
+    (None, 'null', 'labels must be class indices or vectors of numbers'),
+])
+def test_bad_class_label_is_named(tmp_path, bad, shown, rule):
+    path = make_dataset(tmp_path / 'ds', n=4, labels=labels_of(NAMES, [0, 1, bad, 3]))
+    ds = ImageFolderDataset(path)
+    with pytest.raises(ValueError) as info:
+        ds.has_labels
+    assert str(info.value) == (f'{os.path.join(path, "dataset.json")}: invalid labels (the label of '
+                               f'00000/img00000002.png is {shown}; {rule})')
+    assert ImageFolderDataset(path, use_labels=False).label_dim == 0
+
+def test_bad_label_vectors_are_named(tmp_path):
+    path = make_dataset(tmp_path / 'ragged', n=3, labels=labels_of(NAMES, [[1, 2], [3], [4, 5]]))
+    with pytest.raises(ValueError, match=r'dataset\.json: invalid labels \(the label of 00000/img00000001\.png is \[3\]; '
+                                         r'labels must be class indices or vectors of numbers of one length \(2\)\)$'):
+        ImageFolderDataset(path).label_dim
+    path = make_dataset(tmp_path / 'text', n=2, labels=labels_of(NAMES, [['a', 'b'], ['c', 'd']]))
+    with pytest.raises(ValueError, match=r'invalid labels \(the label of 00000/img00000000\.png is \["a", "b"\]'):
+        ImageFolderDataset(path).label_dim
+    path = make_dataset(tmp_path / 'mixed', n=3, labels=labels_of(NAMES, [[0.5, 1], 2, [1, 1]]))
+    with pytest.raises(ValueError, match=r'invalid labels \(the label of 00000/img00000001\.png is 2; '):
+        ImageFolderDataset(path).label_dim
+    path = make_dataset(tmp_path / 'huge', n=2, labels=labels_of(NAMES, [0, 2 ** 70]))
+    with pytest.raises(ValueError, match=r'invalid labels \(the label of 00000/img00000001\.png is 1180591620717411303424; '
+                                         r'not a usable class label\)$'):
+        ImageFolderDataset(path).label_dim
+
+def test_labels_missing_for_several_files(tmp_path):
+    path = make_dataset(tmp_path / 'ds', n=4, labels=labels_of(NAMES[:1], [1]))
+    with pytest.raises(ValueError) as info:
+        ImageFolderDataset(path).label_dim
+    assert str(info.value) == (f'{os.path.join(path, "dataset.json")}: no label for 00000/img00000001.png '
+                               '(and 2 more of 4 images)')

@@ -1,4 +1,4 @@
-"""training/encoders.py: the RGB pixel mapping (spec §6.2) and the VAE encoder's constants and affine map (§6.3),
+"""training/encoders.py: the RGB pixel mapping and the VAE encoder's constants and affine map,
 without loading a VAE; the module's pickles load in a fresh process from their embedded source."""
 
 import os
@@ -46,7 +46,7 @@ def test_rgb_decode_rounds_half_up():
 def test_vae_scale_and_bias_numbers():
     enc = StabilityVAEEncoder()
     assert enc.scale.dtype == np.float32 and enc.bias.dtype == np.float32
-    # The numbers of spec §6.3 as numpy prints them (8 digits). Computing in float64 and casting afterwards would
+    # EDM2's numbers as numpy prints them (8 digits). Computing in float64 and casting afterwards would
     # print scale[0] as 0.11990408 and bias[0] as -0.6966427.
     with np.printoptions(precision=8):
         assert repr(enc.scale) == 'array([0.11990407, 0.10822511, 0.13477089, 0.15243903], dtype=float32)'

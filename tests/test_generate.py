@@ -1,4 +1,4 @@
-"""Generation tests (spec §1.2, §4.4, §4.5): per-seed determinism across batch sizes and processes, labels, output
+"""Generation tests: per-seed determinism across batch sizes and processes, labels, output
 layout, grid, option rules and errors. Uses a tiny conditional Precond (8×8, 4 classes) with randomised weights."""
 
 import copy
@@ -40,7 +40,7 @@ def tiny_net():
 
 @pytest.fixture(scope='module')
 def tiny_pkl(tmp_path_factory, tiny_net):
-    # Snapshot layout of the contract (spec §2.10): EasyDict with encoder, dataset_kwargs, loss_fn, ema (fp16, eval, cpu).
+    # EDM2's snapshot layout: EasyDict with encoder, dataset_kwargs, loss_fn, ema (fp16, eval, cpu).
     from training.encoders import StandardRGBEncoder
     path = tmp_path_factory.mktemp('net') / 'network-snapshot-0000001-0.100.pkl'
     snapshot = dnnlib.EasyDict(encoder=StandardRGBEncoder(), dataset_kwargs=dnnlib.EasyDict(), loss_fn=None,
@@ -89,9 +89,11 @@ def test_stacked_random_generator_draws_per_seed():
         assert torch.equal(classes[i], torch.randint(10, size=[], generator=gen))
     assert torch.equal(noise[0], noise[2])  # seeds are taken modulo 2^32
     assert rnd.randn_like(noise).shape == noise.shape
+    with pytest.raises(ValueError, match='one row for each of the 3 seeds'):
+        rnd.randn([2, 4])
 
 #----------------------------------------------------------------------------
-# Per-seed determinism (spec §4.5).
+# Per-seed determinism.
 
 def test_images_do_not_depend_on_batch_size(tiny_net):
     seeds = [0, 1, 2, 3, 4, 5, 6, 2**32 + 5]
@@ -181,7 +183,7 @@ def test_grid(tiny_net, tmp_path):
     assert grid_layout(5, [2, 0, 2, 0, 2]) == [[0, 2, 4], [1, 3]]
 
 #----------------------------------------------------------------------------
-# Command line: option rules and errors (spec §1.2).
+# Command line: option rules and errors.
 
 def run_cli(args):
     return CliRunner().invoke(cli.cmdline, args)
@@ -249,5 +251,94 @@ def test_two_processes_match_one(tiny_pkl, tmp_path):
         assert (tmp_path / 'one' / f).read_bytes() == (tmp_path / 'two' / f).read_bytes(), f
     assert (tmp_path / 'one.png').read_bytes() == (tmp_path / 'two.png').read_bytes()
     assert PIL.Image.open(tmp_path / 'two.png').size == (3 * 8, 2 * 8)
+
+#----------------------------------------------------------------------------
+# EDM2's exact op sequence on request (edm2_exact, --edm2-exact); the fast path by default.
+
+class Latents:
+    """Encoder stand-in whose decode() returns the sampler's float output, so that runs compare bit for bit."""
+    def decode(self, x):
+        return x
+
+def count_fast_path(monkeypatch):
+    """List that grows by one per layer that the network evaluates on a path other than the reference one."""
+    from networks import edm2plus
+    calls, choose = [], edm2plus._path
+    def counted(module, x):
+        path = choose(module, x)
+        if path != 'reference':
+            calls.append(path)
+        return path
+    monkeypatch.setattr(edm2plus, '_path', counted)
+    return calls
+
+def test_edm2_exact_equals_reference_mode(tiny_net, monkeypatch):
+    from networks import edm2plus
+    calls = count_fast_path(monkeypatch)
+    kwargs = dict(seeds=[0, 1, 2, 7], max_batch_size=2, encoder=Latents(), gnet=make_tiny_net(seed=1), guidance=1.5)
+    exact = generate_all(tiny_net, edm2_exact=True, **kwargs)
+    assert calls == [] and edm2plus._fast_enabled  # reference path throughout, and only while generating
+    with edm2plus.reference_mode():
+        reference = generate_all(tiny_net, **kwargs)
+    fast = generate_all(tiny_net, **kwargs)
+    assert len(calls) > 0
+    for a, b, c in zip(exact, reference, fast):
+        assert torch.equal(a.images, b.images)
+        torch.testing.assert_close(c.images, a.images, rtol=0, atol=1e-4)  # same function, other rounding
+
+def test_cli_edm2_exact(tiny_pkl, tmp_path, monkeypatch):
+    from networks import edm2plus
+    calls = count_fast_path(monkeypatch)
+    args = ['--net', tiny_pkl, '--seeds=0-2', '--steps=4', '--class=1']
+    assert run_cli(args + ['--outdir', str(tmp_path / 'exact'), '--edm2-exact']).exit_code == 0
+    assert calls == []
+    with edm2plus.reference_mode():
+        assert run_cli(args + ['--outdir', str(tmp_path / 'reference')]).exit_code == 0
+    for seed in range(3):
+        name = f'{seed:06d}.png'
+        assert (tmp_path / 'exact' / name).read_bytes() == (tmp_path / 'reference' / name).read_bytes()
+    assert run_cli(args + ['--outdir', str(tmp_path / 'fast')]).exit_code == 0
+    assert len(calls) > 0
+    assert "EDM2's exact op sequence" in ' '.join(run_cli(['--help']).output.split())
+
+#----------------------------------------------------------------------------
+# Latent (ImageNet-512) networks need diffusers for their decoder: without it, one line with the install command,
+# before any network is loaded.
+
+INSTALL = 'pip install diffusers==0.26.3 accelerate==0.27.2'
+
+def test_latent_networks_without_diffusers(tiny_net, tiny_pkl, tmp_path, monkeypatch):
+    import sampling.generate as generate
+    from networks import export, loading
+    from training.encoders import StabilityVAEEncoder
+    monkeypatch.setattr(generate, '_diffusers_missing', lambda: True)  # as on this machine, wherever the test runs
+    latent_pkl, latent_pt = tmp_path / 'latent.pkl', tmp_path / 'latent.pt'
+    snapshot = dnnlib.EasyDict(encoder=StabilityVAEEncoder(), dataset_kwargs=dnnlib.EasyDict(), loss_fn=None,
+                               ema=copy.deepcopy(tiny_net).half())
+    with open(latent_pkl, 'wb') as f:
+        pickle.dump(snapshot, f)
+    export.export(str(latent_pkl), str(latent_pt), verbose=False)
+    assert generate.stored_encoder_name(latent_pkl) == generate.stored_encoder_name(latent_pt) == 'StabilityVAEEncoder'
+    assert generate.stored_encoder_name(tiny_pkl) == 'StandardRGBEncoder'
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError('a network was loaded')
+    monkeypatch.setattr(loading, 'load_snapshot', no_loading)
+    cases = [(['--net', str(latent_pkl)], f'--net={latent_pkl}'), (['--net', str(latent_pt)], f'--net={latent_pt}'),
+             (['--preset=edm2-img512-xs-fid'], '--preset=edm2-img512-xs-fid'),  # checked before any download
+             (['--preset=edm2-img512-s-autog-fid', '--guidance=1'], '--preset=edm2-img512-s-autog-fid')]
+    for args, name in cases:
+        result = run_cli(args + ['--outdir', str(tmp_path / 'out')])
+        assert result.exit_code == 1
+        assert result.output == (f'Error: {name}: its samples are Stable Diffusion VAE latents, and decoding them '
+                                 f'needs the diffusers package: {INSTALL}\n')
+    assert not os.path.exists(tmp_path / 'out')
+    # Pixel-space networks need no VAE.
+    generate.require_decoder(tiny_pkl)
+    generate.require_decoder(config_presets['edm2-img64-s-fid'].net)
+    # A network passed as a module: refused once its encoder is known, before the encoder is set up.
+    monkeypatch.setattr(StabilityVAEEncoder, 'init', no_loading)
+    with pytest.raises(generate.MissingPackageError, match=f'the network: .* {INSTALL}$'):
+        generate_images(tiny_net, encoder=StabilityVAEEncoder(), device='cpu', verbose=False)
 
 #----------------------------------------------------------------------------

@@ -376,6 +376,49 @@ def test_gen_streams_generated_images(image_folder, standins, tmp_path):
     result = runner.invoke(calculate_metrics.cmdline, ['gen', f'--net={tmp_path / "none.pkl"}', f'--ref={ref_path}'])
     assert result.exit_code == 1 and 'none.pkl: no such network file' in result.output
 
+def test_gen_edm2_exact_and_latent_networks(image_folder, standins, tmp_path, monkeypatch, one_thread):
+    import sampling.generate
+    from networks import edm2plus
+    from training.encoders import StabilityVAEEncoder
+    torch.manual_seed(0)
+    net = edm2plus.Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1, 2],
+                           num_blocks=1, attn_resolutions=[4]).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # nonzero gains: the network's output matters
+    net_path, ref_path = str(tmp_path / 'net.pkl'), str(tmp_path / 'ref.pkl')
+    with open(net_path, 'wb') as f:
+        pickle.dump(dnnlib.EasyDict(ema=net), f)
+    save_stats(final_stats(calculate_stats_for_files(image_folder[0], num_workers=0, metrics=['fid'], device='cpu',
+                                                     detectors=dict(fid=PoolDetector()), verbose=False)),
+               ref_path, verbose=False)
+    calls, fast = [], edm2plus.Block._forward_fast
+    def counted(self, x, emb):
+        calls.append(1)
+        return fast(self, x, emb)
+    monkeypatch.setattr(edm2plus.Block, '_forward_fast', counted)
+    runner = CliRunner()
+    args = ['gen', f'--net={net_path}', f'--ref={ref_path}', '--num=4', '--metrics=fid', f'--detector={standins.nvidia}']
+    def fid_line(result):
+        assert result.exit_code == 0, result.output
+        return [line for line in result.output.splitlines() if line.startswith('fid = ')][0]
+    # --edm2-exact: only the reference path runs, with exactly the result of reference_mode().
+    exact = fid_line(runner.invoke(calculate_metrics.cmdline, args + ['--edm2-exact']))
+    assert calls == []
+    with edm2plus.reference_mode():
+        assert fid_line(runner.invoke(calculate_metrics.cmdline, args)) == exact
+    fid_line(runner.invoke(calculate_metrics.cmdline, args))
+    assert len(calls) > 0  # the default is the fast path
+    # A latent network without diffusers: one line with the install command, before the reference is read.
+    monkeypatch.setattr(sampling.generate, '_diffusers_missing', lambda: True)
+    latent = str(tmp_path / 'latent.pkl')
+    with open(latent, 'wb') as f:
+        pickle.dump(dnnlib.EasyDict(encoder=StabilityVAEEncoder(), ema=net), f)
+    result = runner.invoke(calculate_metrics.cmdline, ['gen', f'--net={latent}', f'--ref={tmp_path / "none.pkl"}'])
+    assert result.exit_code == 1
+    assert result.output == (f'Error: --net={latent}: its samples are Stable Diffusion VAE latents, and decoding them '
+                             'needs the diffusers package: pip install diffusers==0.26.3 accelerate==0.27.2\n')
+
 #----------------------------------------------------------------------------
 # Detectors: loading order and errors, preprocessing.
 
@@ -441,7 +484,7 @@ def test_dinov2_preprocessing_and_errors(standins, image_folder, tmp_path, monke
     det = DINOv2Detector(path=standins.bare, device='cpu')
     x = det.preprocess(images)
     assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
-    # Antialiased bicubic resize of the float pixels, then ImageNet normalisation (spec §5.1).
+    # Antialiased bicubic resize of the float pixels, then ImageNet normalisation (docs/compatibility.md §8).
     resized = torch.nn.functional.interpolate(images.float(), size=(224, 224), mode='bicubic', antialias=True)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(x, (resized / 255 - mean[:, None, None]) / std[:, None, None])

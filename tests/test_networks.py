@@ -17,7 +17,7 @@ def tiny(block='A', **kw):
     return Precond(**{**TINY, 'block': block, **kw})
 
 #----------------------------------------------------------------------------
-# CONFIG A is EDM2's network: counts, names, shapes and order (spec §2.1, §2.8).
+# CONFIG A is EDM2's network: counts, names, shapes and order (EDM2 paper Fig. 21, Table 2).
 
 @pytest.mark.parametrize('name,channels,img_channels,expected', [
     ('img512-xxs', 64, 4, 31_309_029), ('img512-xs', 128, 4, 124_713_253), ('img512-s', 192, 4, 280_212_837),
@@ -103,7 +103,7 @@ def test_every_variant_trains_and_round_trips(block):
     assert torch.equal(copy(x, sigma, labels), net(x, sigma, labels))
 
 #----------------------------------------------------------------------------
-# Primitives and preconditioning (spec §2.8).
+# Primitives (EDM2 paper, Appendix B) and preconditioning (EDM paper, Table 1).
 
 def test_mp_primitives_preserve_magnitude():
     torch.manual_seed(1)
@@ -135,7 +135,7 @@ def test_forced_weight_normalisation_only_in_training():
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
 
 def test_attention_channel_layout():
-    """qkv channel (head*C_h + c)*3 + j holds q (j=0), k (1), v (2) (spec §10.5): permuting it changes the output."""
+    """qkv channel (head*C_h + c)*3 + j holds q (j=0), k (1), v (2) (EDM2's checkpoint layout): permuting it changes the output."""
     net = tiny('A').eval()
     blk = net.unet.enc['8x8_block0']
     assert blk.num_heads == 2

@@ -1,4 +1,4 @@
-"""Post-hoc EMA: profile mathematics (spec §3.1-§3.4), naming and std lists (§1.4, §3.6), reconstruction (§3.5)."""
+"""Post-hoc EMA (EDM2 paper Sec. 3): profile mathematics, naming and std lists, reconstruction."""
 
 import copy
 import os
@@ -18,7 +18,7 @@ from training import phema, posthoc
 # Profile mathematics.
 
 GAMMA_REFERENCE = {0.010: 96.994898, 0.050: 16.972199, 0.100: 6.937204, 0.130: 4.603597, 0.150: 3.557869,
-                   0.250: 0.719824}  # spec §3.1, verified against EDM2
+                   0.250: 0.719824}  # verified against EDM2
 
 
 def test_std_to_exp_reference_values():
@@ -45,7 +45,7 @@ def test_beta_reference_and_first_step():
 
 
 def test_correlation_matches_numerical_integral():
-    # ⟨f_a, f_b⟩ for unequal times, both orders, against a fine Riemann sum of the two profiles (spec §3.3).
+    # ⟨f_a, f_b⟩ for unequal times, both orders, against a fine Riemann sum of the two profiles.
     t = np.linspace(0, 3000, 3_000_001)[1:]
     def f(T, std):
         g = phema.std_to_exp(std)
@@ -107,7 +107,7 @@ def test_power_function_ema_tracking():
     got = ema.get()
     assert [suffix for _, suffix in got] == ['-0.050', '-0.100']
     for (ema_net, _), std in zip(got, [0.05, 0.1]):
-        # Closed form: step k has weight (k/n)^(γ+1) − ((k−1)/n)^(γ+1) (spec §3.2).
+        # Closed form: step k has weight (k/n)^(γ+1) − ((k−1)/n)^(γ+1).
         g = phema.std_to_exp(std)
         k = np.arange(1, 21)
         weights = (k / 20) ** (g + 1) - ((k - 1) / 20) ** (g + 1)
@@ -180,10 +180,10 @@ def test_parse_std_list():
         assert str(info.value) == message, text
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reconstruction from snapshots written in the real format (spec §2.10).
+# Reconstruction from snapshots written in the real format.
 
 BATCH = 256
-SNAPSHOT_STEPS = 16          # 4096 images: snapshot times are multiples of 1024 as the names require (spec §3.6)
+SNAPSHOT_STEPS = 16          # 4096 images: snapshot times are multiples of 1024 as the names require
 NUM_STEPS = 128
 TRACKED_STDS = [0.05, 0.075, 0.10]
 

@@ -1,4 +1,4 @@
-"""Sampler tests (spec §4.1–4.3): time steps, accuracy on Gaussian data with the exact denoiser, evaluation counts,
+"""Sampler tests: time steps, accuracy on Gaussian data with the exact denoiser, evaluation counts,
 guidance and the guidance interval, churn. Denoisers are plain closed-form callables, so these run in seconds."""
 
 import math
@@ -22,7 +22,7 @@ class GaussianDenoiser:
         self.sigmas = []
 
     def __call__(self, x, sigma, labels=None):
-        assert sigma.ndim == 0  # EDM2 calls the network with a 0-d tensor (spec §4.2).
+        assert sigma.ndim == 0  # EDM2 calls the network with a 0-d tensor.
         self.sigmas.append(float(sigma))
         return self.mu + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x - self.mu)
 
@@ -38,7 +38,7 @@ def relative_error(x, exact, mu=MU):
 def test_time_steps_match_edm2():
     t = edm_time_steps()
     assert t.dtype == torch.float32 and t.shape == (33,)
-    # Values of spec §4.1 (EDM2, float32).
+    # EDM2's values (float32).
     assert t[0].item() == pytest.approx(79.999985, abs=2e-6)
     assert t[0].item() != 80.0  # the float32 rounding EDM2 has
     assert t[1].item() == pytest.approx(66.93087, rel=1e-6)
@@ -106,7 +106,7 @@ def test_float64_and_callback():
     assert torch.equal(infos[-1].x, x)
 
 #----------------------------------------------------------------------------
-# Guidance (spec §4.3).
+# Guidance.
 
 class Constant:
     """Denoiser returning a constant; counts its calls and records their noise levels."""
@@ -175,7 +175,7 @@ def test_guidance_interval_is_respected():
         edm_sampler(GaussianDenoiser(), noise, gnet=never, guidance=2.0, guidance_interval=(2, 1))
 
 #----------------------------------------------------------------------------
-# Stochastic sampling (spec §4.2): churn only inside [S_min, S_max], noise only from randn_like.
+# Stochastic sampling: churn only inside [S_min, S_max], noise only from randn_like.
 
 def test_churn_draws_noise_only_inside_its_range_and_only_through_randn_like():
     noise = torch.randn([2, 2, 2, 2], generator=torch.Generator().manual_seed(4))

@@ -1,4 +1,4 @@
-"""The inference fast path of networks/edm2plus.py computes the same function as the reference path (issue 9).
+"""The inference fast path of networks/edm2plus.py computes the same function as the reference path.
 
 Three implementations are compared: the fast path (eval mode, no autograd), the reference path (EDM2's op sequence,
 `edm2plus.reference_mode()`), and tests/reference_net.py, an independent float64 transcription of the formulas.
@@ -51,7 +51,7 @@ def maxdiff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 #----------------------------------------------------------------------------
-# Every block variant, batch 1 (modulation folded into the depthwise weight) and batch 3 (explicit modulation).
+# Every block variant, at batch 1 and batch 3.
 
 @pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('block', list(BLOCK_VARIANTS))

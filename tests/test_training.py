@@ -1,5 +1,5 @@
-"""Training: loss and learning-rate formulas (spec §2.4, §2.6), the loop's outputs (§2.9-§2.13), resume, torchrun,
-atomic checkpoints, non-finite losses and bad input. All on CPU with a tiny network at 8x8."""
+"""Training: loss and learning-rate formulas (EDM2 paper eq. 15 and 21), the loop's outputs, resume, torchrun,
+atomic checkpoints, non-finite losses and weights, bad data and bad input. All on CPU with a tiny network at 8x8."""
 
 import json
 import os
@@ -148,6 +148,11 @@ def test_stats_line_format():
                     '"Loss/loss": NaN, "Loss/learning_rate": 4.96e-07, "timestamp": 1795629116.131}\n')
     assert np.isnan(json.loads(line)['Loss/loss'])
 
+def test_stats_line_writes_nan_for_every_non_finite_value():
+    line = tl.format_stats_line([('Progress/kimg', 2.048), ('Loss/loss', float('inf')), ('Loss/x', float('-inf')),
+                                 ('Loss/y', float('nan')), ('timestamp', 1.0)])
+    assert line == '{"Progress/kimg": 2.048, "Loss/loss": NaN, "Loss/x": NaN, "Loss/y": NaN, "timestamp": 1.000}\n'
+
 def test_batch_layout_and_intervals():
     assert tl.batch_layout(2048, 32, 8) == (32, 256, 8)
     assert tl.batch_layout(64, None, 2) == (32, 32, 1)
@@ -159,7 +164,7 @@ def test_batch_layout_and_intervals():
         tl.check_intervals(64, 1000)
 
 #----------------------------------------------------------------------------
-# The command line end to end: every output file and its format (spec §2.10-§2.13).
+# The command line end to end: every output file and its format.
 
 STATS_KEYS = ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timing/sec_per_kimg', 'Timing/maintenance_sec',
               'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb']
@@ -178,14 +183,14 @@ def test_cli_end_to_end(tmp_path):
     expected |= {f'network-snapshot-{k}-{s}.pkl' for k in kimgs for s in ['0.050', '0.100']}
     assert set(os.listdir(outdir)) == expected
 
-    # training_options.json: the config in spec §2.2's key order, plus ours.
+    # training_options.json: the config in EDM2's key order, plus ours.
     with open(os.path.join(outdir, 'training_options.json')) as f:
         c = json.load(f)
     assert list(c)[:6] == ['dataset_kwargs', 'encoder_kwargs', 'total_nimg', 'batch_size', 'network_kwargs', 'loss_kwargs']
     assert c['total_nimg'] == 2048 and c['network_kwargs']['block'] == 'G*' and c['network_kwargs']['channel_mult'] == [1, 2]
     assert c['lr_kwargs'] == dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.01, ref_batches=8.0, rampup_Mimg=0.0005)
 
-    # log.txt starts at the training loop and has the status lines (spec §1.1, §2.13).
+    # log.txt starts at the training loop and has the status lines.
     with open(os.path.join(outdir, 'log.txt')) as f:
         log = f.read()
     assert log.startswith('Loading dataset...\n')
@@ -209,7 +214,7 @@ def test_cli_end_to_end(tmp_path):
     assert all(np.isfinite(row['Loss/loss']) for row in rows[1:])
     assert rows[-1]['Loss/learning_rate'] == pytest.approx(np.mean([tl.learning_rate_schedule(n, 32, 0.01, 8, 0.0005) for n in range(1536, 2048, 32)]), rel=1e-5)
 
-    # Snapshots (spec §2.10): EasyDict(encoder, dataset_kwargs, loss_fn, ema) with an fp16 eval-mode CPU net.
+    # Snapshots: EasyDict(encoder, dataset_kwargs, loss_fn, ema) with an fp16 eval-mode CPU net.
     snap = load_snapshot(os.path.join(outdir, 'network-snapshot-0000002-0.050.pkl'), verbose=False)
     assert list(snap.keys()) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
     assert isinstance(snap.dataset_kwargs, dnnlib.EasyDict) and snap.dataset_kwargs.path == data
@@ -218,7 +223,7 @@ def test_cli_end_to_end(tmp_path):
     assert not any(p.requires_grad for p in snap.ema.parameters())
     assert (snap.ema.img_resolution, snap.ema.img_channels, snap.ema.label_dim) == (8, 3, 3)
 
-    # Training state (spec §2.10) loads with torch's safe weights-only loader.
+    # Training state loads with torch's safe weights-only loader.
     state = load_state(os.path.join(outdir, 'training-state-0000002.pt'))
     assert list(state) == ['state', 'net', 'loss_fn', 'optimizer', 'ema']
     assert state['state']['cur_nimg'] == 2048 and state['ema']['stds'] == [0.05, 0.1]
@@ -232,7 +237,7 @@ def test_cli_end_to_end(tmp_path):
     assert len(open(os.path.join(outdir, 'stats.jsonl')).read().splitlines()) == 5
 
 #----------------------------------------------------------------------------
-# Resume: interrupted + resumed == straight through, bit for bit (spec §2.11).
+# Resume: interrupted + resumed == straight through, bit for bit.
 
 @pytest.fixture(scope='module')
 def straight_run(tmp_path_factory):
@@ -302,13 +307,25 @@ def test_kill_during_checkpoint_write_leaves_no_partial_file(straight_run, tmp_p
 # Wall-clock limit: stops at a multiple of 1024 images with a final snapshot and checkpoint.
 
 def test_time_limit_stops_with_snapshot_and_checkpoint(tmp_path, capsys):
+    from training import posthoc
     data = make_dataset(tmp_path / 'data')
     run_dir = str(tmp_path / 'run')
-    cur = tl.training_loop(run_dir=run_dir, time_limit=1e-3, **tiny_config(data, total_nimg=4096, snapshot_nimg=4096, checkpoint_nimg=4096))
+    cur = tl.training_loop(run_dir=run_dir, time_limit=1e-3, **tiny_config(data, total_nimg=4096, snapshot_nimg=2048, checkpoint_nimg=4096))
     assert cur == 1024
-    files = set(os.listdir(run_dir))
-    assert {'training-state-0000001.pt', 'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl'} <= files
     assert 'Stopped at the time limit' in capsys.readouterr().out
+    # Off the snapshot interval, the final snapshots are named so that post-hoc EMA does not take them as inputs;
+    # the training state is saved as usual, and the post-hoc EMA inputs are those of EDM2's schedule.
+    assert set(os.listdir(run_dir)) == {'stats.jsonl', 'training-state-0000001.pt', 'network-snapshot-0000000-0.050.pkl',
+                                        'network-snapshot-0000000-0.100.pkl', 'network-snapshot-0000001-0.050-stop.pkl',
+                                        'network-snapshot-0000001-0.100-stop.pkl'}
+    assert [p.nimg for p in posthoc.list_input_pickles(run_dir)] == [0, 0]
+    assert load_snapshot(os.path.join(run_dir, 'network-snapshot-0000001-0.100-stop.pkl'), verbose=False).ema.img_resolution == 8
+    # Resumed and stopped again on the interval (2048): the ordinary names.
+    cur = tl.training_loop(run_dir=run_dir, time_limit=1e-3, **tiny_config(data, total_nimg=4096, snapshot_nimg=2048, checkpoint_nimg=4096))
+    assert cur == 2048
+    assert {'network-snapshot-0000002-0.050.pkl', 'training-state-0000002.pt'} <= set(os.listdir(run_dir))
+    assert not any(f.startswith('network-snapshot-0000002') and f.endswith('-stop.pkl') for f in os.listdir(run_dir))
+    assert [p.nimg for p in posthoc.list_input_pickles(run_dir)] == [0, 0, 2048, 2048]
 
 #----------------------------------------------------------------------------
 # Non-finite values: gradients are zeroed, a whole tick of NaN loss gives a warning.
@@ -337,18 +354,150 @@ def test_non_finite_gradients_are_zeroed(tmp_path, capsys):
     assert np.isfinite(rows[-1]['Loss/loss'])           # finite elements still reported
     assert 'Warning' not in capsys.readouterr().out
 
+    # NaN throughout a tick: the run stops there with a one-line error, before any later save.
     run_dir = str(tmp_path / 'run_nan')
     c['loss_kwargs'] = dict(class_name=NaNLoss, everywhere=True)
-    tl.training_loop(run_dir=run_dir, **c)
-    out = capsys.readouterr().out
-    assert 'Warning: the loss was NaN/Inf throughout the tick ending at kimg 0.5' in out
-    state = load_state(os.path.join(run_dir, 'training-state-0000001.pt'))
-    assert all(torch.isfinite(v).all() for v in state['net'].values())
+    with pytest.raises(tl.TrainingError) as info:
+        tl.training_loop(run_dir=run_dir, **c)
+    assert str(info.value).startswith('the loss was NaN/Inf throughout the tick ending at kimg 0.5; stopped without saving')
+    assert '\n' not in str(info.value)
+    assert sorted(os.listdir(run_dir)) == ['stats.jsonl']
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
-    assert np.isnan(rows[-1]['Loss/loss'])
+    assert np.isnan(rows[-1]['Loss/loss']) and rows[-1]['Progress/kimg'] == 0.512
+
+class PoisonedAdam(torch.optim.Adam):
+    """Adam that writes NaN into the first parameter at its `at`-th step."""
+    def __init__(self, params, at, **kwargs):
+        super().__init__(params, **kwargs)
+        self.at, self.steps = at, 0
+
+    def step(self, closure=None):
+        super().step(closure)
+        self.steps += 1
+        if self.steps == self.at:
+            self.param_groups[0]['params'][0].data.fill_(float('nan'))
+
+def snapshot_files(run_dir):
+    """Contents of every file in run_dir except the appended logs (stats.jsonl, log.txt)."""
+    return {name: open(os.path.join(run_dir, name), 'rb').read() for name in sorted(os.listdir(run_dir))
+            if name not in ('stats.jsonl', 'log.txt')}
+
+def test_non_finite_weights_stop_before_any_save(tmp_path):
+    data = make_dataset(tmp_path / 'data')
+    run_dir = str(tmp_path / 'run')
+    c = tiny_config(data, total_nimg=2048, status_nimg=512, snapshot_nimg=1024, checkpoint_nimg=1024)
+    tl.training_loop(run_dir=run_dir, **dict(c, total_nimg=1024))
+    before = snapshot_files(run_dir)
+    assert sorted(before) == ['network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+                              'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
+                              'training-state-0000001.pt']
+    # Resumed at 1024; the weights turn NaN at step 10 after the resume, i.e. during the tick ending at 1.536 kimg,
+    # whose status check stops the run before the snapshot and training state of 2.048 kimg.
+    c['optimizer_kwargs'] = dict(class_name=PoisonedAdam, at=10, betas=(0.9, 0.99))
+    with pytest.raises(tl.TrainingError) as info:
+        tl.training_loop(run_dir=run_dir, **c)
+    assert str(info.value).startswith('the weights are no longer finite at kimg 1.5 (net.')
+    assert snapshot_files(run_dir) == before  # byte-identical, nothing added
+
+def test_cli_diverging_lr_exits_with_one_line_and_keeps_files(tmp_path):
+    data = make_dataset(tmp_path / 'data')
+    outdir = str(tmp_path / 'run')
+    args = TINY_CLI + [f'--data={data}', f'--outdir={outdir}', '--batch=32', '--status=512', '--snapshot=1Ki',
+                       '--checkpoint=1Ki', '--lr=0.01', '--decay=8', '--rampup=0.0005', '--workers=0']
+    run_cli(args + ['--duration=1Ki'])
+    before = snapshot_files(outdir)
+    proc = run_cli([a for a in args if not a.startswith('--lr=')] + ['--duration=2Ki', '--lr=1e38'], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and re.fullmatch(r'Error: the (weights are no longer finite at kimg 1\.5 \(net\..*\)|loss was '
+                                             r'NaN/Inf throughout the tick ending at kimg 1\.5); stopped without saving.*',
+                                             errors[0]), proc.stderr
+    assert 'Traceback' not in proc.stdout + proc.stderr
+    assert snapshot_files(outdir) == before
+    assert open(os.path.join(outdir, 'log.txt')).read().rstrip().endswith(errors[0])
 
 #----------------------------------------------------------------------------
-# Two processes under torchrun with gloo (spec §2.14).
+# Resume from the newest readable training state; a truncated one is named and set aside, never deleted.
+
+def test_truncated_newest_state_is_set_aside(straight_run, tmp_path, capsys):
+    import shutil
+    data, straight_dir = straight_run
+    run_dir = str(tmp_path / 'run')
+    shutil.copytree(straight_dir, run_dir)
+    newest = os.path.join(run_dir, 'training-state-0000002.pt')
+    with open(newest, 'rb') as f:
+        truncated = f.read()
+    truncated = truncated[:len(truncated) // 2]
+    with open(newest, 'wb') as f:
+        f.write(truncated)
+    os.remove(os.path.join(run_dir, 'stats.jsonl'))
+    capsys.readouterr()
+    assert tl.training_loop(run_dir=run_dir, **tiny_config(data)) == 2048
+    out = capsys.readouterr().out
+    assert f'Warning: {newest}: unreadable training state (BadZipFile: ' in out
+    assert f'Set aside as {newest}.corrupt' in out
+    assert f'Loading {os.path.join(run_dir, "training-state-0000001.pt")} ... done' in out
+    with open(newest + '.corrupt', 'rb') as f:
+        assert f.read() == truncated                     # kept as it was
+    a, b = load_state(os.path.join(straight_dir, 'training-state-0000002.pt')), load_state(newest)
+    assert_states_equal(a['net'], b['net'], 'net')       # retrained from 1 kimg: the same result
+    assert_states_equal(a['ema'], b['ema'], 'ema')
+
+def test_no_readable_state_left_is_an_error(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'training-state-0000001.pt').write_bytes(b'PK\x03\x04 cut short')
+    (run_dir / 'network-snapshot-0000001-0.050.pkl').write_bytes(b'an earlier snapshot')
+    data = make_dataset(tmp_path / 'data')
+    with pytest.raises(tl.TrainingError) as info:
+        tl.training_loop(run_dir=str(run_dir), **tiny_config(data))
+    assert str(info.value) == (f'{run_dir}: no readable training state left to resume from (set aside: '
+                               'training-state-0000001.pt); not starting over in this directory')
+    assert sorted(os.listdir(run_dir)) == ['network-snapshot-0000001-0.050.pkl', 'training-state-0000001.pt.corrupt']
+    assert (run_dir / 'network-snapshot-0000001-0.050.pkl').read_bytes() == b'an earlier snapshot'
+    assert (run_dir / 'training-state-0000001.pt.corrupt').read_bytes() == b'PK\x03\x04 cut short'
+
+def test_state_that_cannot_be_applied_is_a_one_line_error(straight_run, tmp_path):
+    import shutil
+    data, straight_dir = straight_run
+    run_dir = str(tmp_path / 'run')
+    shutil.copytree(straight_dir, run_dir)
+    c = tiny_config(data, total_nimg=4096)
+    c['network_kwargs'] = dict(TINY_NET, model_channels=32)  # Not the network the state was trained with.
+    with pytest.raises(tl.TrainingError) as info:
+        tl.training_loop(run_dir=run_dir, **c)
+    message = str(info.value)
+    assert message.startswith(os.path.join(run_dir, 'training-state-0000002.pt') + ': cannot resume from this training state (RuntimeError: ')
+    assert '\n' not in message
+    assert os.path.isfile(os.path.join(run_dir, 'training-state-0000002.pt'))  # a readable file is not set aside
+
+#----------------------------------------------------------------------------
+# A corrupt image met during training: one line naming the file inside the zip, nothing saved from that step.
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_corrupt_image_in_zip_during_training(tmp_path, workers):
+    import zipfile
+    folder = make_dataset(tmp_path / 'data')
+    data = str(tmp_path / 'data.zip')
+    with zipfile.ZipFile(data, 'w') as z:
+        for name in sorted(os.listdir(folder)):
+            content = open(os.path.join(folder, name), 'rb').read()
+            z.writestr(name, b'\x89PNG\r\n\x1a\n' + b'\x00' * 30 if name == 'img017.png' else content)
+    outdir = str(tmp_path / 'run')
+    args = TINY_CLI + [f'--data={data}', f'--outdir={outdir}', '--batch=32', '--duration=2Ki', '--status=512',
+                       '--snapshot=1Ki', '--checkpoint=1Ki', f'--workers={workers}']
+    proc = run_cli(args, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and 'Traceback' not in proc.stdout + proc.stderr, proc.stderr
+    assert errors[0].startswith(f'Error: {os.path.join(data, "img017.png")}: cannot decode image (')
+    assert re.search(r'\(in the step after kimg 0\.0; stopped without saving anything from that step\)$', errors[0])
+    # Only what the run wrote before that step (the snapshots at 0 kimg): no training state.
+    assert sorted(f for f in os.listdir(outdir) if f.endswith(('.pkl', '.pt'))) == \
+        ['network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl']
+
+#----------------------------------------------------------------------------
+# Two processes under torchrun with gloo.
 
 def test_torchrun_two_processes(tmp_path):
     data = make_dataset(tmp_path / 'data')
@@ -371,7 +520,7 @@ def test_torchrun_two_processes(tmp_path):
     assert open(os.path.join(outdir, 'log.txt')).read().startswith('Loading dataset...')
 
 #----------------------------------------------------------------------------
-# Bad input: one-line errors that name the option and the file (spec §1.1).
+# Bad input: one-line errors that name the option and the file.
 
 def test_bad_dataset_and_options(tmp_path):
     import train_edm2plus
@@ -409,5 +558,24 @@ def test_bad_dataset_and_options(tmp_path):
     assert result.exit_code == 0 and result.stdout.rstrip().endswith('Dry run; exiting.')
     assert '"block": "G*"' in result.stdout and '"model_channels": 16' in result.stdout
     assert not os.path.exists(outdir)
+
+#----------------------------------------------------------------------------
+
+def test_bad_labels_are_one_line_errors(tmp_path):
+    import train_edm2plus
+    outdir = str(tmp_path / 'run')
+    for idx, (labels, message) in enumerate([
+            (dict(labels=[[f'img{i:03d}.png', 7 if i == 2 else i % 3] for i in range(4)], num_classes=3),
+             'invalid labels (the label of img002.png is 7; class labels must be 0..2)'),
+            (dict(labels=[[f'img{i:03d}.png', -1 if i == 3 else 0] for i in range(4)]),
+             'invalid labels (the label of img003.png is -1; class labels must not be negative)'),
+            (dict(labels=[[f'img{i:03d}.png', 0] for i in range(2)]), 'no label for img002.png (and 1 more of 4 images)')]):
+        data = make_dataset(tmp_path / f'data{idx}', num_images=4)
+        with open(os.path.join(data, 'dataset.json'), 'w') as f:
+            json.dump(labels, f)
+        result = click.testing.CliRunner().invoke(train_edm2plus.cmdline, TINY_CLI + [f'--data={data}', f'--outdir={outdir}'])
+        assert result.exit_code == 1
+        assert result.stderr == f'Error: --data: {os.path.join(data, "dataset.json")}: {message}\n'
+        assert not os.path.exists(outdir)
 
 #----------------------------------------------------------------------------

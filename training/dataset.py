@@ -1,10 +1,15 @@
-"""Datasets of images (PNG etc.) or VAE latents (.npy) in a folder or zip, with EDM2's semantics (spec §6.1).
+"""Datasets of images (PNG etc.) or VAE latents (.npy) in a folder or zip, with labels from `dataset.json`.
+
+The format is EDM2's: image files sorted by relative name, labels in a root file dataset.json as
+`{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`. Beyond EDM2, dataset.json may say
+`"num_classes": N`; every class label must then be below N and the one-hot vectors have length N.
 
 Every error about the data is an OSError (the dataset cannot be read) or a ValueError (its content is wrong) whose
 one-line message starts with the file it is about, e.g. `datasets/x.zip/00000/img00000003.png: cannot decode image
 (...)`, so that tools can show it as is (`--data: <message>`).
 """
 
+import io
 import json
 import os
 import zipfile
@@ -15,201 +20,253 @@ import torch
 
 import dnnlib
 
-try:
-    import pyspng # Optional, faster PNG decoding.
-except ImportError:
-    pyspng = None
+def _optional_pyspng():
+    # pyspng decodes PNGs faster than Pillow, to the same pixels; use it when it is installed.
+    try:
+        import pyspng  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    return pyspng
+
+_pyspng = _optional_pyspng()
 
 #----------------------------------------------------------------------------
-# Base class: index bookkeeping (subset, x-flips), labels and properties. Subclasses provide the raw images.
+# Which raw items a dataset shows, in which order, and which of them mirrored.
+
+def select_items(num_raw, max_size=None, xflip=False, random_seed=0):
+    """(raw index per item, x-flip flag per item).
+
+    A subset of `max_size` items is a seeded random choice that keeps the files' order: the first `max_size` of a
+    permutation drawn by RandomState(random_seed mod 2^31), sorted. `xflip` appends a mirrored copy of every item.
+    """
+    raw_idx = np.arange(num_raw, dtype=np.int64)
+    if max_size is not None and max_size < num_raw:
+        permutation = np.random.RandomState(random_seed % (1 << 31)).permutation(num_raw)
+        raw_idx = np.sort(permutation[:max_size]).astype(np.int64)
+    copies = 2 if xflip else 1
+    flags = np.repeat(np.arange(copies, dtype=np.uint8), raw_idx.size)
+    return np.tile(raw_idx, copies), flags
+
+#----------------------------------------------------------------------------
+# Base class: items, labels and properties on top of a subclass's raw images. A subclass provides
+# `_load_raw_image(raw_idx)` -> CHW ndarray and `_load_raw_labels()` -> int64 [N] / float32 [N, D] / None, and may
+# override `_describe_item(raw_idx)` (how errors name an item) and `close()`.
 
 class Dataset(torch.utils.data.Dataset):
-    def __init__(self,
-        name,                   # Name of the dataset.
-        raw_shape,              # Shape of the raw image data (NCHW).
-        use_labels  = True,     # Enable conditioning labels? False = label dimension is zero.
-        max_size    = None,     # Artificially limit the size of the dataset. None = no limit.
-        xflip       = False,    # Artificially double the size of the dataset via x-flips.
-        random_seed = 0,        # Random seed to use when applying max_size.
-        cache       = False,    # Keep decoded images in memory?
-    ):
+    def __init__(self, name, raw_shape, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False):
         self._name = name
-        self._raw_shape = list(raw_shape)
+        self._raw_shape = list(raw_shape)           # [N, C, H, W]; C, H, W taken from the first image.
         self._use_labels = use_labels
-        self._cache = cache
-        self._cached_images = dict() # raw_idx -> np.ndarray
-        self._raw_labels = None
-        self._label_shape = None
+        self._image_cache = {} if cache else None    # raw index -> decoded image
+        self._raw_labels = None                     # Loaded on first use ...
+        self._label_shape = None                    # ... together with this.
+        self._num_classes = None                    # One-hot length of class labels, if the dataset states it.
+        self._raw_idx, self._xflip = select_items(self._raw_shape[0], max_size, xflip, random_seed)
 
-        # Subset: a seeded shuffle picks which raw items to keep; they stay in their original order (spec §6.1).
-        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
-        if max_size is not None and self._raw_idx.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
-            self._raw_idx = np.sort(self._raw_idx[:max_size])
+    def _load_raw_image(self, raw_idx):
+        raise NotImplementedError(f'{type(self).__name__} does not read images')
 
-        # X-flips: the index list is repeated, the second copy flipped.
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
-        if xflip:
-            self._raw_idx = np.tile(self._raw_idx, 2)
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+    def _load_raw_labels(self):
+        return None
 
-    def _get_raw_labels(self):
-        if self._raw_labels is None:
-            self._raw_labels = self._load_raw_labels() if self._use_labels else None
-            if self._raw_labels is None:
-                self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
-            assert isinstance(self._raw_labels, np.ndarray)
-            assert self._raw_labels.shape[0] == self._raw_shape[0]
-            assert self._raw_labels.dtype in [np.float32, np.int64]
-            if self._raw_labels.dtype == np.int64:
-                assert self._raw_labels.ndim == 1
-                assert np.all(self._raw_labels >= 0)
-        return self._raw_labels
-
-    def close(self): # to be overridden by subclass
-        pass
-
-    def _load_raw_image(self, raw_idx): # to be overridden by subclass
-        raise NotImplementedError
-
-    def _load_raw_labels(self): # to be overridden by subclass
-        raise NotImplementedError
-
-    def _describe_item(self, raw_idx): # to be overridden by subclass: names the item in error messages
+    def _describe_item(self, raw_idx):
         return f'{self._name}[{raw_idx}]'
 
-    def __getstate__(self):
-        return dict(self.__dict__, _raw_labels=None)
+    def close(self):
+        """Release open files; the dataset reopens them when used again."""
 
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # pylint: disable=broad-except
             pass
 
-    def __len__(self):
-        return self._raw_idx.size
+    def __getstate__(self):
+        return dict(self.__dict__, _raw_labels=None, _label_shape=None)
 
-    def __getitem__(self, idx):
-        raw_idx = self._raw_idx[idx]
-        image = self._cached_images.get(raw_idx, None)
+    def _labels(self):
+        if self._raw_labels is None:
+            labels = self._load_raw_labels() if self._use_labels else None
+            if labels is None:
+                labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+            if labels.ndim == 2:
+                self._label_shape = list(labels.shape[1:])
+            else:  # Class labels: one-hot vectors, as long as the stated class count or the largest label + 1.
+                self._label_shape = [self._num_classes if self._num_classes is not None else int(labels.max(initial=-1)) + 1]
+            self._raw_labels = labels
+        return self._raw_labels
+
+    def _image(self, raw_idx):
+        image = None if self._image_cache is None else self._image_cache.get(raw_idx)
         if image is None:
             image = self._load_raw_image(raw_idx)
-            self._check_image(raw_idx, image)
-            if self._cache:
-                self._cached_images[raw_idx] = image
+            if list(image.shape) != self._raw_shape[1:]:
+                raise ValueError(f'{self._describe_item(raw_idx)}: image shape {list(image.shape)} differs from the '
+                                 f'dataset\'s {self._raw_shape[1:]} (taken from the first image)')
+            if self._image_cache is not None:
+                self._image_cache[raw_idx] = image
+        return image
+
+    def __len__(self):
+        return len(self._raw_idx)
+
+    def __getitem__(self, idx):
+        image = self._image(int(self._raw_idx[idx]))
         if self._xflip[idx]:
-            assert image.ndim == 3 # CHW
-            image = image[:, :, ::-1]
+            image = np.flip(image, axis=2)  # CHW: mirror the width axis.
         return image.copy(), self.get_label(idx)
 
-    def _check_image(self, raw_idx, image):
-        if list(image.shape) != self._raw_shape[1:]:
-            raise ValueError(f'{self._describe_item(raw_idx)}: image shape {list(image.shape)} differs from the '
-                             f'dataset\'s {self._raw_shape[1:]} (taken from the first image)')
-
     def get_label(self, idx):
-        label = self._get_raw_labels()[self._raw_idx[idx]]
-        if label.dtype == np.int64:
-            onehot = np.zeros(self.label_shape, dtype=np.float32)
-            onehot[label] = 1
-            label = onehot
-        return label.copy()
+        """float32 label vector of item `idx`: one-hot for class labels, the stored vector otherwise."""
+        raw = self._labels()[self._raw_idx[idx]]
+        if raw.ndim == 0:
+            return (np.arange(self.label_dim) == raw).astype(np.float32)
+        return np.array(raw, dtype=np.float32)
 
     def get_details(self, idx):
-        d = dnnlib.EasyDict()
-        d.raw_idx = int(self._raw_idx[idx])
-        d.xflip = (int(self._xflip[idx]) != 0)
-        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
-        return d
+        raw_idx = int(self._raw_idx[idx])
+        return dnnlib.EasyDict(raw_idx=raw_idx, xflip=bool(self._xflip[idx]), raw_label=self._labels()[raw_idx].copy())
 
     @property
     def name(self):
         return self._name
 
     @property
-    def image_shape(self): # [CHW]
-        return list(self._raw_shape[1:])
+    def image_shape(self):
+        """[C, H, W] of every item."""
+        return self._raw_shape[1:]
 
     @property
     def num_channels(self):
-        assert len(self.image_shape) == 3 # CHW
         return self.image_shape[0]
 
     @property
     def resolution(self):
-        assert len(self.image_shape) == 3 # CHW
-        assert self.image_shape[1] == self.image_shape[2]
-        return self.image_shape[1]
+        _, height, width = self.image_shape
+        if height != width:
+            raise ValueError(f'{self._name}: images are {width}x{height}, not square')
+        return height
+
+    @property
+    def has_onehot_labels(self):
+        return self._labels().ndim == 1
 
     @property
     def label_shape(self):
-        if self._label_shape is None:
-            raw_labels = self._get_raw_labels()
-            if raw_labels.dtype == np.int64:
-                self._label_shape = [int(np.max(raw_labels)) + 1] if raw_labels.size else [0]
-            else:
-                self._label_shape = list(raw_labels.shape[1:])
+        self._labels()
         return list(self._label_shape)
 
     @property
     def label_dim(self):
-        assert len(self.label_shape) == 1
-        return self.label_shape[0]
+        (dim,) = self.label_shape
+        return dim
 
     @property
     def has_labels(self):
-        return any(x != 0 for x in self.label_shape)
-
-    @property
-    def has_onehot_labels(self):
-        return self._get_raw_labels().dtype == np.int64
+        return self.label_dim != 0
 
 #----------------------------------------------------------------------------
 # Images (any Pillow format) or latents (.npy) in a folder or a zip archive, labels in `dataset.json`.
 
-def _file_ext(name):
-    return os.path.splitext(name)[1].lower()
+def _ext(fname):
+    return os.path.splitext(fname)[1].lower()
+
+def decode_array(fname, data):
+    """The bytes of file `fname` -> CHW ndarray: latents as stored ([-1, H, W]), images HW(C) -> CHW."""
+    if _ext(fname) == '.npy':
+        array = np.load(io.BytesIO(data))
+        return array.reshape(-1, *array.shape[-2:])
+    if _ext(fname) == '.png' and _pyspng is not None:
+        array = _pyspng.load(data)
+    else:
+        array = np.array(PIL.Image.open(io.BytesIO(data)))
+    if array.ndim == 2:  # Grey: one channel.
+        array = array[:, :, np.newaxis]
+    return array.transpose(2, 0, 1)
+
+def parse_labels(text, keys, where):
+    """dataset.json content -> (int64 [N] class labels, float32 [N, D] vectors, or None; stated class count or None).
+
+    `keys` are the images' '/'-separated names. Every image needs a label; class labels are non-negative integers,
+    below `num_classes` when the file states it.
+    """
+    try:
+        doc = json.loads(text)
+        mapping = doc['labels']
+        mapping = dict(mapping) if mapping is not None else None
+        num_classes = doc.get('num_classes')
+    except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f'{where}: not a valid dataset.json ({type(e).__name__}: {e})') from None
+    if mapping is None:
+        return None, None
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        more = f' (and {len(missing) - 1} more of {len(keys)} images)' if len(missing) > 1 else ''
+        raise ValueError(f'{where}: no label for {missing[0]}{more}')
+    values = [mapping[key] for key in keys]
+    def invalid(key, rule):
+        return ValueError(f'{where}: invalid labels (the label of {key} is {json.dumps(mapping[key])}; {rule})')
+
+    is_index = [type(value) is int for value in values]  # pylint: disable=unidiomatic-typecheck  (bool is no label)
+    if all(is_index):
+        if num_classes is not None and (type(num_classes) is not int or num_classes <= 0):  # pylint: disable=unidiomatic-typecheck
+            raise ValueError(f'{where}: num_classes must be a positive integer, got {json.dumps(num_classes)}')
+        too_large = next((key for key, value in zip(keys, values) if abs(value) >= 1 << 62), None)
+        if too_large is not None:
+            raise invalid(too_large, 'not a usable class label')
+        labels = np.array(values, dtype=np.int64)
+        upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
+        bad = np.flatnonzero((labels < 0) | (labels >= upper))
+        if bad.size:
+            rule = f'class labels must be 0..{num_classes - 1}' if num_classes is not None else 'class labels must not be negative'
+            raise invalid(keys[bad[0]], rule)
+        return labels, num_classes
+
+    rule = 'labels must be class indices or vectors of numbers'
+    if is_index[0]:  # Class labels, as the first one is: name the first that is not.
+        raise invalid(keys[is_index.index(False)], rule)
+    # Otherwise: vectors of numbers, all of one length.
+    width = len(values[0]) if isinstance(values[0], list) else None
+    for key, value in zip(keys, values):
+        if not (isinstance(value, list) and len(value) == width and all(type(v) in (int, float) for v in value)):  # pylint: disable=unidiomatic-typecheck
+            raise invalid(key, rule + (
+                f' of one length ({width})' if isinstance(value, list) and width is not None and len(value) != width else ''))
+    return np.array(values).astype(np.float32), None
 
 class ImageFolderDataset(Dataset):
-    def __init__(self,
-        path,                   # Path to directory or zip.
-        resolution      = None, # Ensure specific resolution, None = anything goes.
-        **super_kwargs,         # Additional arguments for the Dataset base class.
-    ):
+    def __init__(self, path, resolution=None, **kwargs):
+        # kwargs: use_labels, max_size, xflip, random_seed, cache (see Dataset).
         self._path = path
         self._zipfile = None
         self._zipfile_pid = None
-
-        if os.path.isdir(self._path):
+        if os.path.isdir(path):
             self._type = 'dir'
-            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path)
-                                for root, _dirs, files in os.walk(self._path) for fname in files}
-        elif _file_ext(self._path) == '.zip' and os.path.isfile(self._path):
+            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=path)
+                                for root, _dirs, files in os.walk(path) for fname in files}
+        elif _ext(path) == '.zip' and os.path.isfile(path):
             self._type = 'zip'
             self._all_fnames = set(self._get_zipfile().namelist())
-        elif not os.path.exists(self._path):
-            raise IOError(f'{self._path}: no such file or directory (Path must point to a directory or zip)')
+        elif not os.path.exists(path):
+            raise IOError(f'{path}: no such file or directory (Path must point to a directory or zip)')
         else:
-            raise IOError(f'{self._path}: Path must point to a directory or zip')
+            raise IOError(f'{path}: Path must point to a directory or zip')
 
         PIL.Image.init()
-        supported_ext = set(PIL.Image.EXTENSION.keys()) | {'.npy'}
-        self._image_fnames = sorted(fname for fname in self._all_fnames if _file_ext(fname) in supported_ext)
-        if len(self._image_fnames) == 0:
-            raise IOError(f'{self._path}: No image files found in the specified path')
+        readable = set(PIL.Image.EXTENSION) | {'.npy'}
+        self._image_fnames = sorted(fname for fname in self._all_fnames if _ext(fname) in readable)
+        if not self._image_fnames:
+            raise IOError(f'{path}: No image files found in the specified path')
 
-        name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         first = self._load_raw_image(0)
-        raw_shape = [len(self._image_fnames)] + list(first.shape)
         self._first_dtype = first.dtype
-        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
-            raise IOError(f'{self._path}: Image files do not match the specified resolution '
-                          f'({raw_shape[3]}x{raw_shape[2]} instead of {resolution}x{resolution})')
-        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+        channels, height, width = first.shape
+        if resolution is not None and (height, width) != (resolution, resolution):
+            raise IOError(f'{path}: Image files do not match the specified resolution '
+                          f'({width}x{height} instead of {resolution}x{resolution})')
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        super().__init__(name=name, raw_shape=[len(self._image_fnames), channels, height, width], **kwargs)
 
     def _get_zipfile(self):
-        assert self._type == 'zip'
         # A handle inherited from another process (forked data-loader workers) shares its file offset with the
         # parent: reopen instead.
         if self._zipfile is None or self._zipfile_pid != os.getpid():
@@ -220,18 +277,18 @@ class ImageFolderDataset(Dataset):
             self._zipfile_pid = os.getpid()
         return self._zipfile
 
-    def _open_file(self, fname):
-        if self._type == 'dir':
-            return open(os.path.join(self._path, fname), 'rb')
+    def _read_bytes(self, fname):
+        """Content of the file `fname` (relative to the dataset root)."""
         if self._type == 'zip':
-            return self._get_zipfile().open(fname, 'r')
-        return None
-
-    def _describe_item(self, raw_idx):
-        return self._describe_file(self._image_fnames[raw_idx])
+            return self._get_zipfile().read(fname)
+        with open(os.path.join(self._path, fname), 'rb') as f:
+            return f.read()
 
     def _describe_file(self, fname):
         return os.path.join(self._path, fname.replace('/', os.sep))
+
+    def _describe_item(self, raw_idx):
+        return self._describe_file(self._image_fnames[raw_idx])
 
     def close(self):
         try:
@@ -245,19 +302,9 @@ class ImageFolderDataset(Dataset):
 
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
-        ext = _file_ext(fname)
         try:
-            with self._open_file(fname) as f:
-                if ext == '.npy':
-                    image = np.load(f)
-                    image = image.reshape(-1, *image.shape[-2:]) # [C,H,W] latents stay as they are.
-                elif ext == '.png' and pyspng is not None:
-                    image = pyspng.load(f.read())
-                    image = image.reshape(*image.shape[:2], -1).transpose(2, 0, 1) # HW(C) => CHW
-                else:
-                    image = np.array(PIL.Image.open(f))
-                    image = image.reshape(*image.shape[:2], -1).transpose(2, 0, 1) # HW(C) => CHW
-        except Exception as e: # Any decoder failure means a corrupt or unreadable file.
+            image = decode_array(fname, self._read_bytes(fname))
+        except Exception as e:  # pylint: disable=broad-except  (any decoder failure: a corrupt or unreadable file)
             raise IOError(f'{self._describe_file(fname)}: cannot decode image ({type(e).__name__}: {e})') from None
         if raw_idx != 0 and image.dtype != self._first_dtype:
             raise ValueError(f'{self._describe_file(fname)}: pixel type {image.dtype} differs from the dataset\'s '
@@ -265,33 +312,15 @@ class ImageFolderDataset(Dataset):
         return image
 
     def _load_raw_labels(self):
-        # dataset.json: {"labels": null} or {"labels": [["00000/img00000000.png", 6], ...]} (spec §6.1).
-        fname = 'dataset.json'
-        if fname not in self._all_fnames:
+        if 'dataset.json' not in self._all_fnames:
             return None
-        where = self._describe_file(fname)
+        where = self._describe_file('dataset.json')
         try:
-            with self._open_file(fname) as f:
-                labels = json.load(f)['labels']
-            if labels is None:
-                return None
-            labels = dict(labels)
-        except Exception as e:
-            raise ValueError(f'{where}: not a valid dataset.json ({type(e).__name__}: {e})') from None
-        values = []
-        for fname in self._image_fnames:
-            key = fname.replace('\\', '/')
-            if key not in labels:
-                raise ValueError(f'{where}: no label for {key}')
-            values.append(labels[key])
-        try:
-            values = np.array(values)
-            if values.ndim not in (1, 2) or values.dtype.kind not in 'iuf' or (values.ndim == 1 and values.dtype.kind == 'f'):
-                raise ValueError(f'labels must be class indices or vectors of numbers, got {values.dtype} of shape {list(values.shape)}')
-            if values.ndim == 1 and values.size and values.min() < 0:
-                raise ValueError('class indices must not be negative')
-        except Exception as e:
-            raise ValueError(f'{where}: invalid labels ({e})') from None
-        return values.astype({1: np.int64, 2: np.float32}[values.ndim])
+            text = self._read_bytes('dataset.json')
+        except OSError as e:
+            raise IOError(f'{where}: cannot read ({e})') from None
+        keys = [fname.replace(os.sep, '/') for fname in self._image_fnames]
+        labels, self._num_classes = parse_labels(text, keys, where)
+        return labels
 
 #----------------------------------------------------------------------------

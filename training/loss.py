@@ -1,4 +1,4 @@
-"""EDM2's training loss: denoising score matching with a learned, noise-level-dependent uncertainty (spec §2.6).
+"""EDM2's training loss: denoising score matching with a learned, noise-level-dependent uncertainty.
 
 This module's source is embedded in every network snapshot (the loss object is pickled with it), so it may only
 import the standard library, numpy, torch, `torch_utils.persistence`, `torch_utils.misc` and `dnnlib`.
@@ -20,17 +20,17 @@ class EDM2Loss:
     """
 
     def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data  # (pickled state, in this order)
+
+    def edm_weight(self, sigma):
+        """lambda(sigma) of EDM (Karras et al. 2022, Table 1)."""
+        return (sigma.square() + self.sigma_data ** 2) / (sigma * self.sigma_data).square()
 
     def __call__(self, net, images, labels=None):
-        # Random draws in EDM2's order (spec §2.12): sigma first, then the noise.
-        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        noise = torch.randn_like(images) * sigma
-        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
-        return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+        # The global RNG is drawn twice, in this order: ln sigma per image, then the noise.
+        sigma = torch.randn([len(images), 1, 1, 1], device=images.device).mul(self.P_std).add(self.P_mean).exp()
+        noisy = images + torch.randn_like(images) * sigma
+        denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
+        return (denoised - images).square().mul(self.edm_weight(sigma) / logvar.exp()).add(logvar)
 
 #----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""EDM2's import path of the network (spec §0), kept so that EDM2 configs and class-name strings resolve here.
+"""EDM2's import path of the network, kept so that EDM2 configs and class-name strings resolve here.
 
 EDM2 names the network module `training.networks_edm2`; its `training_options.json` and hand-written configs refer
 to e.g. `training.networks_edm2.Precond` (resolved by dnnlib.util.construct_class_by_name). These names are our

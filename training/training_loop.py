@@ -1,9 +1,13 @@
-"""The EDM2 training loop (spec §2.2-§2.14) on CUDA or CPU, single process or under torchrun.
+"""The EDM2 training loop on CUDA or CPU, single process or under torchrun.
 
 `training_loop(**config)` is what `train_edm2plus.py` calls with the config it also writes to
 training_options.json. Everything that decides the result (data order, noise levels, noise, dropout) is a function
-of (seed, rank, cur_nimg) (spec §2.12), so a run that is interrupted and resumed from its newest
-`training-state-*.pt` continues exactly as if it had never stopped (for the same number of processes).
+of (seed, rank, cur_nimg), so a run that is interrupted and resumed from its newest `training-state-*.pt` continues
+exactly as if it had never stopped (for the same number of processes).
+
+A run that cannot go on (a corrupt image, a loss that is NaN/Inf for a whole status tick, weights that are no longer
+finite, a training state that cannot be applied) raises TrainingError with a one-line message; it never writes a
+snapshot or training state with non-finite weights, so the last good training state stays the newest.
 """
 
 import copy
@@ -14,6 +18,7 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 
 import numpy as np
 import psutil
@@ -25,20 +30,20 @@ from torch_utils import misc
 from torch_utils import training_stats
 from training.loss import EDM2Loss  # noqa: F401  (EDM2 configs name it `training.training_loop.EDM2Loss`)
 
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message is one line that says where and why."""
+
 #----------------------------------------------------------------------------
-# Learning-rate schedule (spec §2.4; EDM2 paper eq. 15): constant ref_lr after a linear warm-up over rampup_Mimg
-# million images, then inverse-square-root decay once ref_batches optimizer steps have been taken.
+# Learning-rate schedule (EDM2 paper eq. 15): ref_lr, scaled down by 1/sqrt(t / t_ref) once t exceeds ref_batches
+# optimizer steps, and by a linear warm-up over the first rampup_Mimg million images. Either part is off when 0.
 
 def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
-    lr = ref_lr
-    if ref_batches > 0:
-        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
-    if rampup_Mimg > 0:
-        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
-    return float(lr)
+    decay = np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1)) if ref_batches > 0 else 1
+    warmup = min(cur_nimg / (rampup_Mimg * 1e6), 1) if rampup_Mimg > 0 else 1
+    return float(ref_lr / decay * warmup)
 
 #----------------------------------------------------------------------------
-# Batch bookkeeping (spec §2.3). Raises ValueError with a readable message, so that CLIs can report it.
+# Batch bookkeeping. Raises ValueError with a readable message, so that CLIs can report it.
 
 def batch_layout(batch_size, batch_gpu, world_size):
     """Return (per-process micro-batch b, per-process share of the batch, accumulation rounds)."""
@@ -54,7 +59,7 @@ def batch_layout(batch_size, batch_gpu, world_size):
 
 def check_intervals(batch_size, total_nimg, slice_nimg=None, status_nimg=None, snapshot_nimg=None, checkpoint_nimg=None):
     """Intervals must be whole batches; snapshot/checkpoint also whole multiples of 1024 images, because file
-    names hold nimg // 1000 and post-hoc EMA maps kimg back to nimg assuming multiples of 1024 (spec §3.6)."""
+    names hold nimg // 1000 and post-hoc EMA maps kimg back to nimg assuming multiples of 1024."""
     if total_nimg <= 0 or total_nimg % batch_size != 0:
         raise ValueError(f'duration {total_nimg} must be a positive multiple of the batch size {batch_size}')
     for name, value, granularity in [('slice', slice_nimg, batch_size), ('status', status_nimg, batch_size),
@@ -64,17 +69,16 @@ def check_intervals(batch_size, total_nimg, slice_nimg=None, status_nimg=None, s
             raise ValueError(f'{name} interval {value} must be a positive multiple of {granularity} images')
 
 #----------------------------------------------------------------------------
-# stats.jsonl (spec §2.10): one line per status tick, `%g` numbers except kimg/timestamp (`%.3f`), bare NaN.
+# stats.jsonl: one line per status tick, `%g` numbers except kimg/timestamp (`%.3f`), bare NaN for any non-finite
+# value (not strict JSON, as EDM2 writes it; Python's json module reads it).
 
 def format_stats_line(items):
     """items: [(name, float)] -> one JSON object line (with trailing newline)."""
     fields = []
     for name, value in items:
         value = float(value)
-        if math.isnan(value):
+        if not math.isfinite(value):
             text = 'NaN'
-        elif math.isinf(value):
-            text = 'Infinity' if value > 0 else '-Infinity'
         elif name in ('Progress/kimg', 'timestamp'):
             text = f'{value:.3f}'
         else:
@@ -119,7 +123,7 @@ def remove_stale_temp_files(run_dir):
                 pass
 
 #----------------------------------------------------------------------------
-# Snapshot pickle (spec §2.10): EasyDict(encoder, dataset_kwargs, loss_fn, ema) with the EMA net in float16 on CPU.
+# Snapshot pickle: EasyDict(encoder, dataset_kwargs, loss_fn, ema) with the EMA net in float16 on CPU.
 
 def save_snapshot(path, encoder, dataset_kwargs, loss_fn, ema_net):
     data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs), loss_fn=loss_fn)
@@ -127,35 +131,151 @@ def save_snapshot(path, encoder, dataset_kwargs, loss_fn, ema_net):
     with dnnlib.util.atomic_write(path, 'wb') as f:
         pickle.dump(data, f)
 
+def snapshot_name(cur_nimg, ema_suffix, at_stop=False):
+    """`network-snapshot-<kimg>-<std>.pkl`, the post-hoc EMA inputs. A snapshot taken where a time limit stopped
+    the run, off the snapshot interval, ends in `-stop.pkl` instead, so that post-hoc EMA does not take it as an
+    input (its inputs stay on EDM2's schedule); it can still be sampled from like any snapshot."""
+    return f'network-snapshot-{cur_nimg // 1000:07d}{ema_suffix}{"-stop" if at_stop else ""}.pkl'
+
+#----------------------------------------------------------------------------
+# Finite weights and readable data: the checks that end a run with a TrainingError.
+
+def first_non_finite(named_modules):
+    """'<label>.<parameter>' of the first parameter with a NaN/Inf value among [(label, module)], else None."""
+    names, flags = [], []
+    for label, module in named_modules:
+        for name, param in module.named_parameters():
+            names.append(f'{label}.{name}')
+            flags.append(torch.isfinite(param).all())
+    finite = torch.stack(flags).cpu().tolist() if flags else []  # one device sync for all of them
+    return next((name for name, ok in zip(names, finite) if not ok), None)
+
+def data_error_message(error):
+    """The one-line message of a data error; errors raised in a DataLoader worker arrive as the worker's formatted
+    traceback, whose last line holds the original message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith('Caught '):
+        prefix = f'{type(error).__name__}: '
+        return lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
+    return ' '.join(lines)
+
+#----------------------------------------------------------------------------
+# Resume from the newest training state that is a complete file. torch.save writes a zip archive whose directory
+# is at its end, so a truncated file is recognised without reading it all.
+
+_STATE_NAME = re.compile(r'training-state-(\d+)\.pt')
+
+def training_state_files(run_dir):
+    """The training states in run_dir (not recursive), newest first."""
+    found = []
+    for entry in os.scandir(run_dir):
+        match = _STATE_NAME.fullmatch(entry.name)
+        if match is not None and entry.is_file():
+            found.append((float(match.group(1)), entry.path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+def incomplete_reason(path):
+    """Why `path` is not a complete training-state archive, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f'{type(e).__name__}: {e}'
+    return None
+
+def set_aside(path):
+    """Rename `path` to `<path>.corrupt` (or `.corrupt1`, ... if taken); never deletes anything."""
+    for idx in range(1000):
+        aside = f'{path}.corrupt{idx or ""}'
+        if not os.path.exists(aside):
+            os.rename(path, aside)
+            return aside
+    raise TrainingError(f'{path}: cannot set it aside (too many {os.path.basename(path)}.corrupt* files)')
+
+def resume_newest(checkpoint, run_dir, rank):
+    """Load the newest complete training state into `checkpoint`'s objects; return its path (None: none found).
+    Incomplete ones are named and set aside (rank 0 renames them); a complete one that fails to load is an error,
+    and so is having none left after setting some aside (a fresh start would overwrite the run's snapshots)."""
+    set_aside_paths = []
+    for path in training_state_files(run_dir):
+        reason = incomplete_reason(path)
+        if reason is None:
+            try:
+                checkpoint.load(path)
+            except Exception as e:  # pylint: disable=broad-except
+                first = (str(e).strip().splitlines() or [''])[0]
+                raise TrainingError(f'{path}: cannot resume from this training state ({type(e).__name__}: {first})') from None
+            return path
+        dist.print0(f'Warning: {path}: unreadable training state ({reason}); setting it aside and resuming from an '
+                    f'earlier one.')
+        if rank == 0:
+            dist.print0(f'Set aside as {set_aside(path)}')
+        set_aside_paths.append(path)
+    if set_aside_paths:
+        raise TrainingError(f'{run_dir}: no readable training state left to resume from (set aside: '
+                            f'{", ".join(os.path.basename(p) for p in set_aside_paths)}); not starting over in this directory')
+    return None
+
+#----------------------------------------------------------------------------
+# Pieces of the loop's set-up and of one optimizer step.
+
+def build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device):
+    """(dataset, encoder, network). The network's resolution, channels and label length are those of the first
+    dataset item after `encode_latents` (which draws from the global RNG for VAE latents, before the network's
+    initialisation does)."""
+    dist.print0('Loading dataset...')
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    first_image, first_label = dataset[0]
+    dist.print0('Setting up encoder...')
+    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
+    first = encoder.encode_latents(torch.as_tensor(first_image).to(device).unsqueeze(0))
+    dist.print0('Constructing network...')
+    interface = dict(img_resolution=first.shape[-1], img_channels=first.shape[1], label_dim=first_label.shape[-1])
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
+    return dataset, encoder, net.train().requires_grad_(True).to(device)
+
+def print_summary(net, batch_gpu, device):
+    """The module table for one micro-batch of zeros at sigma = 1."""
+    side = net.img_resolution
+    example = dict(x=[batch_gpu, net.img_channels, side, side], sigma=[batch_gpu], labels=[batch_gpu, net.label_dim])
+    inputs = [torch.ones(shape, device=device) if key == 'sigma' else torch.zeros(shape, device=device)
+              for key, shape in example.items()]
+    misc.print_module_summary(net, inputs, max_nesting=2)
+
+def apply_gradients(net, optimizer, lr, force_finite):
+    """Adam step at learning rate `lr`; with `force_finite`, NaN/Inf gradient entries count as 0 (float16 needs it)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    grads = [param.grad for param in net.parameters() if param.grad is not None] if force_finite else []
+    for grad in grads:
+        grad.nan_to_num_(nan=0, posinf=0, neginf=0)
+    optimizer.step()
+
 #----------------------------------------------------------------------------
 
 def training_loop(
-    dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=None),
-    encoder_kwargs      = dict(class_name='training.encoders.StandardRGBEncoder'),
-    data_loader_kwargs  = dict(class_name='torch.utils.data.DataLoader', pin_memory=True, num_workers=2, prefetch_factor=2),
-    network_kwargs      = dict(class_name='networks.edm2plus.Precond'),
-    loss_kwargs         = dict(class_name='training.loss.EDM2Loss'),
-    optimizer_kwargs    = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
-    lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule'),
-    ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),  # None: no EMA, raw snapshots
-
-    run_dir             = '.',      # Output directory (snapshots, checkpoints, stats.jsonl).
-    seed                = 0,        # Global seed; everything random derives from (seed, rank, cur_nimg).
-    batch_size          = 2048,     # Total batch over all processes and accumulation rounds.
-    batch_gpu           = None,     # Per-process micro-batch limit; None = no limit.
-    total_nimg          = 8<<30,    # Train until this many images.
-    slice_nimg          = None,     # Stop this invocation after this many images; None = no limit.
-    status_nimg         = 128<<10,  # Status line + stats.jsonl interval; None = disable.
-    snapshot_nimg       = 8<<20,    # Network snapshot interval; None = disable.
-    checkpoint_nimg     = 128<<20,  # Training-state interval; None = disable.
-
-    loss_scaling        = 1,        # Loss multiplier before backward (not undone; spec §2.6).
-    force_finite        = True,     # Replace NaN/Inf gradients by zero.
-    cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
-    device              = None,     # None: CUDA when available, else CPU.
-    time_limit          = None,     # Wall-clock seconds for this invocation; None = no limit (beyond EDM2).
-    compile             = False,    # torch.compile the training forward pass (beyond EDM2).
-    progress            = None,     # tqdm progress bar; None = when stdout is a terminal (beyond EDM2).
+    # What to build: dicts of `class_name` (`func_name` for the schedule) and the constructor's arguments.
+    dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=None),
+    encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
+    data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', pin_memory=True, num_workers=2, prefetch_factor=2),
+    network_kwargs=dict(class_name='networks.edm2plus.Precond'),
+    loss_kwargs=dict(class_name='training.loss.EDM2Loss'),
+    optimizer_kwargs=dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
+    lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule'),
+    ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA'),  # None: no EMA, raw snapshots.
+    # Where, and the schedule in images: one step = batch_size images (in micro-batches of at most batch_gpu per
+    # process); status line + stats.jsonl, snapshots and training states every status/snapshot/checkpoint_nimg
+    # (None: never); this invocation stops after slice_nimg (None: at total_nimg).
+    run_dir='.', seed=0,
+    batch_size=2048, batch_gpu=None,
+    total_nimg=8 << 30, slice_nimg=None,
+    status_nimg=128 << 10, snapshot_nimg=8 << 20, checkpoint_nimg=128 << 20,
+    # Arithmetic: loss multiplier before backward (never undone), zeroing of NaN/Inf gradients, cuDNN autotuning,
+    # device (None: CUDA when available, else CPU).
+    loss_scaling=1, force_finite=True, cudnn_benchmark=True, device=None,
+    # Beyond EDM2: wall-clock seconds for this invocation, torch.compile of the forward pass, a tqdm progress bar
+    # (None: when stdout is a terminal).
+    time_limit=None, compile=False, progress=None,
 ):
     #------------------------------------------------------------------------
     # Initialise.
@@ -169,35 +289,18 @@ def training_loop(
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
     misc.set_random_seed(seed, rank)
-    # Exact float32 arithmetic as in EDM2 (spec §2.7): no TF32, no reduced-precision fp16 reductions.
+    # Exact float32 arithmetic as in EDM2: no TF32, no reduced-precision fp16 reductions.
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
-    # Batch layout and intervals (spec §2.3).
     batch_gpu, batch_gpu_total, num_accumulation_rounds = batch_layout(batch_size, batch_gpu, world_size)
     check_intervals(batch_size, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
 
-    # Dataset and encoder; the first item fixes the network's interface (spec §2.2).
-    dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    ref_image, ref_label = dataset_obj[0]
-    dist.print0('Setting up encoder...')
-    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
-    ref_image = encoder.encode_latents(torch.as_tensor(ref_image).to(device).unsqueeze(0))
-
-    # Network.
-    dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
-    net.train().requires_grad_(True).to(device)
+    dataset_obj, encoder, net = build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device)
     if rank == 0:
-        misc.print_module_summary(net, [
-            torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device),
-            torch.ones([batch_gpu], device=device),
-            torch.zeros([batch_gpu, net.label_dim], device=device),
-        ], max_nesting=2)
+        print_summary(net, batch_gpu, device)
 
     # Training state. DDP broadcasts rank 0's initial weights; the EMA copies are taken after that.
     dist.print0('Setting up training state...')
@@ -213,10 +316,12 @@ def training_loop(
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         remove_stale_temp_files(run_dir)
-    checkpoint.load_latest(run_dir)
+    dist.barrier()
+    resume_newest(checkpoint, run_dir, rank)
     dist.barrier()
     if rank == 0:
         trim_stats(os.path.join(run_dir, 'stats.jsonl'), state.cur_nimg)
+    weights_to_save = [('net', net)] + [(f'ema[{idx}]', ema_net) for idx, ema_net in enumerate(getattr(ema, 'emas', []))]
 
     # Where this invocation stops.
     stop_at_nimg = total_nimg
@@ -230,7 +335,7 @@ def training_loop(
     dist.print0(f'Training from {state.cur_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
     dist.print0()
 
-    # Data order continues where the checkpoint left off (spec §7.2).
+    # Data order continues where the training state left off.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
     data_loader_kwargs = dict(data_loader_kwargs)
     if data_loader_kwargs.get('num_workers', 0) == 0:
@@ -240,9 +345,9 @@ def training_loop(
     dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler,
                                                                 batch_size=batch_gpu, **data_loader_kwargs))
 
-    # A wall-clock limit stops at a multiple of lcm(batch, 1024) images, so that the final snapshot has a valid
-    # post-hoc EMA name (spec §3.6): at the first such point from which the next one would not be reached in the
-    # time left, judged by this invocation's speed so far. Every invocation trains at least one such block.
+    # A wall-clock limit stops at a multiple of lcm(batch, 1024) images, so that the final snapshot and training state
+    # have names that map back to their image count: at the first such point from which the next one would not be
+    # reached in the time left, judged by this invocation's speed so far. Every invocation trains at least one block.
     stop_granularity = math.lcm(batch_size, 1024)
     deadline = start_time + time_limit if time_limit is not None else None
     def time_is_up():
@@ -260,7 +365,7 @@ def training_loop(
                         file=sys.__stderr__, desc='Training', leave=False)
 
     #------------------------------------------------------------------------
-    # Main loop (spec §2.9).
+    # Main loop: status, snapshots, training state, then one optimizer step.
 
     start_nimg = state.cur_nimg
     prev_status_nimg = state.cur_nimg
@@ -268,119 +373,131 @@ def training_loop(
     stopped_early = False
     stats_jsonl = os.path.join(run_dir, 'stats.jsonl')
     loop_start_time = time.time()
-    while True:
-        done = (state.cur_nimg >= stop_at_nimg)
-        if not done and deadline is not None and state.cur_nimg > start_nimg and state.cur_nimg % stop_granularity == 0 and time_is_up():
-            done = stopped_early = True
-        resumed_here = (state.cur_nimg == start_nimg and start_nimg != 0)
-        status_due = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and not resumed_here
-        snapshot_due = snapshot_nimg is not None and (state.cur_nimg % snapshot_nimg == 0 or stopped_early) and not resumed_here
-        checkpoint_due = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
-        if bar is not None and (status_due or snapshot_due or checkpoint_due):
-            bar.clear()  # printed lines go above the bar
+    try:
+        while True:
+            done = (state.cur_nimg >= stop_at_nimg)
+            if not done and deadline is not None and state.cur_nimg > start_nimg and state.cur_nimg % stop_granularity == 0 and time_is_up():
+                done = stopped_early = True
+            resumed_here = (state.cur_nimg == start_nimg and start_nimg != 0)
+            status_due = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and not resumed_here
+            on_snapshot_interval = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0
+            snapshot_due = snapshot_nimg is not None and (on_snapshot_interval or stopped_early) and not resumed_here
+            checkpoint_due = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
+            if bar is not None and (status_due or snapshot_due or checkpoint_due):
+                bar.clear()  # printed lines go above the bar
+            kimg_text = f'kimg {state.cur_nimg / 1e3:.1f}'
 
-        #--------------------------------------------------------------------
-        # Status line and stats.jsonl (spec §2.13), not at the very start of a resumed run.
+            #----------------------------------------------------------------
+            # Status line and stats.jsonl, not at the very start of a resumed run.
 
-        if status_due:
-            cur_time = time.time()
-            state.total_elapsed_time += cur_time - prev_status_time
-            cur_process = psutil.Process(os.getpid())
-            cpu_memory_usage = sum(p.memory_info().rss for p in [cur_process] + cur_process.children(recursive=True))
-            on_cuda = device.type == 'cuda'
-            fields = ['Status:']
-            fields += ['kimg',        f"{training_stats.report0('Progress/kimg', state.cur_nimg / 1e3):<9.1f}"]
-            fields += ['time',        f"{dnnlib.util.format_time(training_stats.report0('Timing/total_sec', state.total_elapsed_time)):<12s}"]
-            fields += ['sec/tick',    f"{training_stats.report0('Timing/sec_per_tick', cur_time - prev_status_time):<8.2f}"]
-            fields += ['sec/kimg',    f"{training_stats.report0('Timing/sec_per_kimg', cumulative_training_time / max(state.cur_nimg - prev_status_nimg, 1) * 1e3):<7.3f}"]
-            fields += ['maintenance', f"{training_stats.report0('Timing/maintenance_sec', cur_time - prev_status_time - cumulative_training_time):<7.2f}"]
-            fields += ['cpumem',      f"{training_stats.report0('Resources/cpu_mem_gb', cpu_memory_usage / 2**30):<6.2f}"]
-            fields += ['gpumem',      f"{training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0):<6.2f}"]
-            fields += ['reserved',    f"{training_stats.report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0):<6.2f}"]
-            dist.print0(' '.join(fields))
-            trained_this_tick = state.cur_nimg > prev_status_nimg
-            cumulative_training_time = 0
-            prev_status_nimg = state.cur_nimg
-            prev_status_time = cur_time
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats(device)
+            if status_due:
+                cur_time = time.time()
+                state.total_elapsed_time += cur_time - prev_status_time
+                cur_process = psutil.Process(os.getpid())
+                cpu_memory_usage = sum(p.memory_info().rss for p in [cur_process] + cur_process.children(recursive=True))
+                on_cuda = device.type == 'cuda'
+                fields = ['Status:']
+                fields += ['kimg',        f"{training_stats.report0('Progress/kimg', state.cur_nimg / 1e3):<9.1f}"]
+                fields += ['time',        f"{dnnlib.util.format_time(training_stats.report0('Timing/total_sec', state.total_elapsed_time)):<12s}"]
+                fields += ['sec/tick',    f"{training_stats.report0('Timing/sec_per_tick', cur_time - prev_status_time):<8.2f}"]
+                fields += ['sec/kimg',    f"{training_stats.report0('Timing/sec_per_kimg', cumulative_training_time / max(state.cur_nimg - prev_status_nimg, 1) * 1e3):<7.3f}"]
+                fields += ['maintenance', f"{training_stats.report0('Timing/maintenance_sec', cur_time - prev_status_time - cumulative_training_time):<7.2f}"]
+                fields += ['cpumem',      f"{training_stats.report0('Resources/cpu_mem_gb', cpu_memory_usage / 2**30):<6.2f}"]
+                fields += ['gpumem',      f"{training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0):<6.2f}"]
+                fields += ['reserved',    f"{training_stats.report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0):<6.2f}"]
+                dist.print0(' '.join(fields))
+                trained_this_tick = state.cur_nimg > prev_status_nimg
+                cumulative_training_time = 0
+                prev_status_nimg = state.cur_nimg
+                prev_status_time = cur_time
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
 
-            # Collect statistics of all ranks; rank 0 writes them.
-            training_stats.default_collector.update()
-            if trained_this_tick and training_stats.default_collector.num('Loss/loss') == 0:
-                dist.print0(f'Warning: the loss was NaN/Inf throughout the tick ending at kimg {state.cur_nimg / 1e3:.1f} '
-                            f'(non-finite gradients are zeroed, so nothing was learned); check the data, --lr and --ls.')
-            if rank == 0:
-                items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
-                append_line(stats_jsonl, format_stats_line(items + [('timestamp', time.time())]))
+                # Collect statistics of all ranks; rank 0 writes them.
+                training_stats.default_collector.update()
+                if rank == 0:
+                    items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
+                    append_line(stats_jsonl, format_stats_line(items + [('timestamp', time.time())]))
+                if trained_this_tick and training_stats.default_collector.num('Loss/loss') == 0:
+                    raise TrainingError(f'the loss was NaN/Inf throughout the tick ending at {kimg_text}; stopped '
+                                        f'without saving (non-finite gradients are zeroed, so nothing was learned); '
+                                        f'check the data, --lr and --ls')
 
-            # Cluster hooks (no-ops here, as in EDM2).
-            dist.update_progress(state.cur_nimg // 1000, stop_at_nimg // 1000)
-            if state.cur_nimg == stop_at_nimg and state.cur_nimg < total_nimg:
-                dist.request_suspend()
-            if dist.should_stop() or dist.should_suspend():
-                done = True
+                # Cluster hooks (no-ops here, as in EDM2).
+                dist.update_progress(state.cur_nimg // 1000, stop_at_nimg // 1000)
+                if state.cur_nimg == stop_at_nimg and state.cur_nimg < total_nimg:
+                    dist.request_suspend()
+                if dist.should_stop() or dist.should_suspend():
+                    done = True
 
-        #--------------------------------------------------------------------
-        # Network snapshots, one per tracked EMA (rank 0). A fresh run writes them at nimg 0 too; a run stopped
-        # by its time limit always ends with one.
+            #----------------------------------------------------------------
+            # Nothing is saved, and training does not go on, once a weight is NaN/Inf. (All ranks hold the same
+            # weights, so they all stop here together.)
 
-        if snapshot_due and rank == 0:
-            for ema_net, ema_suffix in (ema.get() if ema is not None else [(net, '')]):
-                fname = f'network-snapshot-{state.cur_nimg // 1000:07d}{ema_suffix}.pkl'
-                print(f'Saving {fname} ... ', end='', flush=True)
-                save_snapshot(os.path.join(run_dir, fname), encoder, dataset_kwargs, loss_fn, ema_net)
-                print('done')
+            if status_due or snapshot_due or checkpoint_due:
+                bad = first_non_finite(weights_to_save)
+                if bad is not None:
+                    raise TrainingError(f'the weights are no longer finite at {kimg_text} ({bad} has NaN/Inf); stopped '
+                                        f'without saving; check --lr and --ls')
 
-        #--------------------------------------------------------------------
-        # Training state: at every interval and always at the end, never at the start (spec §2.9.3).
+            #----------------------------------------------------------------
+            # Network snapshots, one per tracked EMA (rank 0). A fresh run writes them at nimg 0 too; a run stopped
+            # by its time limit always ends with one (off the interval under a name post-hoc EMA skips).
 
-        if checkpoint_due:
-            checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
-            misc.check_ddp_consistency(net)
+            if snapshot_due and rank == 0:
+                for ema_net, ema_suffix in (ema.get() if ema is not None else [(net, '')]):
+                    fname = snapshot_name(state.cur_nimg, ema_suffix, at_stop=not on_snapshot_interval)
+                    print(f'Saving {fname} ... ', end='', flush=True)
+                    save_snapshot(os.path.join(run_dir, fname), encoder, dataset_kwargs, loss_fn, ema_net)
+                    print('done')
 
-        if bar is not None and (status_due or snapshot_due or checkpoint_due):
-            bar.refresh()
-        if done:
-            break
+            #----------------------------------------------------------------
+            # Training state: at every interval and always at the end, never at the start.
 
-        #--------------------------------------------------------------------
-        # One optimizer step: `num_accumulation_rounds` micro-batches per process (spec §2.9.5-7).
+            if checkpoint_due:
+                checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
+                misc.check_ddp_consistency(net)
 
-        batch_start_time = time.time()
-        misc.set_random_seed(seed, rank, state.cur_nimg)
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                images, labels = next(dataset_iterator)
-                images = encoder.encode_latents(images.to(device))
-                loss = loss_fn(net=train_net, images=images, labels=labels.to(device))
-                training_stats.report('Loss/loss', loss)
-                # Sum over elements, mean over this process's images; DDP averages over processes (spec §2.6).
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+            if bar is not None and (status_due or snapshot_due or checkpoint_due):
+                bar.refresh()
+            if done:
+                break
 
-        lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
-        training_stats.report('Loss/learning_rate', lr)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        if force_finite:
-            for param in net.parameters():
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
-        optimizer.step()
+            #----------------------------------------------------------------
+            # One optimizer step: `num_accumulation_rounds` micro-batches per process.
 
-        state.cur_nimg += batch_size
-        if ema is not None:
-            ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
-        cumulative_training_time += time.time() - batch_start_time
+            batch_start_time = time.time()
+            misc.set_random_seed(seed, rank, state.cur_nimg)
+            optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(num_accumulation_rounds):
+                with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
+                    try:
+                        images, labels = next(dataset_iterator)
+                    except (OSError, ValueError) as e:
+                        raise TrainingError(f'{data_error_message(e)} (in the step after {kimg_text}; stopped '
+                                            f'without saving anything from that step)') from None
+                    images = encoder.encode_latents(images.to(device))
+                    loss = loss_fn(net=train_net, images=images, labels=labels.to(device))
+                    training_stats.report('Loss/loss', loss)
+                    # Sum over elements, mean over this process's images; DDP averages over processes.
+                    loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+
+            lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
+            training_stats.report('Loss/learning_rate', lr)
+            apply_gradients(net, optimizer, lr, force_finite)
+            state.cur_nimg += batch_size
+            if ema is not None:
+                ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+            cumulative_training_time += time.time() - batch_start_time
+            if bar is not None:
+                bar.update(batch_size)
+    finally:
         if bar is not None:
-            bar.update(batch_size)
+            bar.close()
 
     #------------------------------------------------------------------------
     # Done.
 
-    if bar is not None:
-        bar.close()
     if stopped_early:
         dist.print0(f'Stopped at the time limit ({time_limit / 60:g} min) at kimg {state.cur_nimg / 1e3:.1f}; '
                     f'rerun the same command to continue.')
