@@ -104,14 +104,24 @@ def load_network(path_or_url, device=None, dtype=None, native=True, verbose=True
         net = net.to(dtype)
     return net
 
+def count_non_finite(net):
+    """(number of NaN or infinite values among the floating-point parameters and buffers of `net`, name of the
+    first tensor holding one, or None)."""
+    count, first = 0, None
+    for key, t in list(net.named_parameters()) + list(net.named_buffers()):
+        if t.is_floating_point() and not t.is_meta:
+            bad = int((~t.isfinite()).sum())
+            if bad and first is None:
+                first = key
+            count += bad
+    return count, first
+
 def check_finite(net, name):
     """Raise NetworkFileError naming `name` unless every floating-point parameter and buffer of `net` is finite."""
-    tensors = list(net.named_parameters()) + list(net.named_buffers())
-    bad = [(key, t) for key, t in tensors if t.is_floating_point() and not t.is_meta and not bool(t.isfinite().all())]
-    if bad:
-        count = sum(int((~t.isfinite()).sum()) for _, t in bad)
+    count, first = count_non_finite(net)
+    if count:
         raise NetworkFileError(f'{name}: the network has {count} non-finite (NaN or infinite) weight value(s), '
-                               f'first in {bad[0][0]}; the training run that wrote it probably diverged')
+                               f'first in {first}; the training run that wrote it probably diverged')
 
 def is_native(net):
     """True if `net` is an instance of the current networks.edm2plus.Precond."""

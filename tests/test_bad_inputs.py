@@ -316,3 +316,16 @@ def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: 
 
 def test_at_least_sixty_cases():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+def test_reconstruction_that_overflows_float16_is_not_written(assets, tmp_path, monkeypatch):
+    """Finite inputs whose solved coefficients are huge give weights beyond float16's range: no file is written."""
+    import reconstruct_phema
+    from training import posthoc
+    solve = posthoc.solve_posthoc_coefficients
+    monkeypatch.setattr(posthoc, 'solve_posthoc_coefficients', lambda *args: solve(*args) * 1e9)
+    result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={assets}/run', f'--outdir={tmp_path}/out',
+                                                         '--outstd=0.07'])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert re.search(r'phema-0000004-0\.070\.pkl: not written: \d+ weight value\(s\) are not finite',
+                     error_lines(result.output)[0])
+    assert not os.path.exists(tmp_path / 'out' / 'phema-0000004-0.070.pkl')

@@ -123,6 +123,22 @@ class InfiniteSampler(torch.utils.data.Sampler):
 #----------------------------------------------------------------------------
 # Parameters and buffers.
 
+class SizedIterable:
+    """A one-shot iterable with a known length, so that callers can size a progress bar: len() is `length`,
+    iterating runs `iterator` (typically a generator that does the work as it is consumed)."""
+
+    def __init__(self, iterator, length):
+        self._iterator = iterator
+        self._length = length
+
+    def __len__(self):
+        return self._length
+
+    def __iter__(self):
+        return self._iterator
+
+#----------------------------------------------------------------------------
+
 def named_params_and_buffers(module):
     """[(name, tensor)]: the module's named parameters, then its named buffers."""
     return [*module.named_parameters(), *module.named_buffers()]

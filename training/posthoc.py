@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 import dnnlib
-from networks.loading import load_snapshot
+from networks.loading import count_non_finite, load_snapshot
+from torch_utils import misc
 from training.phema import solve_posthoc_coefficients
 
 MAX_STD = 0.289  # σ_rel limit of the tools (spec §1.4); 1/sqrt(12) ≈ 0.2887 corresponds to γ = 0.
@@ -126,18 +127,14 @@ def parse_std_list(text):
 # ----------------------------------------------------------------------------------------------------------------
 # Reconstruction (spec §3.5).
 
-class _Steps:
-    """An iterator with a length, so callers can size a progress bar."""
-
-    def __init__(self, gen, num_steps):
-        self._gen = gen
-        self._num_steps = num_steps
-
-    def __len__(self):
-        return self._num_steps
-
-    def __iter__(self):
-        return self._gen
+def _check_finite_output(out):
+    """Never write a non-finite reconstruction: finite inputs (load_snapshot checks them) can still overflow
+    float16 when the solved coefficients are large."""
+    count, first = count_non_finite(out.net)
+    if count:
+        where = out.pkl_path if out.pkl_path is not None else f'the reconstruction with std {out.std:g}'
+        raise ValueError(f'{where}: not written: {count} weight value(s) are not finite in float16, first in '
+                         f'{first}; choose inputs and stds closer together')
 
 
 def _param_signature(net):
@@ -186,7 +183,7 @@ def reconstruct_phema(in_pkls, out_std, out_nimg=None, out_dir=None, out_prefix=
                 print(f'    batch {i}: {path}')
 
     num_steps = len(batches) * len(in_pkls)
-    return _Steps(_reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps), num_steps)
+    return misc.SizedIterable(_reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps), num_steps)
 
 
 @torch.no_grad()
@@ -221,6 +218,7 @@ def _reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps):
             if i == len(in_pkls) - 1:
                 for out in outs:
                     out.net.to(torch.float16).eval().requires_grad_(False)  # Snapshot format (spec §2.10).
+                    _check_finite_output(out)
                     if out.pkl_path is not None:
                         with dnnlib.util.atomic_write(out.pkl_path, 'wb') as f:
                             pickle.dump(out.pkl_data, f)

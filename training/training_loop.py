@@ -283,9 +283,7 @@ def training_loop(
     start_time = time.time()
     prev_status_time = start_time
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device is None:
-        device = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else dist.device()
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
     misc.set_random_seed(seed, rank)
