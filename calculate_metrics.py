@@ -11,9 +11,9 @@ The Python API of EDM2's module of the same name is re-exported here; the code l
 import os
 
 import click
-import torch
 
 import dnnlib
+from torch_utils import cli
 from torch_utils import misc
 from metrics import MetricsError
 from networks.loading import NetworkFileError
@@ -22,14 +22,6 @@ from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
                            calculate_stats_for_iterable, final_stats, load_stats, parse_metric_list, save_stats)
-
-#----------------------------------------------------------------------------
-# Process group (torchrun: nccl on CUDA, gloo on CPU; none for a plain single process).
-
-def init_distributed():
-    """Join torchrun's process group, if any; returns the device of this process."""
-    dist.init()
-    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
 
 #----------------------------------------------------------------------------
 # Option helpers.
@@ -82,16 +74,13 @@ def metrics_options(fn):
     return fn
 
 def run_command(fn):
-    """One-line `Error: ...` (exit 1) for the problems a user can fix; the process group is always shut down
-    (gloo aborts a process that exits with it open)."""
-    ok = False
-    try:
-        fn()
-        ok = True
-    except (MetricsError, NetworkFileError, FileNotFoundError, MissingPackageError) as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        dist.shutdown(meet=ok)
+    """Run fn(device) as one rank of torchrun's process group (or alone); the problems a user can fix end in a
+    one-line `Error: ...` (exit 1). The group is always left (gloo aborts a process that exits with it open)."""
+    with dist.process_group() as device, cli.os_errors():
+        try:
+            fn(device)
+        except (MetricsError, NetworkFileError, MissingPackageError) as e:
+            raise cli.CliError(str(e)) from None
 
 #----------------------------------------------------------------------------
 
@@ -143,8 +132,7 @@ def cmdline():
               type=click.IntRange(min=0), default=2, show_default=True)
 def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_batch_size, num_workers):
     """Calculate metrics for a set of images."""
-    def work():
-        device = init_distributed()
+    def work(device):
         ref = load_reference(ref_path)
         stats_iter = same_on_all_ranks(lambda: calculate_stats_for_files(
             image_path, num_images=num_images, seed=seed, metrics=metrics, max_batch_size=max_batch_size,
@@ -165,11 +153,11 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 @click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
               default=0, show_default=True)
 @click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num)', metavar='LIST',
-              type=str, default=None)
+              type=cli.IntList(min_len=2), default=None)
 @click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
               type=str, default=None)
 @click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
-              type=click.FloatRange(min=0), default=1, show_default=True)
+              type=cli.FloatRange(min=0), default=1, show_default=True)
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
@@ -178,17 +166,10 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
                    "slower than the default fast path")
 def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, max_batch_size, edm2_exact):
     """Calculate metrics for a network's samples, generated on the fly."""
-    from sampling.generate import generate_images, parse_int_list, require_decoder
+    from sampling.generate import generate_images, require_decoder
     if guidance != 1 and gnet is None:
         raise click.UsageError('--guidance other than 1 needs --gnet')
-    if seeds is not None:
-        try:
-            seeds = parse_int_list(seeds)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint='--seeds') from None
-        if len(seeds) < 2:
-            raise click.BadParameter('at least 2 seeds are needed to compute statistics', param_hint='--seeds')
-    else:
+    if seeds is None:
         seeds = range(seed, seed + num_images)
     for option, path in (('--net', net), ('--gnet', gnet)):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
@@ -198,8 +179,7 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
 
-    def work():
-        device = init_distributed()
+    def work(device):
         ref = load_reference(ref_path)
         sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
         image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device,
@@ -223,14 +203,15 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
               type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', 'num_workers', help='Image-reading subprocesses per process', metavar='INT',
               type=click.IntRange(min=0), default=2, show_default=True)
-def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_workers):
+@click.option('--overwrite', help='Replace --dest if it exists', is_flag=True)
+def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_workers, overwrite):
     """Calculate reference statistics of a dataset."""
     if dest_path.lower().endswith('.npz') and 'fid' not in metrics:
         raise click.BadParameter('an .npz file holds FID statistics only; add fid to --metrics or write a .pkl',
                                  param_hint='--dest')
+    cli.check_output_file(dest_path, overwrite=overwrite)  # before any feature is computed
 
-    def work():
-        device = init_distributed()
+    def work(device):
         stats_iter = same_on_all_ranks(lambda: calculate_stats_for_files(
             data_path, metrics=metrics, max_batch_size=max_batch_size, num_workers=num_workers,
             dest_path=dest_path, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))

@@ -12,10 +12,10 @@ import os
 import pickle
 
 import click
-import torch
 import tqdm
 
 import dnnlib
+from torch_utils import cli
 from torch_utils import misc
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
@@ -45,43 +45,6 @@ def resolve_options(opts):
     return opts
 
 #----------------------------------------------------------------------------
-# Process group: only under a launcher that starts several processes (torchrun sets WORLD_SIZE); a plain
-# `python generate_images.py` runs without one. gloo on CPU, nccl on CUDA.
-
-def init_distributed():
-    """Initialise torch.distributed when WORLD_SIZE > 1; return True if this call did so."""
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or torch.distributed.is_initialized():
-        return False
-    dist.init()
-    return True
-
-#----------------------------------------------------------------------------
-# Click types for lists.
-
-class IntList(click.ParamType):
-    name = 'list'
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_int_list(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-class SigmaInterval(click.ParamType):
-    name = 'interval'
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (tuple, list)):
-            return tuple(float(v) for v in value)
-        try:
-            lo, hi = (float(v) for v in value.split(','))
-        except ValueError:
-            self.fail(f'"{value}" is not of the form LO,HI (two numbers)', param, ctx)
-        if not 0 <= lo <= hi:
-            self.fail(f'"{value}" must satisfy 0 <= LO <= HI', param, ctx)
-        return (lo, hi)
-
-#----------------------------------------------------------------------------
 
 @click.command()
 
@@ -89,20 +52,20 @@ class SigmaInterval(click.ParamType):
 @click.option('--preset',            help='Configuration preset', metavar='STR',                         type=str, default=None)
 @click.option('--net',               help='Network pickle or weights-only .pt (filename or URL)', metavar='PATH|URL', type=str, default=None)
 @click.option('--gnet',              help='Guiding network pickle or weights-only .pt (filename or URL)', metavar='PATH|URL', type=str, default=None)
-@click.option('--seeds',             help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST',        type=IntList(), default='16-19', show_default=True)
-@click.option('--class', 'class_idx',help='Class label(s); several are used in turn  [default: random]', metavar='INT|LIST', type=IntList(), default=None)
+@click.option('--seeds',             help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST',        type=cli.IntList(min_len=1), default='16-19', show_default=True)
+@click.option('--class', 'class_idx',help='Class label(s); several are used in turn  [default: random]', metavar='INT|LIST', type=cli.IntList(min=0, min_len=1), default=None)
 
 # Hyperparameters.
 @click.option('--steps', 'num_steps',help='Number of sampling steps', metavar='INT',                    type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--sigma_min',         help='Lowest noise level', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
-@click.option('--sigma_max',         help='Highest noise level', metavar='FLOAT',                        type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
-@click.option('--rho',               help='Time step exponent', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--guidance',          help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
-@click.option('--guidance-interval', 'guidance_interval', help='Apply guidance only for noise levels in [LO, HI]  [default: all]', metavar='LO,HI', type=SigmaInterval(), default=None)
-@click.option('--S_churn', 'S_churn',help='Stochasticity strength', metavar='FLOAT',                     type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',    help='Stochastic min noise level', metavar='FLOAT',                 type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',    help='Stochastic max noise level', metavar='FLOAT',                 type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',help='Stochastic noise inflation', metavar='FLOAT',                 type=float, default=1, show_default=True)
+@click.option('--sigma_min',         help='Lowest noise level', metavar='FLOAT',                         type=cli.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',         help='Highest noise level', metavar='FLOAT',                        type=cli.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--rho',               help='Time step exponent', metavar='FLOAT',                         type=cli.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--guidance',          help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=cli.FloatRange(), default=None)
+@click.option('--guidance-interval', 'guidance_interval', help='Apply guidance only for noise levels in [LO, HI]  [default: all]', metavar='LO,HI', type=cli.Interval(), default=None)
+@click.option('--S_churn', 'S_churn',help='Stochasticity strength', metavar='FLOAT',                     type=cli.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',    help='Stochastic min noise level', metavar='FLOAT',                 type=cli.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',    help='Stochastic max noise level', metavar='FLOAT',                 type=cli.FloatRange(min=0, allow_inf=True), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise',help='Stochastic noise inflation', metavar='FLOAT',                 type=cli.FloatRange(), default=1, show_default=True)
 
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',       type=click.IntRange(min=1), default=32, show_default=True)
@@ -112,6 +75,7 @@ class SigmaInterval(click.ParamType):
 @click.option('--outdir',            help='Where to save the output images', metavar='DIR',              type=str, required=True)
 @click.option('--subdirs',           help='Create subdirectory for every 1000 seeds',                    is_flag=True)
 @click.option('--grid',              help='Also save all images as one grid PNG (rows by class when several classes are given)', metavar='PATH', type=str, default=None)
+@click.option('--overwrite',         help='Replace an existing --grid file',                             is_flag=True)
 
 def cmdline(**opts):
     """Generate images with a trained network, optionally guided.
@@ -127,6 +91,7 @@ def cmdline(**opts):
     tool accepts and which never runs code.
     """
     preset_net = opts['preset'] if opts['net'] is None else None
+    overwrite = opts.pop('overwrite')
     opts = resolve_options(dnnlib.EasyDict(opts))
     for key in ['net', 'gnet']:
         path = opts[key]
@@ -136,22 +101,20 @@ def cmdline(**opts):
         require_decoder(opts.net, f'--preset={preset_net}' if preset_net else f'--net={opts.net}')
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
+    # Outputs before any work: the images may land in an existing folder (as in EDM2), the grid replaces a file
+    # only when asked to.
+    cli.check_output_dir(opts.outdir)
+    if opts.grid is not None:
+        cli.check_output_file(opts.grid, overwrite=overwrite)
 
     # Validation is done; only now start the process group.
-    owns_group = init_distributed()
-    ok = False
-    try:
+    with dist.process_group(), cli.os_errors():
         try:
             image_iter = generate_images(**opts)
-        except (OSError, ValueError, pickle.UnpicklingError, MissingPackageError) as e:
+        except (ValueError, pickle.UnpicklingError, MissingPackageError) as e:
             raise click.ClickException(str(e)) from None
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        for _ in tqdm.tqdm(image_iter, unit='batch', disable=(rank != 0)):
+        for _ in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
             pass
-        ok = True
-    finally:
-        if owns_group:
-            dist.shutdown(meet=ok)
 
 #----------------------------------------------------------------------------
 

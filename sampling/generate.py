@@ -21,6 +21,8 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils.cli import parse_int_list  # noqa: F401 (EDM2's generate_images.parse_int_list)
 from networks import loading
 from training.encoders import StandardRGBEncoder
 from sampling.sampler import edm_sampler
@@ -79,28 +81,6 @@ config_presets = {
     'edm2-img64-s-autog-fid':          _preset('edm2-img64-s-1073741-0.045.pkl',    'edm2-img64-xs-0134217-0.110.pkl', 1.70),          # fid 1.01
     'edm2-img64-s-autog-dino':         _preset('edm2-img64-s-1073741-0.105.pkl',    'edm2-img64-xs-0134217-0.175.pkl', 2.20),          # fd_dinov2 31.85
 }
-
-#----------------------------------------------------------------------------
-# Seed lists such as '0-63,100': comma-separated integers or inclusive ranges a-b.
-
-def parse_int_list(s):
-    """Return a list of ints from '1,2,5-10' (lists, tuples and ranges pass through as lists)."""
-    if isinstance(s, (list, tuple, range)):
-        return [int(x) for x in s]
-    result = []
-    for part in str(s).split(','):
-        m = re.fullmatch(r'\s*(\d+)-(\d+)\s*', part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if lo > hi:
-                raise ValueError(f'range "{part.strip()}" is empty (start > end)')
-            result += range(lo, hi + 1)
-        else:
-            try:
-                result.append(int(part))
-            except ValueError:
-                raise ValueError(f'"{part.strip()}" is neither an integer nor a range a-b') from None
-    return result
 
 #----------------------------------------------------------------------------
 # Per-seed randomness. Every seed owns a torch.Generator seeded with seed mod 2^32, and row i of a batch-shaped draw
@@ -244,24 +224,12 @@ def require_decoder(net, name=None):
 #----------------------------------------------------------------------------
 # The generator.
 
-class _ImageIterable:
-    """What generate_images returns: len() = batches on this process; iterating runs them."""
-    def __init__(self, num_batches, run):
-        self._num_batches = num_batches
-        self._run = run
-
-    def __len__(self):
-        return self._num_batches
-
-    def __iter__(self):
-        return self._run()
-
 def _default_device(net):
     params = getattr(net, 'parameters', None)
     if callable(params):
         for p in params():
             return p.device
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return dist.device()
 
 def _rank0_first(fn):
     """Run fn() on rank 0, then on the other ranks (one download, then cache hits). Rank 0 releases the others
@@ -398,7 +366,7 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
         if grid is not None:
             _write_grid(grid, grid_images, grid_layout(len(seeds), classes))
 
-    return _ImageIterable(len(rank_batches), run)
+    return misc.SizedIterable(run(), len(rank_batches))
 
 def _write_grid(path, grid_images, rows):
     """Collect every rank's images on rank 0 and write the grid there."""

@@ -199,7 +199,7 @@ CASES = [
     Case('ref-dest-is-dir',          'ref', ['--data={A}/images', '--dest={A}/empty'], 1, r'empty: is a directory'),
     Case('ref-dest-under-file',      'ref', ['--data={A}/images', '--dest={A}/afile/ref.pkl'], 1, r'ref\.pkl: .*afile is not a directory'),
     Case('ref-dest-read-only',       'ref', ['--data={A}/images', '--dest=/sys/edm2plus-ref.pkl'], 1, r'/sys/edm2plus-ref\.pkl: cannot write there'),
-    Case('ref-npz-without-fid',      'ref', ['--data={A}/images', '--dest={T}/ref.npz', '--metrics=fd_dinov2'], 2, r"'--dest': an \.npz file holds FID"),
+    Case('ref-npz-without-fid',      'ref', ['--data={A}/images', '--dest={T}/ref.npz', '--metrics=fd_dinov2'], 2, r'--dest: an \.npz file holds FID'),
     Case('ref-data-missing',         'ref', ['--data={T}/none', '--dest={T}/ref.pkl'], 1, r'none'),
 
     # reconstruct_phema.py

@@ -123,14 +123,13 @@ class FloatRange(click.FloatRange):
         return x
 
 def parse_int_list(text):
-    """Integers from a comma list where `a-b` stands for a..b inclusive, e.g. '1,2,5-10'; '' gives []."""
+    """Integers from a comma list where `a-b` stands for a..b inclusive, e.g. '1,2,5-10' (lists, tuples and ranges
+    pass through as lists). Raises ValueError naming the part that is neither."""
     if isinstance(text, (list, tuple, range)):
         return [int(x) for x in text]
     values = []
     for part in str(text).split(','):
         part = part.strip()
-        if part == '':
-            continue
         bounds = re.fullmatch(r'(-?\d+)-(-?\d+)', part)
         if bounds is not None:
             lo, hi = int(bounds.group(1)), int(bounds.group(2))
@@ -145,7 +144,8 @@ def parse_int_list(text):
     return values
 
 class IntList(click.ParamType):
-    """A comma list of integers and ranges a-b ('0-63,100'); every value in [min, max]; at least min_len items."""
+    """A comma list of integers and ranges a-b ('0-63,100'), or '' for none; every value in [min, max]; at least
+    min_len items."""
     name = 'list'
 
     def __init__(self, min=None, max=None, min_len=0):  # pylint: disable=redefined-builtin
@@ -153,7 +153,7 @@ class IntList(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            values = parse_int_list(value)
+            values = [] if isinstance(value, str) and value.strip() == '' else parse_int_list(value)
         except (TypeError, ValueError) as e:
             self.fail(str(e), param, ctx)
         if len(values) < self.min_len:
