@@ -53,8 +53,9 @@ class GaussianMixture:
         eps = torch.randn([n, 2], generator=generator, device=self.means.device)
         return self.means[idx] + torch.einsum('nij,nj->ni', self.vec[idx], eps * self.lam[idx].sqrt())
 
-    def logp_score(self, x, sigma):
-        """log p(x; sigma) [N] and its gradient [N, 2], for points x [N, 2] and noise levels sigma [N] or a scalar."""
+    def logp_score(self, x, sigma, need_score=True):
+        """log p(x; sigma) [N] and its gradient [N, 2] (None unless `need_score`), for points x [N, 2] and noise
+        levels sigma [N] or a scalar."""
         n, k = x.shape[0], self.weights.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1)
         z = x @ self.proj - self.offset                     # coordinates in each eigenbasis [N, 2K]
@@ -64,6 +65,8 @@ class GaussianMixture:
         logdet = var.view(-1, k, 2).prod(-1).log()
         log_comp = self.weights.log() - 0.5 * (quad + logdet) - np.log(2 * np.pi)
         logp = log_comp.logsumexp(dim=1)
+        if not need_score:
+            return logp, None
         resp = (log_comp - logp.unsqueeze(1)).exp()         # responsibilities [N, K]
         score = -(q.view(n, k, 2) * resp.unsqueeze(-1)).view(n, -1) @ self.proj.t()
         return logp, score
@@ -228,15 +231,18 @@ PANEL = 400
 COLUMNS = [('Ground truth', (40, 40, 40)), ('No guidance', (200, 40, 40)),
            ('Classifier-free guidance', (40, 90, 200)), ('Autoguidance', (20, 140, 60))]
 
-def _density_image(gt, box, res):
+def _density_image(gt, box, size):
+    # Evaluated at half the panel's resolution and enlarged: the density is smooth, and this is the plot's main cost.
+    res = size // 2
     (x0, x1), (y0, y1) = box
     xs = torch.linspace(x0, x1, res)
     ys = torch.linspace(y1, y0, res)  # image rows go down
     grid = torch.stack(torch.meshgrid(ys, xs, indexing='ij')[::-1], dim=-1).reshape(-1, 2)
-    logp = torch.cat([gt.logp_score(chunk, 0.0)[0] for chunk in grid.split(4096)]).reshape(res, res)
+    logp = torch.cat([gt.logp_score(chunk, 0.0, need_score=False)[0] for chunk in grid.split(4096)]).reshape(res, res)
     shade = (logp - logp.max()).exp() ** 0.25                     # compress the range: thin branches stay visible
     rgb = 255 - (shade[..., None] * torch.tensor([70, 45, 10])).numpy()
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    small = PIL.Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    return np.array(small.resize((size, size), PIL.Image.BILINEAR))
 
 def _draw_points(img, points, box, color, radius):
     (x0, x1), (y0, y1) = box
@@ -260,7 +266,7 @@ def plot(net, gnet, uncond=None, guidance=3.0, num_samples=4096, seed=1, classes
     centre, half = (lo + hi) / 2, (hi - lo).max().item() / 2 * 1.25
     full = ((centre[0].item() - half, centre[0].item() + half), (centre[1].item() - half, centre[1].item() + half))
     tip = gt.means[(gt.means - gt.means.mean(0)).norm(dim=1).argmax()]
-    zhalf = half / 6
+    zhalf = half / 4
     zoom = ((tip[0].item() - zhalf, tip[0].item() + zhalf), (tip[1].item() - zhalf, tip[1].item() + zhalf))
 
     title_h, gap = 28, 6
