@@ -118,8 +118,13 @@ def check_resume(outdir, network_kwargs):
             before = json.load(f)['network_kwargs']
     except (OSError, ValueError, KeyError, TypeError):
         return  # nothing to compare with; the training loop checks the state itself
+    def effective(kwargs, key):  # None expansion/kernel: the variant's own (BLOCK_VARIANTS)
+        value = kwargs.get(key)
+        if value is None and key in ('expansion', 'kernel') and kwargs.get('block', 'A') in BLOCK_VARIANTS:
+            value = BLOCK_VARIANTS[kwargs.get('block', 'A')][1 if key == 'expansion' else 2]
+        return value
     for key, option in ARCHITECTURE_OPTIONS.items():
-        old, new = before.get(key), network_kwargs.get(key)
+        old, new = effective(before, key), effective(network_kwargs, key)
         if old != new:
             show = lambda v: ','.join(map(str, v)) if isinstance(v, list) else ('the variant\'s' if v is None else v)
             raise click.ClickException(f'{option}={show(new)}: the run in {outdir} was started with {option}={show(old)} '
@@ -276,7 +281,7 @@ def print_training_config(c, opts, world_size):
 @click.option('--checkpoint',       help='Interval of training checkpoints [default: preset or 128Mi]', metavar='NIMG', type=NIMG, default=None)
 @click.option('--minutes',          help='Stop after this much wall time (with a final snapshot and checkpoint)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--seed',             help='Random seed', metavar='INT',                                  type=int, default=D['seed'], show_default=True)
-@click.option('-n', '--dry-run',    help='Print training options and exit',                             is_flag=True)
+@click.option('-n', '--dry-run',    help='Print training options and exit',                             is_flag=True, default=D['dry_run'])
 
 def cmdline(**opts):
     """Train a diffusion model (EDM2 with the EDM2+ block variants) on CUDA or CPU.
