@@ -339,6 +339,8 @@ def parse_resolution(text):
     match = re.fullmatch(r'(\d+)[x,](\d+)', text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f'cannot parse tuple {text}')
+    if int(match[1]) < 1 or int(match[2]) < 1:
+        raise ValueError(f'{text}: width and height must be 1 or more, e.g. 64x64')
     return int(match[1]), int(match[2])
 
 #----------------------------------------------------------------------------
