@@ -79,15 +79,16 @@ def test_train_edm2_tiny_real_run(tmp_path):
     data = make_dataset(tmp_path / 'data16', 16, [0, 1, 2, 1])
     outdir = tmp_path / 'run'
     proc = subprocess.run([sys.executable, 'train_edm2.py', f'--outdir={outdir}', f'--data={data}',
-                           '--preset=edm2-img64-xs', '--channels=8', '--batch=4', '--duration=8', '--status=4',
-                           '--snapshot=8', '--checkpoint=8'],
+                           '--preset=edm2-img64-xs', '--channels=8', '--batch=64', '--duration=1Ki', '--status=1Ki',
+                           '--snapshot=1Ki', '--checkpoint=1Ki'],
                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     files = set(os.listdir(outdir))
-    assert {'training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000000.pt'} <= files
-    assert any(f.startswith('network-snapshot-0000000-0.050') for f in files)
+    assert {'training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000001.pt',
+            'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl'} <= files
     options = json.loads((outdir / 'training_options.json').read_text())
-    assert options['network_kwargs']['model_channels'] == 8 and options['batch_size'] == 4
+    assert options['network_kwargs']['model_channels'] == 8 and options['batch_size'] == 64
+    assert options['network_kwargs']['block'] == 'A' and 'Network: block A, width 8' in proc.stdout
 
 #----------------------------------------------------------------------------
 # Block variants: the paper's e, k and width, and the counts printed at start.
