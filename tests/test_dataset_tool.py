@@ -254,7 +254,7 @@ def test_fashion_mnist_first_50(tmp_path):
     img = png_array(files['00000/img00000000.png'][1])
     assert img.shape == (32, 32, 3)
     np.testing.assert_array_equal(img[:, :, 0], img[:, :, 2]) # Still grey.
-    # 28x28 -> 32x32 with Lanczos (no transform, spec §1.5).
+    # 28x28 -> 32x32 with Lanczos (no transform).
     np.testing.assert_array_equal(img[:, :, 0], np.array(PIL.Image.fromarray(first).resize((32, 32), PIL.Image.LANCZOS)))
 
 #----------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_resolution_without_transform_uses_lanczos(tmp_path):
     np.testing.assert_array_equal(dataset_tool.make_transform(None)(img), img)
 
 #----------------------------------------------------------------------------
-# Errors: EDM2's messages (spec §1.5), one line, exit status 1 (2 for bad option syntax).
+# Errors: EDM2's messages, one line, exit status 1 (2 for bad option syntax).
 
 @pytest.fixture
 def one_image(tmp_path):
@@ -440,7 +440,7 @@ class FakeVAE:
             self.std = torch.full_like(mean, 0.25)
 
     def encode(self, x):
-        assert 0 <= x.min() and x.max() <= 1 # Pixels in [0,1] (spec §6.3).
+        assert 0 <= x.min() and x.max() <= 1 # Pixels in [0,1].
         m = torch.nn.functional.avg_pool2d(x, 8) * 10
         return {'latent_dist': self.Posterior(torch.cat([m, m.mean(dim=1, keepdim=True)], dim=1))}
 
