@@ -3,6 +3,7 @@
 Examples:
     python count_flops.py edm2plus-img64-s
     python count_flops.py --block=G* --channels=128 --expansion=6
+    python count_flops.py edm2-img64-s --block=B       # Table 1's CONFIG B: width 384 (the variant's own)
     python count_flops.py runs/00000/network-snapshot-0008388-0.050.pkl
     python count_flops.py --paper [--json]
 """
@@ -17,7 +18,7 @@ from networks import flops, presets
 from networks.edm2plus import BLOCK_VARIANTS
 
 #----------------------------------------------------------------------------
-# The paper's numbers (Tables 1-3; edm2plus-blocks.md), printed next to ours by --paper. Only the reference column
+# The paper's numbers (Tables 1-3), printed next to ours by --paper. Only the reference column
 # comes from this table: our numbers are always counted from the network itself.
 
 PAPER_ROWS = [
@@ -68,8 +69,8 @@ def load_for_counting(net):
     return module.float().eval(), 'cpu'
 
 def print_report(result, out=print):
-    out(f'{"Parameters":<12s}{result["params"] / 1e6:.2f}M')
-    out(f'{"Compute":<12s}{result["flops"] / 1e9:.2f} Gflops/sample')
+    for line in flops.headline(result):
+        out(line)
     out('')
     out(f'{"Op":<24s}{"Count":>8s}{"Gflops":>12s}')
     out('-' * 44)
@@ -92,8 +93,8 @@ def _build(kwargs):
 @click.option('--block', help='Block variant', metavar='NAME', type=click.Choice(list(BLOCK_VARIANTS)))
 @click.option('--channels', help='Base width (model_channels)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--expansion', help='Expansion ratio e of the wide layers', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--kernel', help='Depthwise kernel size k', metavar='INT', type=click.IntRange(min=1))
-@click.option('--resolution', help='Input resolution', metavar='INT', type=click.IntRange(min=8))
+@click.option('--kernel', help='Depthwise kernel size k (odd)', metavar='INT', type=int)
+@click.option('--resolution', help='Input resolution (a power of two)', metavar='INT', type=int)
 @click.option('--img-channels', help='Input channels (3 = RGB, 4 = latents)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--label-dim', help='Number of classes (0 = unconditional)', metavar='INT', type=click.IntRange(min=0))
 # Output.
@@ -124,22 +125,25 @@ def main(net, block, channels, expansion, kernel, resolution, img_channels, labe
 
     options = dict(block=block, model_channels=channels, expansion=expansion, kernel=kernel,
                    img_resolution=resolution, img_channels=img_channels, label_dim=label_dim)
-    if net is None:
-        kwargs = dict(presets.network_kwargs('edm2-img64-s'), block=block or 'A', expansion=None, kernel=None)
-        kwargs.update({k: v for k, v in options.items() if v is not None})
+    if net is None or net in presets.PRESETS:
+        # A preset (EDM2-S at ImageNet-64 when none is named) with the options; --block brings the variant's e, k and
+        # width (presets.variant_architecture) unless --channels, --expansion or --kernel say otherwise.
+        kwargs = presets.network_kwargs(net or 'edm2-img64-s', **options)
+        explicit = [k for k in ('expansion', 'kernel') if options[k] is not None]
+        try:
+            presets.check_architecture(kwargs, explicit=explicit)
+        except ValueError as e:
+            raise click.ClickException(str(e))
         module, device = _build(kwargs), 'meta'
-        name = f'block {kwargs["block"]}, channels {kwargs["model_channels"]}'
+        name = f'{net or "block " + kwargs["block"]}: {flops.describe(kwargs)}'
     else:
         given = [f'--{k}' for k, v in options.items() if v is not None and k in ('block', 'expansion', 'kernel')]
-        if net in presets.PRESETS:
-            module, device = _build(presets.network_kwargs(net, **options)), 'meta'
-        else:
-            if given:
-                raise click.ClickException(f'{", ".join(given)} cannot be combined with a network file')
-            try:
-                module, device = load_for_counting(net)
-            except (OSError, ValueError) as e:
-                raise click.ClickException(str(e))
+        if given:
+            raise click.ClickException(f'{", ".join(given)} cannot be combined with a network file')
+        try:
+            module, device = load_for_counting(net)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(str(e))
         name = net
     if not as_json:
         click.echo(f'Counting {name} ...')

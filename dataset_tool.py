@@ -1,4 +1,4 @@
-"""Build datasets in EDM2's layout (spec §1.5): `convert` images to PNGs, `encode` them to Stable Diffusion VAE
+"""Build datasets in EDM2's layout: `convert` images to PNGs, `encode` them to Stable Diffusion VAE
 latents, `decode` latents back to PNGs.
 
 Output layout (a zip, stored uncompressed, or a folder): `00000/img00000000.png`, `00000/img00000001.png`, ...
@@ -8,8 +8,10 @@ byte-identical output. The output appears under its final name only when everyth
 
 Sources for `convert`:
   * a folder of images (searched recursively) or a zip of images. Labels come from a `dataset.json` at its root
-    if there is one; otherwise, when the images sit in two or more top-level sub-folders (like ImageNet's
-    `train/n01440764/...`), the label is the index of the sub-folder name in sorted order; otherwise none.
+    if it has labels; otherwise (no dataset.json, or `"labels": null`), when the images sit in two or more top-level
+    sub-folders (like ImageNet's `train/n01440764/...`), the label is the index of the sub-folder name in sorted
+    order; otherwise none. dataset.json labels are checked first: class indices (integers, 0 or more, below
+    --num-classes when given) or lists of numbers, for every image or none.
   * MNIST-format IDX files (MNIST, Fashion-MNIST): name the image file, e.g.
     `--source=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz`; the labels are read from the file
     next to it with `images-idx3` replaced by `labels-idx1`. Naming the folder instead takes its training split
@@ -87,28 +89,53 @@ def _decode_image(f, where):
     except Exception as e: # Any decoder failure means a corrupt or unreadable file.
         raise DatasetToolError(f'{where}: cannot read image ({type(e).__name__}: {e})') from None
 
-def _labels_for(names, dataset_json, where):
-    """Labels of the inputs `names` (archive-relative, `/`-separated): from dataset.json (bytes or None), else from
-    the top-level sub-folder names (spec §1.5). Returns (labels, description of their origin)."""
+def _labels_for(names, dataset_json, where, num_classes=None):
+    """Labels of the inputs `names` (archive-relative, `/`-separated), as EDM2 assigns them: from dataset.json (bytes
+    or None) when it has labels; otherwise (no dataset.json, or `"labels": null`) from the top-level sub-folder names
+    when there are two or more. Returns (labels, description of their origin). dataset.json labels are checked here,
+    before any work: integers >= 0 (below `num_classes` when given) or lists of numbers, for every image or none."""
+    json_path = f'{where}/dataset.json'
     if dataset_json is not None:
-        # A dataset.json decides, even one saying {"labels": null}: an unlabelled dataset in EDM2's own layout
-        # (sub-folders 00000, 00001, ...) must not get its sub-folder numbers as class labels.
         try:
             labels = json.loads(dataset_json)['labels']
-            mapping = dict(labels) if labels is not None else {}
+            mapping = dict(labels) if labels is not None else None
         except Exception as e:
-            raise DatasetToolError(f'{where}/dataset.json: not a valid dataset.json ({type(e).__name__}: {e})') from None
-        if labels is None:
-            return [None] * len(names), 'none (dataset.json has no labels)'
-        return [mapping.get(name) for name in names], 'dataset.json'
+            raise DatasetToolError(f'{json_path}: not a valid dataset.json ({type(e).__name__}: {e})') from None
+        if mapping is not None:
+            result = [mapping.get(name) for name in names]
+            _check_labels(names, result, json_path, num_classes)
+            return result, 'dataset.json'
     top = [name.split('/')[0] if '/' in name else '' for name in names]
     classes = sorted(set(top))
+    note = ' (dataset.json has "labels": null)' if dataset_json is not None else ''
     if len(classes) < 2:
-        return [None] * len(names), 'none'
+        return [None] * len(names), 'none' + note
+    if num_classes is not None and len(classes) > num_classes:
+        raise DatasetToolError(f'{where}: {len(classes)} top-level sub-folders give {len(classes)} classes, more than '
+                               f'--num-classes={num_classes}')
     index = {c: i for i, c in enumerate(classes)}
-    return [index[t] for t in top], f'{len(classes)} top-level sub-folders'
+    return [index[t] for t in top], f'{len(classes)} top-level sub-folders{note}'
 
-def open_image_folder(source, max_images=None):
+def _check_labels(names, labels, json_path, num_classes=None):
+    """One-line errors naming dataset.json and the image for labels that training would refuse or misread."""
+    missing = [name for name, label in zip(names, labels) if label is None]
+    if missing and len(missing) < len(names):
+        raise DatasetToolError(f'{json_path}: no label for {len(missing)} of the {len(names)} images (first: '
+                               f'{missing[0]}); label every image, or none with "labels": null')
+    for name, label in zip(names, labels):
+        if label is None:
+            continue
+        if isinstance(label, list):
+            if not label or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in label):
+                raise DatasetToolError(f'{json_path}: label {json.dumps(label)} of {name} is not a list of numbers')
+            continue
+        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            raise DatasetToolError(f'{json_path}: label {json.dumps(label)} of {name} is not a class index '
+                                   f'(an integer, 0 or more)')
+        if num_classes is not None and label >= num_classes:
+            raise DatasetToolError(f'{json_path}: label {label} of {name} is not below --num-classes={num_classes}')
+
+def open_image_folder(source, max_images=None, num_classes=None):
     names = []
     for root, _dirs, files in os.walk(source):
         for fname in files:
@@ -121,7 +148,7 @@ def open_image_folder(source, max_images=None):
         with open(meta_path, 'rb') as f:
             dataset_json = f.read()
     # Labels are assigned over ALL inputs, so that --max-images keeps the class numbering of the full set.
-    labels, origin = _labels_for(names, dataset_json, source)
+    labels, origin = _labels_for(names, dataset_json, source, num_classes)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -134,7 +161,7 @@ def open_image_folder(source, max_images=None):
             return _decode_image(f, path)
     return Source(names, read, labels, origin)
 
-def open_image_zip(source, max_images=None):
+def open_image_zip(source, max_images=None, num_classes=None):
     try:
         archive = zipfile.ZipFile(source)
     except (OSError, zipfile.BadZipFile) as e:
@@ -142,7 +169,7 @@ def open_image_zip(source, max_images=None):
     all_names = set(archive.namelist())
     names = sorted(name for name in all_names if _file_ext(name) in _image_extensions())
     dataset_json = archive.read('dataset.json') if 'dataset.json' in all_names else None
-    labels, origin = _labels_for(names, dataset_json, source)
+    labels, origin = _labels_for(names, dataset_json, source, num_classes)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -199,7 +226,7 @@ def find_idx_images(folder):
         return os.path.join(folder, candidates[0])
     raise DatasetToolError(f'{folder}: holds several IDX image files ({", ".join(candidates)}); name one as --source')
 
-def open_idx(images_path, max_images=None):
+def open_idx(images_path, max_images=None, num_classes=None):
     images = read_idx(images_path, max_images)
     if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DatasetToolError(f'{images_path}: expected uint8 images [N,H,W] or [N,H,W,1|3] in the IDX file, '
@@ -214,6 +241,8 @@ def open_idx(images_path, max_images=None):
             raise DatasetToolError(f'{labels_path}: expected {images.shape[0]} integer labels to match '
                                    f'{images_path}, got {labels.dtype} {list(labels.shape)}')
         labels = [int(x) for x in labels]
+        if num_classes is not None and labels and max(labels) >= num_classes:
+            raise DatasetToolError(f'{labels_path}: label {max(labels)} is not below --num-classes={num_classes}')
         origin = os.path.basename(labels_path)
     else:
         labels = [None] * images.shape[0]
@@ -226,24 +255,24 @@ def open_idx(images_path, max_images=None):
 
 #----------------------------------------------------------------------------
 
-def open_source(source, max_images=None):
-    """Open an image folder, zip or IDX file (or a folder holding IDX files) for reading."""
+def open_source(source, max_images=None, num_classes=None):
+    """Open an image folder, zip or IDX file (or a folder holding IDX files) for reading; labels checked."""
     if os.path.isdir(source):
         idx_images = find_idx_images(source)
         if idx_images is not None:
-            return open_idx(idx_images, max_images)
-        return open_image_folder(source, max_images)
+            return open_idx(idx_images, max_images, num_classes)
+        return open_image_folder(source, max_images, num_classes)
     if os.path.isfile(source):
         if _file_ext(source) == '.zip':
-            return open_image_zip(source, max_images)
+            return open_image_zip(source, max_images, num_classes)
         if _IDX_IMAGE_PATTERN.match(os.path.basename(source)):
-            return open_idx(source, max_images)
+            return open_idx(source, max_images, num_classes)
         raise DatasetToolError(f'Only zip archives are supported: {source} (or a folder, or an MNIST-format '
                                f'*-images-idx3-ubyte[.gz] file)')
     raise DatasetToolError(f'Missing input file or directory: {source}')
 
 #----------------------------------------------------------------------------
-# Transforms (spec §1.5). Each maps uint8 [H,W,C] to uint8 [H',W',C], or None to skip the image.
+# Transforms. Each maps uint8 [H,W,C] to uint8 [H',W',C], or None to skip the image.
 
 def _resize(img, width, height, resample):
     # Pillow returns an exact copy when the size does not change.
@@ -273,7 +302,7 @@ def center_crop_wide(img, width, height):
     return canvas
 
 def center_crop_dhariwal(img, size):
-    # ADM's (guided-diffusion) ImageNet preprocessing, step by step as spec §1.5.
+    # ADM's (guided-diffusion, Dhariwal & Nichol 2021) ImageNet preprocessing, step by step.
     pil = PIL.Image.fromarray(img)
     # 1. Halve with a box filter while the short side is at least twice the target.
     while min(*pil.size) >= 2 * size:
@@ -310,6 +339,8 @@ def parse_resolution(text):
     match = re.fullmatch(r'(\d+)[x,](\d+)', text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f'cannot parse tuple {text}')
+    if int(match[1]) < 1 or int(match[2]) < 1:
+        raise ValueError(f'{text}: width and height must be 1 or more, e.g. 64x64')
     return int(match[1]), int(match[2])
 
 #----------------------------------------------------------------------------
@@ -319,52 +350,117 @@ def parse_resolution(text):
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0) # The earliest time a zip can store.
 
-def check_dest(dest):
+def _temp_name(dest):
+    # Hidden sibling of `dest` carrying our process id, so that a later run can tell its own dead leftovers apart
+    # from the temporary output of a conversion still running.
+    dest = os.path.normpath(os.path.abspath(dest))
+    return os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True # Exists, owned by someone else.
+    return True
+
+def remove_leftovers(dest):
+    """Delete the temporary zip/folder of an earlier conversion to `dest` that was killed (its process is gone)."""
+    dest = os.path.normpath(os.path.abspath(dest))
+    parent, base = os.path.dirname(dest), os.path.basename(dest)
+    pattern = re.compile(re.escape(f'.{base}.') + r'(\d+)\.[0-9a-f]{8}\.tmp')
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        match = pattern.fullmatch(name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+    return removed
+
+def _is_dataset_folder(path):
+    return os.path.isfile(os.path.join(path, 'dataset.json'))
+
+def check_dest(dest, overwrite=False):
+    """Refuse a --dest we cannot or must not write, before any work: `Error: <path>: <reason>`."""
     if dest == '':
         raise DatasetToolError('--dest output filename or directory must not be an empty string')
-    if _file_ext(dest) != '.zip':
+    if _file_ext(dest) == '.zip':
+        if os.path.isdir(dest):
+            raise DatasetToolError(f'{dest}: is a directory (a .zip --dest must be a file)')
+        if os.path.exists(dest) and not overwrite:
+            raise DatasetToolError(f'{dest}: exists; give --overwrite to replace it')
+    else:
         if os.path.exists(dest) and not os.path.isdir(dest):
             raise DatasetToolError(f'--dest folder must be empty: {dest} is a file')
         if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
-            raise DatasetToolError(f'--dest folder must be empty: {dest}')
+            if not overwrite:
+                raise DatasetToolError(f'--dest folder must be empty: {dest} (--overwrite replaces a dataset folder)')
+            if not _is_dataset_folder(dest):
+                raise DatasetToolError(f'{dest}: --overwrite replaces only a dataset folder (one with dataset.json); '
+                                       f'this folder has none and is kept')
+    # The nearest existing ancestor must be a folder we can write in (missing parents are created).
+    parent = os.path.dirname(os.path.normpath(os.path.abspath(dest)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DatasetToolError(f'{dest}: {parent} is not a directory')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DatasetToolError(f'{dest}: permission denied (cannot write in {parent})')
 
 @contextlib.contextmanager
-def open_dest(dest):
+def open_dest(dest, overwrite=False):
     """Context yielding write(archive_name, bytes); the dataset appears at `dest` only if the block succeeds."""
-    check_dest(dest)
-    if _file_ext(dest) == '.zip':
-        with dnnlib.util.atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
-            def write_zip(name, data):
-                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_STORED
-                info.create_system = 3 # Unix, on every platform.
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, data)
-            yield write_zip
-        return
-
-    # Folder: fill a hidden sibling folder, then rename it to `dest`.
-    dest = os.path.normpath(dest)
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f'.{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp')
-    os.mkdir(tmp)
+    check_dest(dest, overwrite)
+    remove_leftovers(dest)
+    parent = os.path.dirname(os.path.normpath(os.path.abspath(dest)))
     try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise DatasetToolError(f'{dest}: {e.strerror}') from None
+    tmp = _temp_name(dest)
+    try:
+        if _file_ext(dest) == '.zip':
+            with open(tmp, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
+                def write_zip(name, data):
+                    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                    info.compress_type = zipfile.ZIP_STORED
+                    info.create_system = 3 # Unix, on every platform.
+                    info.external_attr = 0o644 << 16
+                    zf.writestr(info, data)
+                yield write_zip
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+            return
+
+        os.mkdir(tmp)
         def write_file(name, data):
             path = os.path.join(tmp, *name.split('/'))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, 'wb') as f:
                 f.write(data)
         yield write_file
-        if os.path.isdir(dest):
-            os.rmdir(dest) # Checked empty above; fails (and keeps it) if something appeared meanwhile.
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if os.path.isdir(dest) and os.listdir(dest):
+            # --overwrite of a dataset folder (checked above): move the old one aside, then drop it.
+            old = _temp_name(dest)
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if os.path.isdir(dest):
+                os.rmdir(dest) # Checked empty above; fails (and keeps it) if something appeared meanwhile.
+            os.rename(tmp, dest)
+    except OSError as e:
+        raise DatasetToolError(f'{e.filename or dest}: {e.strerror}') from None
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
 
 def output_name(idx, stem='img', ext='png'):
-    # '{idx:08d}'[:5] is the sub-folder: 1000 files each (spec §1.5).
+    # '{idx:08d}'[:5] is the sub-folder: 1000 files each.
     return f'{idx:08d}'[:5] + f'/{stem}{idx:08d}.{ext}'
 
 def png_bytes(img):
@@ -373,30 +469,31 @@ def png_bytes(img):
     return buf.getvalue()
 
 def dataset_json_bytes(labels):
-    # [[name, label], ...], or null when any image has no label (spec §1.5).
+    # [[name, label], ...], or null when the images have no labels.
     if any(label is None for _name, label in labels):
         labels = None
     return json.dumps({'labels': labels}).encode('utf-8')
 
 #----------------------------------------------------------------------------
 
-def convert_dataset(source, dest, max_images=None, transform=None, resolution=None, verbose=True):
+def convert_dataset(source, dest, max_images=None, transform=None, resolution=None, verbose=True, overwrite=False,
+                    num_classes=None):
     """Convert `source` to a PNG dataset at `dest`. Returns an EasyDict(num_images, num_skipped, labels, shape)."""
     width, height = resolution if resolution is not None else (None, None)
     transform_fn = make_transform(transform, width, height)
-    check_dest(dest)
-    src = open_source(source, max_images)
+    check_dest(dest, overwrite)
+    src = open_source(source, max_images, num_classes)
     if len(src) == 0:
         raise DatasetToolError(f'No input images found in {source}')
 
     dataset_attrs = None
     labels = []
     num_skipped = 0
-    with open_dest(dest) as write:
+    with open_dest(dest, overwrite) as write:
         for idx in tqdm(range(len(src)), desc='convert', unit='img', disable=not verbose):
             item = src.read(idx)
             img = transform_fn(item.image)
-            if img is None: # Skipped by center-crop-wide; the index still advances (spec §1.5).
+            if img is None: # Skipped by center-crop-wide; the index still advances.
                 num_skipped += 1
                 continue
 
@@ -427,7 +524,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
                            has_labels=has_labels, shape=[dataset_attrs['channels'], dataset_attrs['height'], dataset_attrs['width']])
 
 #----------------------------------------------------------------------------
-# VAE latents (spec §1.5, §6.3). `encoder` defaults to StabilityVAEEncoder; tests pass a stand-in.
+# VAE latents (EDM2 paper, ImageNet-512 in latent space). `encoder` defaults to StabilityVAEEncoder; tests pass a stand-in.
 
 def require_diffusers():
     import importlib.util # pylint: disable=import-outside-toplevel
@@ -450,10 +547,10 @@ def _default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
-                   verbose=True):
+                   verbose=True, overwrite=False):
     """RGB images -> `img-mean-std-XXXXXXXX.npy` files holding the VAE posterior [mean, std] (8 x H/8 x W/8)."""
     import torch # pylint: disable=import-outside-toplevel
-    check_dest(dest)
+    check_dest(dest, overwrite)
     if encoder is None:
         require_diffusers() # Before reading the source.
     src = open_source(source, max_images)
@@ -463,7 +560,7 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
     if encoder is None:
         encoder = make_vae_encoder(model_url, device)
     labels = []
-    with open_dest(dest) as write:
+    with open_dest(dest, overwrite) as write:
         for idx in tqdm(range(len(src)), desc='encode', unit='img', disable=not verbose):
             item = src.read(idx)
             x = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).unsqueeze(0).to(device)
@@ -513,10 +610,10 @@ def open_latents(source, max_images=None):
     return Source(names, read, labels, origin)
 
 def decode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
-                   verbose=True):
+                   verbose=True, overwrite=False):
     """Latent dataset (.npy [mean, std] or [mean]) -> PNGs of the VAE decoding of the posterior means."""
     import torch # pylint: disable=import-outside-toplevel
-    check_dest(dest)
+    check_dest(dest, overwrite)
     if encoder is None:
         require_diffusers()
     src = open_latents(source, max_images)
@@ -526,7 +623,7 @@ def decode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
     if encoder is None:
         encoder = make_vae_encoder(model_url, device)
     labels = []
-    with open_dest(dest) as write:
+    with open_dest(dest, overwrite) as write:
         for idx in tqdm(range(len(src)), desc='decode', unit='img', disable=not verbose):
             item = src.read(idx)
             latents = item.image
@@ -534,7 +631,7 @@ def decode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
                 raise DatasetToolError(f'{source}/{item.name}: expected latents [8,h,w] (mean, std) or [4,h,w], '
                                        f'got {list(latents.shape)}')
             # Decode the posterior mean deterministically: map it into network space with the encoder's affine
-            # constants, which `decode` undoes before running the VAE decoder (spec §6.3).
+            # constants, which `decode` undoes before running the VAE decoder.
             mean = torch.from_numpy(np.asarray(latents[:4], dtype=np.float32)).unsqueeze(0).to(device)
             scale = torch.as_tensor(encoder.scale, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
             bias = torch.as_tensor(encoder.bias, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
@@ -588,15 +685,18 @@ def cmdline():
 # Transform options.
 @click.option('--transform',   help='Crop and resize: center-crop, center-crop-wide or center-crop-dhariwal (ADM)', metavar='MODE', type=click.Choice(TRANSFORMS), default=None)
 @click.option('--resolution',  help='Output resolution, e.g. 64x64', metavar='WxH', type=ResolutionType(), default=None)
-# Limits.
+# Limits and checks.
 @click.option('--max-images',  help='Use only the first N input images (sorted order)', metavar='INT', type=click.IntRange(min=1), default=None)
-def convert(source, dest, transform, resolution, max_images):
+@click.option('--num-classes', help='Number of classes: refuse labels outside 0..N-1', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
+def convert(source, dest, transform, resolution, max_images, num_classes, overwrite):
     """Convert images to EDM2's PNG dataset layout.
 
     Writes a zip (or folder) of PNGs and dataset.json labels. Sources: an image folder (class sub-folders give
     labels), a zip, or an MNIST-format IDX image file (labels from the labels-idx1 file next to it).
     """
-    r = _run(convert_dataset, source=source, dest=dest, max_images=max_images, transform=transform, resolution=resolution)
+    r = _run(convert_dataset, source=source, dest=dest, max_images=max_images, transform=transform, resolution=resolution,
+             num_classes=num_classes, overwrite=overwrite)
     skipped = f', {r.num_skipped} skipped' if r.num_skipped else ''
     labels = f'labels: {r.label_origin}' if r.has_labels else 'no labels'
     click.echo(f'Wrote {r.num_images} images of shape {"x".join(map(str, r.shape))} (CHW){skipped} to {dest}; {labels}')
@@ -608,12 +708,13 @@ def convert(source, dest, transform, resolution, max_images):
 @click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
 # Limits.
 @click.option('--max-images',  help='Use only the first N input images', metavar='INT', type=click.IntRange(min=1), default=None)
-def encode(model_url, source, dest, max_images):
+@click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
+def encode(model_url, source, dest, max_images, overwrite):
     """Encode RGB images to Stable Diffusion VAE latents.
 
     Writes the posterior [mean, std] of each image as an 8-channel .npy file. Needs diffusers (a GPU advised).
     """
-    r = _run(encode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images)
+    r = _run(encode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images, overwrite=overwrite)
     click.echo(f'Wrote {r.num_images} latent files to {dest}')
 
 @cmdline.command()
@@ -623,12 +724,13 @@ def encode(model_url, source, dest, max_images):
 @click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
 # Limits.
 @click.option('--max-images',  help='Use only the first N inputs', metavar='INT', type=click.IntRange(min=1), default=None)
-def decode(model_url, source, dest, max_images):
+@click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
+def decode(model_url, source, dest, max_images, overwrite):
     """Decode VAE latents back to PNG images.
 
     Decodes the posterior mean of each .npy file of a latent dataset. Needs diffusers (a GPU advised).
     """
-    r = _run(decode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images)
+    r = _run(decode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images, overwrite=overwrite)
     click.echo(f'Wrote {r.num_images} images to {dest}')
 
 #----------------------------------------------------------------------------

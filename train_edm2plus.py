@@ -1,4 +1,4 @@
-"""Train EDM2 / EDM2+ diffusion models (spec §1.1, §2), on CUDA GPUs or on CPUs.
+"""Train EDM2 / EDM2+ diffusion models, on CUDA GPUs or on CPUs.
 
 Examples:
   # The demo: Fashion-MNIST on a laptop CPU, at most 15 minutes (rerun the same command to continue).
@@ -23,24 +23,33 @@ import torch
 
 import dnnlib
 from torch_utils import misc
-from networks import presets
 from torch_utils import distributed as dist
+from networks import flops, presets
+from networks.edm2plus import BLOCK_VARIANTS
 from training import training_loop
 
 #----------------------------------------------------------------------------
 # Option types.
 
 class NimgType(click.ParamType):
-    """An image count: an integer, optionally with a binary suffix Ki (2^10), Mi (2^20) or Gi (2^30) (spec §1)."""
+    """An image count: an integer, optionally with a binary suffix Ki (2^10), Mi (2^20) or Gi (2^30), as EDM2's
+    options take them; at least `min`."""
     name = 'NIMG'
+
+    def __init__(self, min=0):  # pylint: disable=redefined-builtin
+        self.min = min
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
-            return value
-        match = re.fullmatch(r'\s*(\d+)(Ki|Mi|Gi)?\s*', str(value))
-        if match is None:
-            self.fail(f'"{value}" is not an image count (an integer, optionally followed by Ki, Mi or Gi)', param, ctx)
-        return int(match.group(1)) << {None: 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}[match.group(2)]
+            nimg = value
+        else:
+            match = re.fullmatch(r'\s*(\d+)(Ki|Mi|Gi)?\s*', str(value))
+            if match is None:
+                self.fail(f'"{value}" is not an image count (an integer, optionally followed by Ki, Mi or Gi)', param, ctx)
+            nimg = int(match.group(1)) << {None: 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}[match.group(2)]
+        if nimg < self.min:
+            self.fail(f'{value} is not in the range x>={self.min}', param, ctx)
+        return nimg
 
 class FloatListType(click.ParamType):
     """A comma-separated list of floats, e.g. 0.050,0.100."""
@@ -67,14 +76,59 @@ class IntListType(click.ParamType):
             self.fail(f'"{value}" is not a comma-separated list of integers', param, ctx)
 
 NIMG = NimgType()
+NIMG1 = NimgType(min=1)
 
 #----------------------------------------------------------------------------
-# Configuration (spec §2.2), built from the options; kept separate from the CLI so that tests can call it.
+# Configuration, built from the options; kept separate from the CLI so that tests can call it.
 
-# Values of the options that have a fixed default (the others come from the preset), for programmatic callers.
+# The options' fixed defaults, one place for the command line and for programmatic callers (None: the preset's).
 OPTION_DEFAULTS = dict(cond=True, preset='edm2-img512-s', channel_mult=None, num_blocks=None, attn=None, rampup=None,
                        ema_stds=[0.050, 0.100], batch_gpu=0, fp16=True, bf16=False, ls=1, bench=True, compile=False,
                        workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False)
+D = OPTION_DEFAULTS
+
+# The options that change the network's shape, and their names on the command line: a resumed run must keep them.
+ARCHITECTURE_OPTIONS = dict(block='--block', model_channels='--channels', expansion='--expansion', kernel='--kernel',
+                            channel_mult='--channel-mult', num_blocks='--num-blocks', attn_resolutions='--attn')
+
+def probe_dataset(dataset_kwargs):
+    """EasyDict(num_channels, resolution, label_dim, has_labels) of the dataset, after decoding one image (so that a
+    corrupt dataset fails here, with its file named). Raises click.ClickException."""
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        dataset_obj[0]
+        return dnnlib.EasyDict(num_channels=dataset_obj.num_channels, resolution=dataset_obj.resolution,
+                               label_dim=dataset_obj.label_dim, has_labels=dataset_obj.has_labels)
+    except (IOError, OSError, ValueError) as e:
+        raise click.ClickException(f'--data: {e}')
+
+def network_interface(info):
+    """img_resolution, img_channels and label_dim of the network that trains on a dataset (probe_dataset): the VAE
+    latents' 8 channels are a 4-channel mean and its standard deviation (the encoder samples them)."""
+    return dict(img_resolution=info.resolution, img_channels=4 if info.num_channels == 8 else info.num_channels,
+                label_dim=info.label_dim)
+
+def check_resume(outdir, network_kwargs):
+    """A rerun resumes the newest training state in `outdir`: refuse options that change the network's shape."""
+    options_path = os.path.join(outdir, 'training_options.json')
+    if not os.path.isdir(outdir) or not any(re.fullmatch(r'training-state-\d+\.pt', f) for f in os.listdir(outdir)):
+        return
+    try:
+        with open(options_path) as f:
+            before = json.load(f)['network_kwargs']
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing to compare with; the training loop checks the state itself
+    def effective(kwargs, key):  # None expansion/kernel: the variant's own (BLOCK_VARIANTS)
+        value = kwargs.get(key)
+        if value is None and key in ('expansion', 'kernel') and kwargs.get('block', 'A') in BLOCK_VARIANTS:
+            value = BLOCK_VARIANTS[kwargs.get('block', 'A')][1 if key == 'expansion' else 2]
+        return value
+    for key, option in ARCHITECTURE_OPTIONS.items():
+        old, new = effective(before, key), effective(network_kwargs, key)
+        if old != new:
+            show = lambda v: ','.join(map(str, v)) if isinstance(v, list) else ('the variant\'s' if v is None else v)
+            raise click.ClickException(f'{option}={show(new)}: the run in {outdir} was started with {option}={show(old)} '
+                                       f'and resumes from its training state; use the same value or a new --outdir')
 
 def setup_training_config(opts, world_size=1):
     """Return the training_loop config dict for a dict of CLI options (option names as keyword names; `data` is
@@ -84,47 +138,44 @@ def setup_training_config(opts, world_size=1):
         preset = presets.get(opts.preset)
     except ValueError as e:
         raise click.ClickException(str(e))
-    for key in ['duration', 'batch', 'channels', 'lr', 'decay', 'dropout', 'P_mean', 'P_std', 'block', 'expansion', 'kernel']:
+    for key in ['duration', 'batch', 'lr', 'decay', 'dropout', 'P_mean', 'P_std']:
         if opts.get(key) is None:
             opts[key] = getattr(preset, key)
     if opts.get('rampup') is None:
-        opts.rampup = getattr(preset, 'rampup_Mimg', 10)
+        opts.rampup = preset.rampup_Mimg
     for key, default in [('status', 128 << 10), ('snapshot', 8 << 20), ('checkpoint', 128 << 20)]:
         if opts.get(key) is None:
-            opts[key] = getattr(preset, key, None) or default
+            opts[key] = getattr(preset, key) or default
     opts.decay = float(opts.decay)
-    if opts.kernel is not None and opts.kernel % 2 == 0:
-        raise click.ClickException(f'--kernel={opts.kernel}: the depthwise kernel size must be odd')
-    if opts.channel_mult is not None and len(opts.channel_mult) == 0:
-        raise click.ClickException('--channel-mult: give at least one level, e.g. 1,2,2')
     if len(opts.ema_stds) == 0 or not all(0 < s < 0.289 for s in opts.ema_stds):
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: '
                                    f'give one or more relative standard deviations between 0 and 0.289')
 
-    # The dataset decides the encoder and must have labels for class-conditional training.
+    # The dataset decides the encoder and the network's interface, and must have labels for class-conditional training.
     dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
-    try:
-        dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-        num_channels = dataset_obj.num_channels
-        if opts.cond and not dataset_obj.has_labels:
-            raise click.ClickException('--cond=True, but no labels found in the dataset')
-        dataset_obj[0]  # decode one image now, so that a corrupt dataset fails here with a clear message
-        del dataset_obj
-    except (IOError, OSError, ValueError) as e:
-        raise click.ClickException(f'--data: {e}')
-    if num_channels == 3:
+    info = probe_dataset(dataset_kwargs)
+    if opts.cond and not info.has_labels:
+        raise click.ClickException('--cond=True, but no labels found in the dataset')
+    if info.num_channels == 3:
         encoder_kwargs = dict(class_name='training.encoders.StandardRGBEncoder')
-    elif num_channels == 8:
+    elif info.num_channels == 8:
         encoder_kwargs = dict(class_name='training.encoders.StabilityVAEEncoder')
     else:
-        raise click.ClickException(f'--data: Unsupported channel count {num_channels}')
+        raise click.ClickException(f'--data: Unsupported channel count {info.num_channels}')
 
-    # Network: the preset's architecture with the command line's overrides; the data decides its interface.
-    network_kwargs = presets.network_kwargs(preset, model_channels=opts.channels, dropout=opts.dropout, block=opts.block,
-                                            expansion=opts.expansion, kernel=opts.kernel, channel_mult=opts.channel_mult,
-                                            num_blocks=opts.num_blocks, attn_resolutions=opts.attn)
-    for key in ['img_resolution', 'img_channels', 'label_dim']:
-        network_kwargs.pop(key, None)
+    # Network: the preset's architecture with the command line's overrides (a --block brings its variant's e, k and
+    # width); checked against the data's resolution before anything is built.
+    network_kwargs = presets.architecture_kwargs(preset, model_channels=opts.get('channels'), dropout=opts.dropout,
+                                                 block=opts.get('block'), expansion=opts.get('expansion'),
+                                                 kernel=opts.get('kernel'), channel_mult=opts.channel_mult,
+                                                 num_blocks=opts.num_blocks, attn_resolutions=opts.attn)
+    try:
+        presets.check_architecture(dict(network_kwargs, img_resolution=info.resolution),
+                                   explicit=[k for k in ('expansion', 'kernel') if opts.get(k) is not None])
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    if opts.get('outdir') is not None:
+        check_resume(opts.outdir, network_kwargs)
     network_kwargs = dict(class_name='networks.edm2plus.Precond', **network_kwargs, use_fp16=opts.fp16)
     if opts.bf16:
         network_kwargs['use_bf16'] = True
@@ -151,7 +202,7 @@ def setup_training_config(opts, world_size=1):
         compile             = opts.compile,
     )
 
-    # Sizes must fit together (spec §2.3); say which option is wrong.
+    # Sizes must fit together; say which option is wrong.
     try:
         training_loop.batch_layout(c['batch_size'], c['batch_gpu'], world_size)
         training_loop.check_intervals(c['batch_size'], c['total_nimg'], None, c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
@@ -179,6 +230,13 @@ def print_training_config(c, opts, world_size):
     if opts.minutes is not None:
         dist.print0(f'{"Time limit:":<25s}{opts.minutes:g} minutes')
     dist.print0()
+    # The network's size, counted as count_flops.py does (on the meta device: no memory, about a second).
+    kwargs = {k: v for k, v in c['network_kwargs'].items() if k not in ('class_name', 'use_fp16', 'use_bf16')}
+    kwargs.update(network_interface(probe_dataset(c['dataset_kwargs'])))
+    dist.print0(f'Network: {flops.describe(kwargs)}')
+    for line in flops.headline(flops.count(flops.build_meta(**kwargs))):
+        dist.print0(line)
+    dist.print0()
 
 #----------------------------------------------------------------------------
 
@@ -187,12 +245,12 @@ def print_training_config(c, opts, world_size):
 # Main options.
 @click.option('--outdir',           help='Where to save the results', metavar='DIR',                    type=str, required=True)
 @click.option('--data',             help='Path to the dataset', metavar='ZIP|DIR',                      type=str, required=True)
-@click.option('--cond',             help='Train class-conditional model', metavar='BOOL',               type=bool, default=True, show_default=True)
-@click.option('--preset',           help='Configuration preset', metavar='STR',                         type=str, default='edm2-img512-s', show_default=True)
+@click.option('--cond',             help='Train class-conditional model', metavar='BOOL',               type=bool, default=D['cond'], show_default=True)
+@click.option('--preset',           help='Configuration preset', metavar='STR',                         type=str, default=D['preset'], show_default=True)
 
 # Hyperparameters (default: the preset's).
-@click.option('--duration',         help='Training duration', metavar='NIMG',                           type=NIMG, default=None)
-@click.option('--batch',            help='Total batch size', metavar='NIMG',                            type=NIMG, default=None)
+@click.option('--duration',         help='Training duration', metavar='NIMG',                           type=NIMG1, default=None)
+@click.option('--batch',            help='Total batch size', metavar='NIMG',                            type=NIMG1, default=None)
 @click.option('--channels',         help='Channel multiplier (base width)', metavar='INT',              type=click.IntRange(min=8), default=None)
 @click.option('--dropout',          help='Dropout probability', metavar='FLOAT',                        type=click.FloatRange(min=0, max=1), default=None)
 @click.option('--P_mean', 'P_mean', help='Noise level mean (of ln sigma)', metavar='FLOAT',             type=float, default=None)
@@ -200,21 +258,21 @@ def print_training_config(c, opts, world_size):
 @click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',              type=click.FloatRange(min=0), default=None)
 @click.option('--rampup',           help='Learning rate warm-up length', metavar='MIMG',                type=click.FloatRange(min=0), default=None)
-@click.option('--block',            help='Block variant (CONFIG A-G*)', metavar='NAME',                 type=click.Choice(['A', 'B', 'C', 'D', 'D*', 'E', 'E-k7', 'F', 'G', 'F*', 'G*']), default=None)
-@click.option('--expansion',        help='Expansion ratio e of the block', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--kernel',           help='Depthwise kernel size', metavar='INT',                        type=click.IntRange(min=1), default=None)
+@click.option('--block',            help='Block variant (CONFIG A-G*) with its own e, k and width', metavar='NAME', type=click.Choice(list(BLOCK_VARIANTS)), default=None)
+@click.option('--expansion',        help="Expansion ratio e [default: the variant's]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--kernel',           help="Depthwise kernel size k, odd [default: the variant's]", metavar='INT', type=int, default=None)
 @click.option('--channel-mult',     help='Width multipliers of the resolution levels', metavar='LIST',  type=IntListType(), default=None)
 @click.option('--num-blocks',       help='Encoder blocks per level (decoder: one more)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--attn',             help='Resolutions with self-attention (empty: none)', metavar='LIST', type=IntListType(), default=None)
-@click.option('--ema-stds',         help='Tracked EMA lengths (sigma_rel)', metavar='LIST',             type=FloatListType(), default='0.050,0.100', show_default=True)
+@click.option('--ema-stds',         help='Tracked EMA lengths (sigma_rel)', metavar='LIST',             type=FloatListType(), default=D['ema_stds'], show_default=True)
 
 # Performance-related.
-@click.option('--batch-gpu',        help='Limit batch size per GPU (process)', metavar='NIMG',          type=NIMG, default=0, show_default=True)
-@click.option('--fp16',             help='Enable mixed-precision training (CUDA)', metavar='BOOL',      type=bool, default=True, show_default=True)
-@click.option('--bf16',             help='Use bfloat16 instead of float16 (CUDA)', metavar='BOOL',      type=bool, default=False, show_default=True)
-@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
-@click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=True, show_default=True)
-@click.option('--compile',          help='torch.compile the network (slow start)', metavar='BOOL',      type=bool, default=False, show_default=True)
+@click.option('--batch-gpu',        help='Limit batch size per GPU (process)', metavar='NIMG',          type=NIMG, default=D['batch_gpu'], show_default=True)
+@click.option('--fp16',             help='Enable mixed-precision training (CUDA)', metavar='BOOL',      type=bool, default=D['fp16'], show_default=True)
+@click.option('--bf16',             help='Use bfloat16 instead of float16 (CUDA)', metavar='BOOL',      type=bool, default=D['bf16'], show_default=True)
+@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=click.FloatRange(min=0, min_open=True), default=D['ls'], show_default=True)
+@click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=D['bench'], show_default=True)
+@click.option('--compile',          help='torch.compile the network (slow start)', metavar='BOOL',      type=bool, default=D['compile'], show_default=True)
 @click.option('--workers',          help='Data loader processes [default: 2 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0), default=None)
 
 # I/O-related.
@@ -222,8 +280,8 @@ def print_training_config(c, opts, world_size):
 @click.option('--snapshot',         help='Interval of network snapshots [default: preset or 8Mi]', metavar='NIMG', type=NIMG, default=None)
 @click.option('--checkpoint',       help='Interval of training checkpoints [default: preset or 128Mi]', metavar='NIMG', type=NIMG, default=None)
 @click.option('--minutes',          help='Stop after this much wall time (with a final snapshot and checkpoint)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--seed',             help='Random seed', metavar='INT',                                  type=int, default=0, show_default=True)
-@click.option('-n', '--dry-run',    help='Print training options and exit',                             is_flag=True)
+@click.option('--seed',             help='Random seed', metavar='INT',                                  type=int, default=D['seed'], show_default=True)
+@click.option('-n', '--dry-run',    help='Print training options and exit',                             is_flag=True, default=D['dry_run'])
 
 def cmdline(**opts):
     """Train a diffusion model (EDM2 with the EDM2+ block variants) on CUDA or CPU.

@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts with EDM2's convention (spec §8), by running the real network.
+"""Parameter and FLOP counts with EDM2's convention (the GFLOPs of EDM2 paper Table 2), by running the real network.
 
 Convention: multiply-accumulates of convolutions and matrix products count as one FLOP each; elementwise ops count
 per output element (a few cost 2, 3, 4 or 14 per element, as in EDM2's count_flops); shape/copy ops are free;
@@ -102,3 +102,21 @@ def build_meta(**network_kwargs):
     from networks.edm2plus import Precond
     with torch.device('meta'):
         return Precond(**network_kwargs)
+
+def headline(result):
+    """The two summary lines of a count(), as count_flops.py and the trainer print them."""
+    return [f'{"Parameters":<12s}{result["params"] / 1e6:.2f}M', f'{"Compute":<12s}{result["flops"] / 1e9:.2f} Gflops/sample']
+
+def describe(network_kwargs):
+    """'block C, width 192, e 6, k 3': the architecture that Precond keyword arguments build (None = the variant's)."""
+    from networks.edm2plus import BLOCK_VARIANTS
+    block = network_kwargs.get('block', 'A')
+    _recipe, default_e, default_k = BLOCK_VARIANTS[block]
+    from networks.presets import variant_uses
+    has_e, has_k = variant_uses(block)
+    e = network_kwargs.get('expansion') if network_kwargs.get('expansion') is not None else default_e
+    k = network_kwargs.get('kernel') if network_kwargs.get('kernel') is not None else default_k
+    parts = [f'block {block}', f'width {network_kwargs.get("model_channels", 192)}']
+    parts += [f'e {e:g}'] if has_e else []
+    parts += [f'k {k}'] if has_k else []
+    return ', '.join(parts)

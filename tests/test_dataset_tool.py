@@ -1,5 +1,5 @@
 """dataset_tool.py: sources (folders, zips, IDX), transforms with known pixels, output layout, determinism, errors,
-and the encode/decode pipeline with a stand-in VAE (spec §1.5)."""
+and the encode/decode pipeline with a stand-in VAE."""
 
 import gzip
 import io
@@ -108,23 +108,79 @@ def test_zip_source_with_dataset_json_labels(tmp_path):
     assert meta['labels'] == [['00000/img00000000.png', 3], ['00000/img00000001.png', 7], ['00000/img00000002.png', 5]]
     np.testing.assert_array_equal(png_array((dest / '00000' / 'img00000001.png').read_bytes()), pattern(4, 4, seed=0))
 
-def test_dataset_json_with_null_labels_wins_over_subfolders(tmp_path):
-    # Re-converting an unlabelled dataset in EDM2's own layout must not turn 00000/, 00001/ into classes.
+def test_dataset_json_with_null_labels_falls_back_to_subfolders_as_edm2(tmp_path):
+    # EDM2 reads `"labels": null` as "no labels in dataset.json" and then applies its sub-folder rule: two top-level
+    # sub-folders are classes 0 and 1 (folder and zip sources alike).
     src = tmp_path / 'src'
     save_png(str(src / '00000' / 'img00000000.png'), pattern(4, 4, seed=0))
     save_png(str(src / '00001' / 'img00001000.png'), pattern(4, 4, seed=1))
     (src / 'dataset.json').write_text(json.dumps({'labels': None}))
     result = run_cli('convert', f'--source={src}', f'--dest={tmp_path / "out.zip"}')
     assert result.exit_code == 0, result.output
-    assert json.loads(read_zip(tmp_path / 'out.zip')['dataset.json'][1]) == {'labels': None}
+    assert 'labels: 2 top-level sub-folders (dataset.json has "labels": null)' in result.output
+    expected = {'labels': [['00000/img00000000.png', 0], ['00000/img00000001.png', 1]]}
+    assert json.loads(read_zip(tmp_path / 'out.zip')['dataset.json'][1]) == expected
+    with zipfile.ZipFile(tmp_path / 'src.zip', 'w') as z:
+        z.write(src / '00000' / 'img00000000.png', '00000/img00000000.png')
+        z.write(src / '00001' / 'img00001000.png', '00001/img00001000.png')
+        z.writestr('dataset.json', json.dumps({'labels': None}))
+    assert run_cli('convert', f'--source={tmp_path / "src.zip"}', f'--dest={tmp_path / "out2.zip"}').exit_code == 0
+    assert json.loads(read_zip(tmp_path / 'out2.zip')['dataset.json'][1]) == expected
+    # A single top-level folder: no labels, as in EDM2.
+    single = tmp_path / 'single'
+    save_png(str(single / 'x' / 'a.png'), pattern(4, 4, seed=0))
+    save_png(str(single / 'x' / 'b.png'), pattern(4, 4, seed=1))
+    (single / 'dataset.json').write_text(json.dumps({'labels': None}))
+    assert run_cli('convert', f'--source={single}', f'--dest={tmp_path / "out3.zip"}').exit_code == 0
+    assert json.loads(read_zip(tmp_path / 'out3.zip')['dataset.json'][1]) == {'labels': None}
 
-def test_missing_label_in_dataset_json_gives_null_labels(tmp_path):
+def test_zip_without_dataset_json_labels_by_top_level_folder(tmp_path):
+    # Members sorted by name; labels are the sorted index of the top-level folder; files at the root count as ''.
+    with zipfile.ZipFile(tmp_path / 'src.zip', 'w') as z:
+        for name, seed in [('dog/1.png', 0), ('cat/2.png', 1), ('cat/1.png', 2), ('root.png', 3)]:
+            buf = io.BytesIO()
+            PIL.Image.fromarray(pattern(4, 4, seed=seed)).save(buf, format='png')
+            z.writestr(name, buf.getvalue())
+    result = run_cli('convert', f'--source={tmp_path / "src.zip"}', f'--dest={tmp_path / "out.zip"}')
+    assert result.exit_code == 0, result.output
+    out = read_zip(tmp_path / 'out.zip')
+    # Sorted: cat/1.png (cat=1), cat/2.png (1), dog/1.png (dog=2), root.png ('' = 0).
+    assert json.loads(out['dataset.json'][1])['labels'] == [['00000/img00000000.png', 1], ['00000/img00000001.png', 1],
+                                                           ['00000/img00000002.png', 2], ['00000/img00000003.png', 0]]
+    np.testing.assert_array_equal(png_array(out['00000/img00000000.png'][1]), pattern(4, 4, seed=2))
+
+@pytest.mark.parametrize('labels, message', [
+    ([['a.png', 1]], 'no label for 1 of the 2 images (first: b.png)'),
+    ([['a.png', -1], ['b.png', 0]], 'label -1 of a.png is not a class index'),
+    ([['a.png', 'cat'], ['b.png', 0]], 'label "cat" of a.png is not a class index'),
+    ([['a.png', 1.5], ['b.png', 0]], 'label 1.5 of a.png is not a class index'),
+    ([['a.png', True], ['b.png', 0]], 'label true of a.png is not a class index'),
+    ([['a.png', ['x']], ['b.png', [1.0]]], 'label ["x"] of a.png is not a list of numbers'),
+    ([['a.png', 2000], ['b.png', 0]], 'label 2000 of a.png is not below --num-classes=10'),
+])
+def test_bad_labels_are_refused_before_any_work(tmp_path, labels, message):
     src = tmp_path / 'src'
     save_png(str(src / 'a.png'), pattern(4, 4, seed=0))
     save_png(str(src / 'b.png'), pattern(4, 4, seed=1))
-    (src / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 1]]}))
-    assert run_cli('convert', f'--source={src}', f'--dest={tmp_path / "out"}').exit_code == 0
-    assert json.loads((tmp_path / 'out' / 'dataset.json').read_text()) == {'labels': None}
+    (src / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    result = run_cli('convert', f'--source={src}', f'--dest={tmp_path / "out"}', '--num-classes=10')
+    assert result.exit_code == 1
+    assert result.output.strip() == f'Error: {src}/dataset.json: {message}' or message in result.output
+    assert result.output.count('\n') == 1 and 'Traceback' not in result.output
+    assert sorted(os.listdir(tmp_path)) == ['src']
+
+def test_labels_accepted_and_class_count_of_subfolders(tmp_path):
+    src = tmp_path / 'src'
+    save_png(str(src / 'a.png'), pattern(4, 4, seed=0))
+    save_png(str(src / 'b.png'), pattern(4, 4, seed=1))
+    (src / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 9], ['b.png', 0]]}))
+    assert run_cli('convert', f'--source={src}', f'--dest={tmp_path / "o.zip"}', '--num-classes=10').exit_code == 0
+    assert json.loads(read_zip(tmp_path / 'o.zip')['dataset.json'][1])['labels'][0][1] == 9
+    folders = tmp_path / 'folders'
+    for i in range(3):
+        save_png(str(folders / f'c{i}' / 'x.png'), pattern(4, 4, seed=i))
+    result = run_cli('convert', f'--source={folders}', f'--dest={tmp_path / "p.zip"}', '--num-classes=2')
+    assert result.exit_code == 1 and f'Error: {folders}: 3 top-level sub-folders give 3 classes' in result.output
 
 def test_idx_source_synthetic(tmp_path):
     rs = np.random.RandomState(1)
@@ -198,7 +254,7 @@ def test_fashion_mnist_first_50(tmp_path):
     img = png_array(files['00000/img00000000.png'][1])
     assert img.shape == (32, 32, 3)
     np.testing.assert_array_equal(img[:, :, 0], img[:, :, 2]) # Still grey.
-    # 28x28 -> 32x32 with Lanczos (no transform, spec §1.5).
+    # 28x28 -> 32x32 with Lanczos (no transform).
     np.testing.assert_array_equal(img[:, :, 0], np.array(PIL.Image.fromarray(first).resize((32, 32), PIL.Image.LANCZOS)))
 
 #----------------------------------------------------------------------------
@@ -228,7 +284,7 @@ def test_failure_leaves_nothing_and_keeps_old_output(tmp_path):
     assert run_cli('convert', f'--source={src}', f'--dest={dest}').exit_code == 0
     before = dest.read_bytes()
     (src / '2.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage') # Corrupt last image.
-    result = run_cli('convert', f'--source={src}', f'--dest={dest}')
+    result = run_cli('convert', f'--source={src}', f'--dest={dest}', '--overwrite')
     assert result.exit_code == 1
     assert f'Error: {src / "2.png"}: cannot read image' in result.output
     assert dest.read_bytes() == before
@@ -314,7 +370,7 @@ def test_resolution_without_transform_uses_lanczos(tmp_path):
     np.testing.assert_array_equal(dataset_tool.make_transform(None)(img), img)
 
 #----------------------------------------------------------------------------
-# Errors: EDM2's messages (spec §1.5), one line, exit status 1 (2 for bad option syntax).
+# Errors: EDM2's messages, one line, exit status 1 (2 for bad option syntax).
 
 @pytest.fixture
 def one_image(tmp_path):
@@ -327,6 +383,7 @@ def one_image(tmp_path):
     ([], 1, 'Error: Image dimensions after scale and crop are required to be square.  Got 16x12'),
     (['--resolution=24x24'], 1, 'Error: Image width/height after scale and crop are required to be power-of-two'),
     (['--resolution=32by32'], 2, 'cannot parse tuple 32by32'),
+    (['--resolution=0x0'], 2, '0x0: width and height must be 1 or more'),
     (['--transform=center-crop'], 1, 'Error: must specify --resolution=WxH when using center-crop transform'),
     (['--transform=center-crop-dhariwal', '--resolution=32x16'], 1,
      'Error: width and height must match in --resolution=WxH when using center-crop-dhariwal transform'),
@@ -383,7 +440,7 @@ class FakeVAE:
             self.std = torch.full_like(mean, 0.25)
 
     def encode(self, x):
-        assert 0 <= x.min() and x.max() <= 1 # Pixels in [0,1] (spec §6.3).
+        assert 0 <= x.min() and x.max() <= 1 # Pixels in [0,1].
         m = torch.nn.functional.avg_pool2d(x, 8) * 10
         return {'latent_dist': self.Posterior(torch.cat([m, m.mean(dim=1, keepdim=True)], dim=1))}
 
@@ -435,3 +492,65 @@ def test_encode_decode_need_diffusers(tmp_path, one_image):
     np.save(tmp_path / 'x.npy', np.zeros([8, 2, 2], np.float32))
     result = run_cli('decode', f'--source={tmp_path}', f'--dest={tmp_path / "dec.zip"}')
     assert result.exit_code == 1 and 'needs the diffusers package' in result.output
+
+#----------------------------------------------------------------------------
+# Destinations: never replaced without --overwrite, checked before any work, no leftovers.
+
+def test_existing_dest_needs_overwrite(tmp_path, one_image):
+    dest = tmp_path / 'out.zip'
+    dest.write_bytes(b'precious, not even a zip')
+    result = run_cli('convert', f'--source={one_image}', f'--dest={dest}', '--resolution=8x8')
+    assert result.exit_code == 1 and f'Error: {dest}: exists; give --overwrite to replace it' in result.output
+    assert dest.read_bytes() == b'precious, not even a zip'
+    assert run_cli('convert', f'--source={one_image}', f'--dest={dest}', '--resolution=8x8', '--overwrite').exit_code == 0
+    assert set(read_zip(dest)) == {'00000/img00000000.png', 'dataset.json'}
+    # A dataset folder can be replaced with --overwrite; any other non-empty folder never.
+    folder = tmp_path / 'ds'
+    assert run_cli('convert', f'--source={one_image}', f'--dest={folder}', '--resolution=8x8').exit_code == 0
+    result = run_cli('convert', f'--source={one_image}', f'--dest={folder}', '--resolution=4x4')
+    assert result.exit_code == 1 and '--dest folder must be empty' in result.output
+    assert run_cli('convert', f'--source={one_image}', f'--dest={folder}', '--resolution=4x4', '--overwrite').exit_code == 0
+    assert png_array((folder / '00000' / 'img00000000.png').read_bytes()).shape == (4, 4, 3)
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'keep.txt').write_text('precious')
+    result = run_cli('convert', f'--source={one_image}', f'--dest={other}', '--resolution=8x8', '--overwrite')
+    assert result.exit_code == 1 and 'replaces only a dataset folder' in result.output
+    assert os.listdir(other) == ['keep.txt']
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+
+def test_unwritable_or_directory_dest_fails_before_work(tmp_path, one_image, monkeypatch):
+    (tmp_path / 'dir.zip').mkdir()
+    result = run_cli('convert', f'--source={one_image}', f'--dest={tmp_path / "dir.zip"}', '--resolution=8x8')
+    assert result.exit_code == 1 and f'Error: {tmp_path / "dir.zip"}: is a directory' in result.output
+    (tmp_path / 'afile').write_text('x')
+    result = run_cli('convert', f'--source={one_image}', f'--dest={tmp_path / "afile" / "o.zip"}', '--resolution=8x8')
+    assert result.exit_code == 1 and f'Error: {tmp_path / "afile" / "o.zip"}: {tmp_path / "afile"} is not a directory' in result.output
+    readonly = tmp_path / 'ro'
+    readonly.mkdir()
+    # Root ignores permission bits, so the check's own question (os.access) is answered "no" for this folder.
+    real_access = os.access
+    monkeypatch.setattr(dataset_tool.os, 'access', lambda p, mode: False if str(p) == str(readonly) else real_access(p, mode))
+    opened = []
+    monkeypatch.setattr(dataset_tool, 'open_source', lambda *a, **k: opened.append(a))  # no work may start
+    result = run_cli('convert', f'--source={one_image}', f'--dest={readonly / "sub" / "o.zip"}', '--resolution=8x8')
+    assert result.exit_code == 1
+    assert f'Error: {readonly / "sub" / "o.zip"}: permission denied (cannot write in {readonly})' in result.output
+    assert opened == [] and os.listdir(readonly) == []
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path, one_image):
+    import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    zip_left = tmp_path / f'.out.zip.{pid}.0123abcd.tmp'
+    zip_left.write_bytes(b'half a zip')
+    dir_left = tmp_path / f'.ds.{pid}.89abcdef.tmp'
+    (dir_left / '00000').mkdir(parents=True)
+    alive = tmp_path / f'.out.zip.{os.getppid()}.0123abcd.tmp'  # a live process's: not ours to remove
+    alive.write_bytes(b'in progress')
+    unrelated = tmp_path / '.other.zip.1.0123abcd.tmp'
+    unrelated.write_bytes(b'x')
+    assert run_cli('convert', f'--source={one_image}', f'--dest={tmp_path / "out.zip"}', '--resolution=8x8').exit_code == 0
+    assert run_cli('convert', f'--source={one_image}', f'--dest={tmp_path / "ds"}', '--resolution=8x8').exit_code == 0
+    assert not zip_left.exists() and not dir_left.exists()
+    assert alive.exists() and unrelated.exists()

@@ -392,11 +392,13 @@ def test_gen_edm2_exact_and_latent_networks(image_folder, standins, tmp_path, mo
     save_stats(final_stats(calculate_stats_for_files(image_folder[0], num_workers=0, metrics=['fid'], device='cpu',
                                                      detectors=dict(fid=PoolDetector()), verbose=False)),
                ref_path, verbose=False)
-    calls, fast = [], edm2plus.Block._forward_fast
-    def counted(self, x, emb):
-        calls.append(1)
-        return fast(self, x, emb)
-    monkeypatch.setattr(edm2plus.Block, '_forward_fast', counted)
+    calls, choose = [], edm2plus._path  # layers evaluated on a path other than the reference one
+    def counted(module, x):
+        path = choose(module, x)
+        if path != 'reference':
+            calls.append(path)
+        return path
+    monkeypatch.setattr(edm2plus, '_path', counted)
     runner = CliRunner()
     args = ['gen', f'--net={net_path}', f'--ref={ref_path}', '--num=4', '--metrics=fid', f'--detector={standins.nvidia}']
     def fid_line(result):
