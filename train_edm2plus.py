@@ -13,6 +13,7 @@ Examples:
 Resuming is rerunning the same command: training continues from the newest training-state-*.pt in --outdir.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -22,61 +23,12 @@ import click
 import torch
 
 import dnnlib
+from torch_utils import cli
 from torch_utils import misc
 from torch_utils import distributed as dist
 from networks import flops, presets
 from networks.edm2plus import BLOCK_VARIANTS
 from training import training_loop
-
-#----------------------------------------------------------------------------
-# Option types.
-
-class NimgType(click.ParamType):
-    """An image count: an integer, optionally with a binary suffix Ki (2^10), Mi (2^20) or Gi (2^30), as EDM2's
-    options take them; at least `min`."""
-    name = 'NIMG'
-
-    def __init__(self, min=0):  # pylint: disable=redefined-builtin
-        self.min = min
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            nimg = value
-        else:
-            match = re.fullmatch(r'\s*(\d+)(Ki|Mi|Gi)?\s*', str(value))
-            if match is None:
-                self.fail(f'"{value}" is not an image count (an integer, optionally followed by Ki, Mi or Gi)', param, ctx)
-            nimg = int(match.group(1)) << {None: 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}[match.group(2)]
-        if nimg < self.min:
-            self.fail(f'{value} is not in the range x>={self.min}', param, ctx)
-        return nimg
-
-class FloatListType(click.ParamType):
-    """A comma-separated list of floats, e.g. 0.050,0.100."""
-    name = 'LIST'
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            return [float(x) for x in str(value).split(',') if x.strip() != '']
-        except ValueError:
-            self.fail(f'"{value}" is not a comma-separated list of numbers', param, ctx)
-
-class IntListType(click.ParamType):
-    """A comma-separated list of integers, e.g. 1,2,2 (an empty string gives an empty list)."""
-    name = 'LIST'
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            return [int(x) for x in str(value).split(',') if x.strip() != '']
-        except ValueError:
-            self.fail(f'"{value}" is not a comma-separated list of integers', param, ctx)
-
-NIMG = NimgType()
-NIMG1 = NimgType(min=1)
 
 #----------------------------------------------------------------------------
 # Configuration, built from the options; kept separate from the CLI so that tests can call it.
@@ -249,37 +201,37 @@ def print_training_config(c, opts, world_size):
 @click.option('--preset',           help='Configuration preset', metavar='STR',                         type=str, default=D['preset'], show_default=True)
 
 # Hyperparameters (default: the preset's).
-@click.option('--duration',         help='Training duration', metavar='NIMG',                           type=NIMG1, default=None)
-@click.option('--batch',            help='Total batch size', metavar='NIMG',                            type=NIMG1, default=None)
+@click.option('--duration',         help='Training duration', metavar='NIMG',                           type=cli.Nimg(min=1), default=None)
+@click.option('--batch',            help='Total batch size', metavar='NIMG',                            type=cli.Nimg(min=1), default=None)
 @click.option('--channels',         help='Channel multiplier (base width)', metavar='INT',              type=click.IntRange(min=8), default=None)
-@click.option('--dropout',          help='Dropout probability', metavar='FLOAT',                        type=click.FloatRange(min=0, max=1), default=None)
-@click.option('--P_mean', 'P_mean', help='Noise level mean (of ln sigma)', metavar='FLOAT',             type=float, default=None)
-@click.option('--P_std', 'P_std',   help='Noise level standard deviation (of ln sigma)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',              type=click.FloatRange(min=0), default=None)
-@click.option('--rampup',           help='Learning rate warm-up length', metavar='MIMG',                type=click.FloatRange(min=0), default=None)
+@click.option('--dropout',          help='Dropout probability', metavar='FLOAT',                        type=cli.FloatRange(min=0, max=1), default=None)
+@click.option('--P_mean', 'P_mean', help='Noise level mean (of ln sigma)', metavar='FLOAT',             type=cli.FloatRange(), default=None)
+@click.option('--P_std', 'P_std',   help='Noise level standard deviation (of ln sigma)', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True), default=None)
+@click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',             type=cli.FloatRange(min=0, min_open=True), default=None)
+@click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',              type=cli.FloatRange(min=0), default=None)
+@click.option('--rampup',           help='Learning rate warm-up length', metavar='MIMG',                type=cli.FloatRange(min=0), default=None)
 @click.option('--block',            help='Block variant (CONFIG A-G*) with its own e, k and width', metavar='NAME', type=click.Choice(list(BLOCK_VARIANTS)), default=None)
-@click.option('--expansion',        help="Expansion ratio e [default: the variant's]", metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--expansion',        help="Expansion ratio e [default: the variant's]", metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True), default=None)
 @click.option('--kernel',           help="Depthwise kernel size k, odd [default: the variant's]", metavar='INT', type=int, default=None)
-@click.option('--channel-mult',     help='Width multipliers of the resolution levels', metavar='LIST',  type=IntListType(), default=None)
+@click.option('--channel-mult',     help='Width multipliers of the resolution levels', metavar='LIST',  type=cli.IntList(min=1, min_len=1), default=None)
 @click.option('--num-blocks',       help='Encoder blocks per level (decoder: one more)', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--attn',             help='Resolutions with self-attention (empty: none)', metavar='LIST', type=IntListType(), default=None)
-@click.option('--ema-stds',         help='Tracked EMA lengths (sigma_rel)', metavar='LIST',             type=FloatListType(), default=D['ema_stds'], show_default=True)
+@click.option('--attn',             help='Resolutions with self-attention (empty: none)', metavar='LIST', type=cli.IntList(min=1), default=None)
+@click.option('--ema-stds',         help='Tracked EMA lengths (sigma_rel)', metavar='LIST',             type=cli.FloatList(min=0, max=0.289, min_open=True, max_open=True, min_len=1), default=D['ema_stds'], show_default=True)
 
 # Performance-related.
-@click.option('--batch-gpu',        help='Limit batch size per GPU (process)', metavar='NIMG',          type=NIMG, default=D['batch_gpu'], show_default=True)
+@click.option('--batch-gpu',        help='Limit batch size per GPU (process)', metavar='NIMG',          type=cli.Nimg(), default=D['batch_gpu'], show_default=True)
 @click.option('--fp16',             help='Enable mixed-precision training (CUDA)', metavar='BOOL',      type=bool, default=D['fp16'], show_default=True)
 @click.option('--bf16',             help='Use bfloat16 instead of float16 (CUDA)', metavar='BOOL',      type=bool, default=D['bf16'], show_default=True)
-@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=click.FloatRange(min=0, min_open=True), default=D['ls'], show_default=True)
+@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=cli.FloatRange(min=0, min_open=True), default=D['ls'], show_default=True)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=D['bench'], show_default=True)
 @click.option('--compile',          help='torch.compile the network (slow start)', metavar='BOOL',      type=bool, default=D['compile'], show_default=True)
 @click.option('--workers',          help='Data loader processes [default: 2 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0), default=None)
 
 # I/O-related.
-@click.option('--status',           help='Interval of status prints [default: preset or 128Ki]', metavar='NIMG', type=NIMG, default=None)
-@click.option('--snapshot',         help='Interval of network snapshots [default: preset or 8Mi]', metavar='NIMG', type=NIMG, default=None)
-@click.option('--checkpoint',       help='Interval of training checkpoints [default: preset or 128Mi]', metavar='NIMG', type=NIMG, default=None)
-@click.option('--minutes',          help='Stop after this much wall time (with a final snapshot and checkpoint)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--status',           help='Interval of status prints [default: preset or 128Ki]', metavar='NIMG', type=cli.Nimg(), default=None)
+@click.option('--snapshot',         help='Interval of network snapshots [default: preset or 8Mi]', metavar='NIMG', type=cli.Nimg(), default=None)
+@click.option('--checkpoint',       help='Interval of training checkpoints [default: preset or 128Mi]', metavar='NIMG', type=cli.Nimg(), default=None)
+@click.option('--minutes',          help='Stop after this much wall time (with a final snapshot and checkpoint)', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True), default=None)
 @click.option('--seed',             help='Random seed', metavar='INT',                                  type=int, default=D['seed'], show_default=True)
 @click.option('-n', '--dry-run',    help='Print training options and exit',                             is_flag=True, default=D['dry_run'])
 
@@ -301,18 +253,22 @@ def cmdline(**opts):
     Rerunning the same command resumes from the newest training state.
     """
     opts = dnnlib.EasyDict(opts)
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if not opts.dry_run:
-        dist.init()  # A dry run prints the configuration without starting any process group.
-        world_size = dist.get_world_size()
-    dist.print0('Setting up training config...')
-    c = setup_training_config(opts, world_size=world_size)
-    print_training_config(c, opts, world_size)
-    if opts.dry_run:
-        dist.print0('Dry run; exiting.')
-        return
+        cli.check_output_dir(opts.outdir)  # before the dataset is read or any process group started
+    # A dry run prints the configuration without starting any process group.
+    with (contextlib.nullcontext() if opts.dry_run else dist.process_group()), cli.os_errors():
+        world_size = int(os.environ.get('WORLD_SIZE', '1')) if opts.dry_run else dist.get_world_size()
+        dist.print0('Setting up training config...')
+        c = setup_training_config(opts, world_size=world_size)
+        print_training_config(c, opts, world_size)
+        if opts.dry_run:
+            dist.print0('Dry run; exiting.')
+            return
+        launch(c, opts)
 
-    # Output directory; training_options.json is written by the first launch only (later ones resume).
+def launch(c, opts):
+    """Create the output directory and run the training loop, with everything printed also going to log.txt."""
+    # training_options.json is written by the first launch only (later ones resume).
     if dist.get_rank() == 0:
         if not os.path.isdir(opts.outdir):
             dist.print0('Creating output directory...')
@@ -323,13 +279,10 @@ def cmdline(**opts):
                 json.dump(c, f, indent=2)
     dist.barrier()
 
-    # From here on, everything printed (and a traceback) also goes to log.txt.
     logger = dnnlib.util.Logger(file_name=os.path.join(opts.outdir, 'log.txt'), file_mode='a', should_flush=True)
-    ok = False
     try:
         time_limit = opts.minutes * 60 if opts.minutes is not None else None
         training_loop.training_loop(run_dir=opts.outdir, time_limit=time_limit, **c)
-        ok = True
     except training_loop.TrainingError as e:  # One line (also in log.txt); the last good training state is kept.
         if logger.file is not None:
             logger.file.write(f'Error: {e}\n')
@@ -340,7 +293,6 @@ def cmdline(**opts):
         raise
     finally:
         logger.close()
-        dist.shutdown(meet=ok)
 
 #----------------------------------------------------------------------------
 

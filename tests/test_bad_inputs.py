@@ -132,8 +132,12 @@ CASES = [
     Case('train-lr-nan',             'train', TRAIN + ['--lr=nan'], 2, r"'--lr': 'nan' is not a finite number"),
     Case('train-lr-0',               'train', TRAIN + ['--lr=0'], 2, r"'--lr': 0.0 is not in the range x>0"),
     Case('train-dropout-2',          'train', TRAIN + ['--dropout=2'], 2, r"'--dropout': 2.0 is not in the range 0<=x<=1"),
-    Case('train-expansion-tiny',     'train', TRAIN + ['--expansion=0.001'], 2, r"'--expansion'.*0.001"),
-    Case('train-kernel-even',        'train', TRAIN + ['--kernel=2'], 2, r"'--kernel': 2 .*odd"),
+    Case('train-expansion-tiny',     'train', TRAIN + ['--expansion=0.001'], 1, r'--expansion=0.001: .*give at least'),
+    Case('train-kernel-even',        'train', TRAIN + ['--kernel=2'], 1, r'--kernel=2: the depthwise kernel size must be odd'),
+    Case('train-expansion-block-a',  'train', TRAIN + ['--block=A', '--expansion=4'], 1, r'--expansion: block A has no expansion ratio'),
+    Case('train-resume-other-block', 'train', TRAIN + ['--block=G*'], 1, r'--block=G\*: the run in .*run was started with --block=A',
+         existing={'run/training-state-0000001.pt': b'state', 'run/training_options.json':
+                   json.dumps({'network_kwargs': {'block': 'A', 'model_channels': 32}}).encode()}),
     Case('train-channels-4',         'train', TRAIN + ['--channels=4'], 2, r"'--channels': 4 is not in the range x>=8"),
     Case('train-channel-mult-deep',  'train', TRAIN + ['--channel-mult=1,1,1,1,1'], 1, r'--channel-mult=1,1,1,1,1: .*8x8'),
     Case('train-channel-mult-text',  'train', TRAIN + ['--channel-mult=1,x'], 2, r"'--channel-mult': \"x\" is neither"),
@@ -275,8 +279,10 @@ def _tree(root):
 def run_case(case, assets, tmp_path, monkeypatch):
     module_name, command_name, prefix = TOOLS[case.tool]
     command = getattr(importlib.import_module(module_name), command_name)
-    for name in case.existing:
-        (tmp_path / name).write_bytes(b'precious ' + name.encode())
+    existing = case.existing if isinstance(case.existing, dict) else {n: b'precious ' + n.encode() for n in case.existing}
+    for name, data in existing.items():
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_bytes(data)
     args = prefix + [a.format(A=assets, T=tmp_path) for a in case.args]
     if case.full_disk:
         def full(_fd):
