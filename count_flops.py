@@ -15,6 +15,7 @@ import click
 import torch
 
 from networks import flops, presets
+from torch_utils import cli
 from networks.edm2plus import BLOCK_VARIANTS
 
 #----------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def _build(kwargs):
 # Build a network from options instead (defaults: ImageNet-64, 1000 classes).
 @click.option('--block', help='Block variant', metavar='NAME', type=click.Choice(list(BLOCK_VARIANTS)))
 @click.option('--channels', help='Base width (model_channels)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--expansion', help='Expansion ratio e of the wide layers', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--expansion', help='Expansion ratio e of the wide layers', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True))
 @click.option('--kernel', help='Depthwise kernel size k (odd)', metavar='INT', type=int)
 @click.option('--resolution', help='Input resolution (a power of two)', metavar='INT', type=int)
 @click.option('--img-channels', help='Input channels (3 = RGB, 4 = latents)', metavar='INT', type=click.IntRange(min=1))
@@ -140,10 +141,11 @@ def main(net, block, channels, expansion, kernel, resolution, img_channels, labe
         given = [f'--{k}' for k, v in options.items() if v is not None and k in ('block', 'expansion', 'kernel')]
         if given:
             raise click.ClickException(f'{", ".join(given)} cannot be combined with a network file')
-        try:
-            module, device = load_for_counting(net)
-        except (OSError, ValueError) as e:
-            raise click.ClickException(str(e))
+        with cli.os_errors():
+            try:
+                module, device = load_for_counting(net)
+            except ValueError as e:
+                raise click.ClickException(str(e)) from None
         name = net
     if not as_json:
         click.echo(f'Counting {name} ...')

@@ -42,6 +42,7 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
+from torch_utils import cli
 
 #----------------------------------------------------------------------------
 # Errors of the library functions: one line naming the file or option at fault. The CLI shows them as
@@ -408,6 +409,10 @@ def check_dest(dest, overwrite=False):
         raise DatasetToolError(f'{dest}: {parent} is not a directory')
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DatasetToolError(f'{dest}: permission denied (cannot write in {parent})')
+    try:
+        cli.check_writable_folder(parent, dest)  # what os.access cannot tell root: a read-only file system
+    except click.ClickException as e:
+        raise DatasetToolError(e.message) from None
 
 @contextlib.contextmanager
 def open_dest(dest, overwrite=False):
@@ -543,8 +548,8 @@ def make_vae_encoder(model_url, device):
     return encoder
 
 def _default_device():
-    import torch # pylint: disable=import-outside-toplevel
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    from torch_utils import distributed as dist # pylint: disable=import-outside-toplevel
+    return dist.device()
 
 def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
                    verbose=True, overwrite=False):
@@ -645,22 +650,12 @@ def decode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
 #----------------------------------------------------------------------------
 # Command line.
 
-class ResolutionType(click.ParamType):
-    name = 'WxH'
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_resolution(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
 def _run(fn, **kwargs):
-    try:
-        return fn(**kwargs)
-    except DatasetToolError as e:
-        raise click.ClickException(str(e)) from None
+    with cli.os_errors(kwargs.get('dest')):
+        try:
+            return fn(**kwargs)
+        except DatasetToolError as e:
+            raise click.ClickException(str(e)) from None
 
 @click.group()
 def cmdline():
@@ -684,7 +679,7 @@ def cmdline():
 @click.option('--dest',        help='Output: .zip (uncompressed) or an empty/new folder', metavar='PATH', type=str, required=True)
 # Transform options.
 @click.option('--transform',   help='Crop and resize: center-crop, center-crop-wide or center-crop-dhariwal (ADM)', metavar='MODE', type=click.Choice(TRANSFORMS), default=None)
-@click.option('--resolution',  help='Output resolution, e.g. 64x64', metavar='WxH', type=ResolutionType(), default=None)
+@click.option('--resolution',  help='Output resolution, e.g. 64x64', metavar='WxH', type=cli.Parsed(parse_resolution, name='WxH'), default=None)
 # Limits and checks.
 @click.option('--max-images',  help='Use only the first N input images (sorted order)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--num-classes', help='Number of classes: refuse labels outside 0..N-1', metavar='INT', type=click.IntRange(min=1), default=None)

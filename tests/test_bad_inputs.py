@@ -81,6 +81,7 @@ def assets(tmp_path_factory):
             (root / 'run' / name).write_bytes(data)
             (root / 'nanrun' / name).write_bytes((root / ('nan.pkl' if kimg == 4 else 'net.pkl')).read_bytes())
     os.makedirs(root / 'empty')
+    os.makedirs(root / 'empty.zip')
 
     with open(root / 'ref.pkl', 'wb') as f:
         pickle.dump(dict(fid=dict(mu=np.zeros(4), sigma=np.eye(4))), f)
@@ -95,7 +96,7 @@ def assets(tmp_path_factory):
 #----------------------------------------------------------------------------
 # The cases: (id, tool, arguments, exit code, regular expression the Error line must match).
 # In arguments, {A} is the assets folder and {T} the case's own empty folder; `existing` files are made in {T}
-# before the call (they must survive unchanged); `full_disk` makes every atomic write fail with ENOSPC.
+# before the call (they must survive unchanged); `full_disk` makes every write fail with ENOSPC.
 
 TOOLS = {
     'train':    ('train_edm2plus', 'cmdline', []),
@@ -230,12 +231,13 @@ CASES = [
     Case('plot-full-disk',           'plot', PLOT, 1, r'sweep\.png: No space left on device', full_disk=True),
 
     # count_flops.py
-    Case('flops-kernel-even',        'flops', ['--block=G*', '--kernel=2'], 2, r"'--kernel': 2 .*odd"),
-    Case('flops-resolution-12',      'flops', ['--resolution=12'], 2, r"'--resolution': 12 .*"),
+    Case('flops-kernel-even',        'flops', ['--block=G*', '--kernel=2'], 1, r'--kernel=2: the depthwise kernel size must be odd'),
+    Case('flops-resolution-12',      'flops', ['--resolution=12'], 1, r'--resolution=12: must be a power of two'),
     Case('flops-channels-0',         'flops', ['--channels=0'], 2, r"'--channels': 0 is not in the range x>=1"),
     Case('flops-block-unknown',      'flops', ['--block=Z'], 2, r"'--block': 'Z' is not one of"),
-    Case('flops-expansion-tiny',     'flops', ['--block=G*', '--expansion=0.001'], 2, r"'--expansion'.*0.001"),
-    Case('flops-expansion-ignored',  'flops', ['--block=A', '--expansion=4'], 1, r'--expansion'),
+    Case('flops-expansion-tiny',     'flops', ['--block=G*', '--expansion=0.001'], 1, r'--expansion=0.001: .*give at least'),
+    Case('flops-expansion-nan',      'flops', ['--block=G*', '--expansion=nan'], 2, r"'--expansion': 'nan' is not a finite number"),
+    Case('flops-expansion-ignored',  'flops', ['--block=A', '--expansion=4'], 1, r'--expansion: block A has no expansion ratio'),
     Case('flops-net-missing',        'flops', ['{T}/none.pkl'], 1, r'none\.pkl'),
     Case('flops-net-text',           'flops', ['{A}/text.txt'], 1, r'text\.txt: not a network file'),
     Case('flops-file-with-block',    'flops', ['{A}/net.pkl', '--block=G*'], 1, r'--block cannot be combined with a network file'),
@@ -243,8 +245,12 @@ CASES = [
     # dataset_tool.py convert
     Case('dataset-source-missing',   'dataset', ['--source={T}/none', '--dest={T}/out.zip'], 1, r'none'),
     Case('dataset-dest-exists',      'dataset', CONVERT, 1, r'out\.zip: .*(already exists|--overwrite)', existing=['out.zip']),
-    Case('dataset-dest-under-file',  'dataset', ['--source={A}/images', '--dest={A}/afile/out.zip'], 1, r'afile'),
-    Case('dataset-resolution-0x0',   'dataset', CONVERT + ['--resolution=0x0'], 2, r"'--resolution'.*0x0"),
+    Case('dataset-dest-under-file',  'dataset', ['--source={A}/images', '--dest={A}/afile/out.zip'], 1, r'out\.zip: .*afile is not a directory'),
+    Case('dataset-dest-is-dir',      'dataset', ['--source={A}/images', '--dest={A}/empty.zip'], 1, r'empty\.zip: is a directory'),
+    Case('dataset-dest-read-only',   'dataset', ['--source={A}/images', '--dest=/sys/edm2plus-out.zip'], 1, r'/sys/edm2plus-out\.zip: cannot write there'),
+    Case('dataset-full-disk',        'dataset', CONVERT, 1, r'out\.zip: No space left on device', full_disk='zip'),
+    Case('dataset-num-classes',      'dataset', ['--source={A}/data.zip', '--dest={T}/out.zip', '--num-classes=2'], 1, r'data\.zip.*label'),
+    Case('dataset-resolution-0x0',   'dataset', CONVERT + ['--resolution=0x0'], 2, r"'--resolution': 0x0: width and height must be 1 or more"),
     Case('dataset-resolution-text',  'dataset', CONVERT + ['--resolution=big'], 2, r"'--resolution'.*big"),
     Case('dataset-max-images-0',     'dataset', CONVERT + ['--max-images=0'], 2, r"'--max-images': 0 is not in the range x>=1"),
     Case('dataset-corrupt-image',    'dataset', ['--source={A}/corrupt', '--dest={T}/out.zip'], 1, r'b\.png: cannot read image'),
@@ -284,9 +290,11 @@ def run_case(case, assets, tmp_path, monkeypatch):
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_bytes(data)
     args = prefix + [a.format(A=assets, T=tmp_path) for a in case.args]
-    if case.full_disk:
-        def full(_fd):
-            raise OSError(errno.ENOSPC, 'No space left on device')
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    if case.full_disk == 'zip':  # dataset_tool writes its zip directly
+        monkeypatch.setattr(zipfile.ZipFile, 'writestr', full)
+    elif case.full_disk:  # every other output goes through dnnlib.util.atomic_write, which syncs before renaming
         monkeypatch.setattr(os, 'fsync', full)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     before = (_tree(assets), _tree(tmp_path))

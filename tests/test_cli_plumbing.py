@@ -70,12 +70,7 @@ def test_nimg_suffixes_and_minimum():
     code, msg = parse(cli.Nimg(min=1), '0')
     assert code == 2 and 'x>=1' in msg
 
-def test_resolution_and_interval():
-    assert parse(cli.Resolution(), '64x32') == (0, (64, 32))
-    code, msg = parse(cli.Resolution(), '0x0')
-    assert code == 2 and 'at least 1' in msg
-    code, msg = parse(cli.Resolution(), '64')
-    assert code == 2 and 'WxH' in msg
+def test_interval():
     assert parse(cli.Interval(), '0.1,2') == (0, (0.1, 2.0))
     assert parse(cli.Interval(), '0.1,inf') == (0, (0.1, float('inf')))
     for text in ['2,1', 'nan,1', '1', '-1,2']:

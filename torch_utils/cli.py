@@ -61,7 +61,7 @@ def _nearest_existing(path):
         path = parent
     return path
 
-def _probe_folder(folder, shown):
+def check_writable_folder(folder, shown):
     """Fail unless a file can be created in `folder` (catches read-only file systems and /proc-like folders that
     os.access cannot judge when running as root). Nothing is left behind."""
     if not os.path.isdir(folder):
@@ -85,13 +85,13 @@ def check_output_file(path, overwrite=False, overwrite_flag='--overwrite'):
         if not overwrite:
             hint = f'; pass {overwrite_flag} to replace it' if overwrite_flag else ''
             raise CliError(f'{path}: already exists{hint}')
-    _probe_folder(_nearest_existing(os.path.dirname(os.path.abspath(path))), path)
+    check_writable_folder(_nearest_existing(os.path.dirname(os.path.abspath(path))), path)
 
 def check_output_dir(path):
     """Fail now (CliError) unless `path` is a folder, or can be made one, in which new files can be created."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise CliError(f'{path}: exists and is not a directory')
-    _probe_folder(_nearest_existing(path), path)
+    check_writable_folder(_nearest_existing(path), path)
 
 #----------------------------------------------------------------------------
 # Option types. Each accepts its own output type as well (defaults, programmatic calls), and fails with a message
@@ -204,25 +204,6 @@ class Nimg(click.ParamType):
         if self.min is not None and count < self.min:
             self.fail(f'{value} is not in the range x>={self.min}.', param, ctx)
         return count
-
-class Resolution(click.ParamType):
-    """An image size WxH, e.g. 64x64, both at least `min`."""
-    name = 'WxH'
-
-    def __init__(self, min=1):  # pylint: disable=redefined-builtin
-        self.min = min
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (tuple, list)):
-            size = tuple(int(v) for v in value)
-        else:
-            match = re.fullmatch(r'\s*(\d+)\s*x\s*(\d+)\s*', str(value))
-            if match is None:
-                self.fail(f'{value!r} is not of the form WxH, e.g. 64x64.', param, ctx)
-            size = (int(match.group(1)), int(match.group(2)))
-        if min(size) < self.min:
-            self.fail(f'{value!r}: width and height must be at least {self.min}.', param, ctx)
-        return size
 
 class Interval(click.ParamType):
     """A closed interval LO,HI of non-negative numbers with LO <= HI (HI may be inf)."""
