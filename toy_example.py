@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import dnnlib
+from torch_utils import cli
 from torch_utils import persistence
 from training.phema import power_function_beta
 
@@ -323,30 +324,24 @@ def cmdline():
 @click.option('--batch',      help='Batch size (EDM2 used 4096; 1024 keeps a CPU run to minutes)', metavar='INT', type=click.IntRange(min=1), default=1024, show_default=True)
 def train_cmd(outdir, cls, layers, dim, viz, iterations, batch):
     """Train a toy model; snapshots of its EMA go to OUTDIR/iterNNNN.pkl every 256 iterations and at the end."""
-    if outdir is not None and os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise click.ClickException(f'{outdir}: not a directory')
-    try:
-        if outdir is not None:
-            os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        raise click.ClickException(f'{outdir}: {e.strerror}')
-    train(outdir=outdir, classes=cls, num_layers=layers, hidden_dim=dim, iterations=iterations, batch_size=batch,
-          verbose=viz)
+    if outdir is not None:
+        cli.check_output_dir(outdir)
+    with cli.os_errors(outdir):
+        train(outdir=outdir, classes=cls, num_layers=layers, hidden_dim=dim, iterations=iterations, batch_size=batch,
+              verbose=viz)
 
 @cmdline.command('plot')
 @click.option('--net',      help='Main model', metavar='PKL|URL', type=str, default=f'{EDM2_TOY_ROOT}/clsA-layers04-dim64/iter4096.pkl', show_default=True)
 @click.option('--gnet',     help='Guiding model for autoguidance', metavar='PKL|URL', type=str, default=f'{EDM2_TOY_ROOT}/clsA-layers04-dim32/iter0512.pkl', show_default=True)
 @click.option('--uncond',   help='Unconditional model (trained with --cls=AB) for classifier-free guidance', metavar='PKL|URL', type=str, default=None)
-@click.option('--guidance', help='Guidance weight', metavar='FLOAT', type=float, default=3, show_default=True)
+@click.option('--guidance', help='Guidance weight', metavar='FLOAT', type=cli.FloatRange(), default=3, show_default=True)
 @click.option('--save',     help='Write the figure to this PNG', metavar='PNG', type=str, default='toy-example.png', show_default=True)
 @click.option('--samples',  help='Samples per panel', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
 def plot_cmd(net, gnet, uncond, guidance, save, samples):
     """Plot ground truth, unguided, classifier-free-guided and autoguided samples of class A."""
     if not save.lower().endswith('.png'):
         raise click.ClickException(f'--save={save}: give a .png file name')
-    parent = os.path.dirname(os.path.abspath(save))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or os.path.isdir(save):
-        raise click.ClickException(f'{save}: cannot write here (no such folder, not writable, or a folder)')
+    cli.check_output_file(save, overwrite=True)  # a rerun replaces the figure, as in EDM2
     models = {}
     for option, path in [('--net', net), ('--gnet', gnet), ('--uncond', uncond)]:
         if path is not None:
@@ -355,7 +350,7 @@ def plot_cmd(net, gnet, uncond, guidance, save, samples):
             except Exception as e:  # pylint: disable=broad-except
                 raise click.ClickException(f'{option}={path}: cannot load a toy model ({type(e).__name__}: {e})')
     image = plot(models['--net'], models['--gnet'], models.get('--uncond'), guidance=guidance, num_samples=samples)
-    with dnnlib.util.atomic_write(save, 'wb') as f:
+    with cli.os_errors(save), dnnlib.util.atomic_write(save, 'wb') as f:
         image.save(f, format='png')
     click.echo(f'Saved {save}')
 

@@ -82,6 +82,7 @@ def assets(tmp_path_factory):
             (root / 'nanrun' / name).write_bytes((root / ('nan.pkl' if kimg == 4 else 'net.pkl')).read_bytes())
     os.makedirs(root / 'empty')
     os.makedirs(root / 'empty.zip')
+    os.makedirs(root / 'empty.png')
 
     with open(root / 'ref.pkl', 'wb') as f:
         pickle.dump(dict(fid=dict(mu=np.zeros(4), sigma=np.eye(4))), f)
@@ -109,6 +110,9 @@ TOOLS = {
     'flops':    ('count_flops', 'main', []),
     'dataset':  ('dataset_tool', 'cmdline', ['convert']),
     'export':   ('networks.export', 'main', []),
+    'edm2':     ('train_edm2', 'cmdline', []),
+    'toytrain': ('toy_example', 'cmdline', ['train']),
+    'toyplot':  ('toy_example', 'cmdline', ['plot']),
 }
 
 class Case:
@@ -254,6 +258,22 @@ CASES = [
     Case('dataset-resolution-text',  'dataset', CONVERT + ['--resolution=big'], 2, r"'--resolution'.*big"),
     Case('dataset-max-images-0',     'dataset', CONVERT + ['--max-images=0'], 2, r"'--max-images': 0 is not in the range x>=1"),
     Case('dataset-corrupt-image',    'dataset', ['--source={A}/corrupt', '--dest={T}/out.zip'], 1, r'b\.png: cannot read image'),
+
+    # train_edm2.py (EDM2's options, run by train_edm2plus.py)
+    Case('edm2-batch-0',             'edm2', TRAIN + ['--batch=0'], 2, r"'--batch': 0 is not in the range x>=1"),
+    Case('edm2-lr-inf',              'edm2', TRAIN + ['--lr=inf'], 2, r"'--lr': 'inf' is not a finite number"),
+    Case('edm2-outdir-is-file',      'edm2', ['--data={A}/data.zip', '--outdir={A}/afile', '--preset=demo'], 1, r'afile: exists and is not a directory'),
+    Case('edm2-data-missing',        'edm2', ['--data={T}/none.zip', '--outdir={T}/run', '--preset=demo'], 1, r'--data: .*none\.zip'),
+
+    # toy_example.py train / plot
+    Case('toy-train-outdir-is-file', 'toytrain', ['--outdir={A}/afile'], 1, r'afile: exists and is not a directory'),
+    Case('toy-train-outdir-read-only', 'toytrain', ['--outdir=/sys/edm2plus-toy'], 1, r'/sys/edm2plus-toy: cannot write there'),
+    Case('toy-train-layers-0',       'toytrain', ['--layers=0'], 2, r"'--layers': 0 is not in the range x>=1"),
+    Case('toy-plot-save-not-png',    'toyplot', ['--save={T}/figure.jpg'], 1, r'--save=.*figure\.jpg: give a \.png file name'),
+    Case('toy-plot-save-is-dir',     'toyplot', ['--save={A}/empty.png'], 1, r'empty\.png: is a directory'),
+    Case('toy-plot-save-under-file', 'toyplot', ['--save={A}/afile/figure.png'], 1, r'figure\.png: .*afile is not a directory'),
+    Case('toy-plot-net-missing',     'toyplot', ['--net={T}/none.pkl', '--save={T}/figure.png'], 1, r'--net=.*none\.pkl: cannot load a toy model'),
+    Case('toy-plot-guidance-nan',    'toyplot', ['--guidance=nan', '--save={T}/figure.png'], 2, r"'--guidance': 'nan' is not a finite number"),
 
     # python -m networks.export
     Case('export-in-missing',        'export', ['{T}/none.pkl', '{T}/out.pt'], 1, r'none\.pkl: no such network file'),
