@@ -333,7 +333,18 @@ def run_case(case, assets, tmp_path, monkeypatch):
 def error_lines(output):
     return [line for line in output.splitlines() if line.startswith('Error:')]
 
-@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
+# Tools whose command line has not been switched to the shared checks yet (their files are being changed elsewhere).
+PENDING = {'phema', 'plot'}
+
+def _param(case):
+    marks = [pytest.mark.xfail(strict=True, reason=f'{TOOLS[case.tool][0]}.py not switched to torch_utils.cli yet')]
+    return pytest.param(case, id=case.id, marks=marks if case.tool in PENDING and case.id in PENDING_CASES else [])
+
+PENDING_CASES = {'phema-indir-empty', 'phema-outdir-is-file', 'phema-outdir-under-file', 'phema-outdir-read-only',
+                 'phema-full-disk', 'plot-results-nan', 'plot-out-is-dir', 'plot-out-exists', 'plot-out-under-file',
+                 'plot-out-read-only', 'plot-full-disk'}
+
+@pytest.mark.parametrize('case', [_param(c) for c in CASES])
 def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: disable=redefined-outer-name,unused-argument
     result, before, after = run_case(case, assets, tmp_path, monkeypatch)
     output = result.output
@@ -351,6 +362,7 @@ def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: 
 def test_at_least_sixty_cases():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
+@pytest.mark.xfail(strict=True, reason='training/posthoc.py not switched yet')
 def test_reconstruction_that_overflows_float16_is_not_written(assets, tmp_path, monkeypatch):
     """Finite inputs whose solved coefficients are huge give weights beyond float16's range: no file is written."""
     import reconstruct_phema
