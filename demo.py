@@ -2,6 +2,7 @@
 
     python demo.py                      # ~22 minutes on 2 idle CPU cores (15 of them training); output in demo-out/
     python demo.py --compare            # also CONFIG A (EDM2's block) with the same time budget, FIDs side by side
+    python demo.py --sweep              # then FID against the post-hoc EMA length (5 lengths x 500 images per run)
 
 Steps; each is a documented CLI as well, and the demo prints the command that does the same by hand:
   1. dataset_tool.py convert: the Fashion-MNIST training set -> a labelled RGB zip; the first --ref-images test
@@ -13,6 +14,7 @@ Steps; each is a documented CLI as well, and the demo prints the command that do
   5. generate_images.py: a 10x10 grid of seeds 0-99 with classes 0-9 in turn, so row r shows class r.
   6. calculate_metrics.py gen: FID of --fid-images generated images against the reference statistics.
   7. the loss and learning-rate curves of stats.jsonl as a PNG.
+  8. with --sweep, sweep_phema.py: FID against the EMA length sigma_rel, one curve per run, best length marked.
 
 Rerunning the same command reuses what is done: finished datasets and statistics are kept, an interrupted training
 resumes from its newest checkpoint until the run has used its --minutes, and grid and FID are recomputed only for
@@ -47,6 +49,7 @@ import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 import dnnlib  # noqa: E402
+from reconstruct_phema import StdList  # noqa: E402
 from torch_utils import misc  # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -59,6 +62,7 @@ PRESET = 'demo'                                             # networks/presets.p
 CONFIGS = {'G*': None, 'A': 'A'}                            # run label -> --block override (None: the preset's)
 GRID_SEEDS = range(100)                                     # seed i has class i % 10: row r = seeds r, r+10, ...
 FID_SEED = 1000                                             # first seed of the FID images (none in the grid)
+SWEEP_STDS = '0.030,0.050,0.080,0.120,0.180'                # EMA lengths of --sweep, around the usual optimum
 MIN_TRAIN_SECONDS = 60                                      # a leftover budget below this is not worth a restart
 
 class DemoError(Exception):
@@ -81,7 +85,7 @@ def file_id(path):
 
 def load_net(net):
     """A network from a snapshot/post-hoc EMA pickle (or a module), on the device, in float32. The pickles hold
-    float16 weights (spec §2.10), which a CPU would otherwise convert at each of the 63 evaluations per image."""
+    float16 weights, which a CPU would otherwise convert at each of the 63 evaluations per image."""
     from networks.loading import load_network  # pylint: disable=import-outside-toplevel
     try:
         return load_network(net, _device(), verbose=False).to(torch.float32)
@@ -235,7 +239,7 @@ def train(run_dir, data, minutes, block=None, extra_args=()):
     return dnnlib.EasyDict(after, trained=True)
 
 #----------------------------------------------------------------------------
-# Step 4: post-hoc EMA (EDM2 paper §3.2, spec §3.5) at the end of training, from the snapshots that the run tracked
+# Step 4: post-hoc EMA (EDM2 paper Sec. 3.2) at the end of training, from the snapshots that the run tracked
 # at sigma_rel 0.050 and 0.100.
 
 def reconstruct_ema(run_dir, std):
@@ -343,28 +347,57 @@ def plot_training_curves(path, runs):
         out.save(f, format='png')
 
 #----------------------------------------------------------------------------
+# Step 8 (--sweep): FID against the EMA length, with sweep_phema.py's library function. Its results.jsonl makes a
+# rerun skip the lengths already measured.
+
+def run_sweep(outdir, labels, ref_path, stds=SWEEP_STDS, num_images=500, batch=64, detector=None):
+    """Sweep `stds` for the runs of `labels` into <outdir>/sweep; returns EasyDict(plot, results, best) with best =
+    {label: [std, fid]}."""
+    import sweep_phema  # pylint: disable=import-outside-toplevel
+    from metrics import MetricsError  # pylint: disable=import-outside-toplevel
+    sweep_dir = os.path.join(outdir, 'sweep')
+    runs = {f'CONFIG {label}': run_dir_of(outdir, label) for label in labels}
+    try:
+        best = sweep_phema.sweep(runs, sweep_dir, stds, ref_path, metrics=['fid'],
+                                 seeds=range(FID_SEED, FID_SEED + num_images), max_batch_size=batch,
+                                 device=_device(), detectors=_detectors(detector))
+    except (sweep_phema.SweepError, MetricsError, ValueError, OSError) as e:
+        raise DemoError(f'sweep: {e}') from None
+    return dnnlib.EasyDict(plot=os.path.join(sweep_dir, sweep_phema.PLOT_NAME),
+                           results=os.path.join(sweep_dir, sweep_phema.RESULTS_NAME),
+                           best={label: list(b) for label, b in best['fid'].items()})
+
+#----------------------------------------------------------------------------
 # The whole job.
 
 def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fid_images=1000, ema_std=0.10,
              compare=False, source_dir=FASHION_MNIST_DIR, max_train_images=None, extra_train_args=(), batch=64,
-             detector=None):
+             detector=None, sweep=False, sweep_stds=SWEEP_STDS, sweep_images=500):
     """Run every step, reusing finished ones; return the summary dict (also written to <outdir>/summary.json).
 
-    `max_train_images`, `extra_train_args` (train_edm2plus.py options) and `detector` (a feature detector instead of
-    Inception-v3) exist for quick tests."""
+    `sweep` adds step 8, FID of `sweep_images` images at each EMA length of `sweep_stds`. `max_train_images`,
+    `extra_train_args` (train_edm2plus.py options) and `detector` (a feature detector instead of Inception-v3) exist
+    for quick tests."""
     start = time.time()
     for split in ['train', 't10k']:
         check_source(source_dir, split)  # before anything is written
+    if sweep:
+        from training.posthoc import parse_std_list  # pylint: disable=import-outside-toplevel
+        try:
+            sweep_stds = ','.join(f'{s:.3f}' for s in parse_std_list(sweep_stds))
+        except ValueError as e:
+            raise DemoError(f'--sweep-stds={sweep_stds}: {e}') from None
     os.makedirs(outdir, exist_ok=True)
     summary_path = os.path.join(outdir, 'summary.json')
     summary = load_summary(summary_path)
     timings = summary['timings_sec'] = {}  # of this invocation; a reused step takes (almost) no time
     res = f'{resolution}x{resolution}'
+    num_steps = 8 if sweep else 7
 
     # 1. Datasets.
     train_zip = os.path.join(outdir, f'fashion-mnist-train-{res}.zip')
     test_zip = os.path.join(outdir, f'fashion-mnist-test-{res}-first{ref_images}.zip')
-    with step(timings, 'datasets', '1/7 Datasets',
+    with step(timings, 'datasets', f'1/{num_steps} Datasets',
               f'python dataset_tool.py convert --source={source_dir}/train-images-idx3-ubyte.gz --dest={train_zip} '
               f'--resolution={res}   (and t10k-... --max-images={ref_images})'):
         for split, dest, limit in [('train', train_zip, max_train_images), ('t10k', test_zip, ref_images)]:
@@ -374,7 +407,7 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
 
     # 2. Reference statistics.
     ref_path = os.path.join(outdir, f'fid-ref-fashion-mnist-test-{res}-first{ref_images}.pkl')
-    with step(timings, 'reference', f'2/7 FID reference statistics of the first {ref_images} test images',
+    with step(timings, 'reference', f'2/{num_steps} FID reference statistics of the first {ref_images} test images',
               f'python calculate_metrics.py ref --data={test_zip} --dest={ref_path} --metrics=fid'):
         reused = os.path.isfile(ref_path)
         ref = reference_stats(test_zip, ref_path, batch=batch, detector=detector)
@@ -391,7 +424,7 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
         name = f'CONFIG {label}'
 
         args = train_args(run_dir, train_zip, minutes, CONFIGS[label], extra_train_args)
-        with step(timings, f'train {label}', f'3/7 Training {name} ({minutes:g} minutes in total)',
+        with step(timings, f'train {label}', f'3/{num_steps} Training {name} ({minutes:g} minutes in total)',
                   'python train_edm2plus.py ' + ' '.join(args)):
             progress = train(run_dir, train_zip, minutes, CONFIGS[label], extra_train_args)
         run.update(images_seen=progress.nimg, training_sec=round(progress.seconds, 1))
@@ -399,7 +432,7 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
             wall['train'] = timings[f'train {label}']
         save_summary(summary_path, summary)
 
-        with step(timings, f'phema {label}', f'4/7 Post-hoc EMA of {name}, sigma_rel {ema_std:.3f}',
+        with step(timings, f'phema {label}', f'4/{num_steps} Post-hoc EMA of {name}, sigma_rel {ema_std:.3f}',
                   f'python reconstruct_phema.py --indir={run_dir} --outdir={run_dir} --outstd={ema_std:.3f}'):
             phema = reconstruct_ema(run_dir, ema_std)
         net = run['network'] = phema.path
@@ -408,7 +441,7 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
 
         grid = run['grid'] = os.path.join(outdir, f'grid-{_tag(label)}.png')
         labelled = run['grid_labelled'] = os.path.join(outdir, f'grid-{_tag(label)}-labelled.png')
-        with step(timings, f'grid {label}', f'5/7 Sample grid of {name}: row r = class r',
+        with step(timings, f'grid {label}', f'5/{num_steps} Sample grid of {name}: row r = class r',
                   f'python generate_images.py --net={net} --seeds=0-99 --class=0-9 --grid={grid} --outdir=<DIR>'):
             redo = not (run.get('grid_of') == file_id(net) and os.path.isfile(grid) and os.path.isfile(labelled))
             if redo:
@@ -421,7 +454,7 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
 
         fid_of = dict(network=file_id(net), num_images=fid_images, ref=file_id(ref_path))
         with step(timings, f'fid {label}',
-                  f'6/7 FID of {name}: {fid_images} generated vs {ref["num_images"]} test images',
+                  f'6/{num_steps} FID of {name}: {fid_images} generated vs {ref["num_images"]} test images',
                   f'python calculate_metrics.py gen --net={net} --ref={ref_path} --metrics=fid --num={fid_images} '
                   f'--seed={FID_SEED}'):
             redo = not (run.get('fid_of') == fid_of and run.get('fid') is not None)
@@ -435,13 +468,23 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
 
     # 7. Curves of every run trained in this folder (both after --compare).
     plot = summary['plot'] = os.path.join(outdir, 'training-curves.png')
-    with step(timings, 'plot', '7/7 Loss and learning-rate curves'):
+    with step(timings, 'plot', f'7/{num_steps} Loss and learning-rate curves'):
         shown = {f'CONFIG {label}': run_dir_of(outdir, label) for label in CONFIGS
                  if read_stats(run_dir_of(outdir, label))}
         plot_training_curves(plot, shown)
         print(f'{plot}: written')
+    labels = ['G*', 'A'] if compare else ['G*']
+    summary.pop('sweep', None)
+    if sweep:
+        with step(timings, 'sweep', f'8/8 FID against the EMA length: {len(sweep_stds.split(","))} lengths x '
+                  f'{sweep_images} images per run',
+                  ' '.join(['python sweep_phema.py'] + [f'--indir={run_dir_of(outdir, label)}' for label in labels] +
+                           [f'--outdir={os.path.join(outdir, "sweep")} --outstd={sweep_stds} --ref={ref_path}',
+                            f'--metrics=fid --num={sweep_images} --seed={FID_SEED}'])):
+            result = run_sweep(outdir, labels, ref_path, sweep_stds, sweep_images, batch, detector)
+        summary['sweep'] = dict(result, stds=sweep_stds, num_images=sweep_images)
     summary['outdir'] = outdir
-    summary['labels'] = ['G*', 'A'] if compare else ['G*']
+    summary['labels'] = labels
     timings['total'] = round(time.time() - start, 1)
     save_summary(summary_path, summary)
     return summary
@@ -467,6 +510,11 @@ def format_summary(summary):
                   f'  FID:              {run["fid"]:.2f} '
                   f'({run["fid_images"]} generated vs {ref["num_images"]} test images)',
                   f'  wall time (s):    ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items())]
+    if 'sweep' in summary:
+        sweep = summary['sweep']
+        lines += [f'EMA sweep:          {sweep["plot"]} (FID of {sweep["num_images"]} images at sigma_rel '
+                  f'{sweep["stds"]}; {sweep["results"]})']
+        lines += [f'  {label}: best FID {fid:.2f} at sigma_rel {std:.3f}' for label, (std, fid) in sweep['best'].items()]
     lines.append('This invocation (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in t.items() if k != 'total') +
                  f'; total {t["total"] / 60:.1f} min')
     if len(summary['labels']) > 1:
@@ -492,12 +540,16 @@ def format_summary(summary):
 @click.option('--ref-images',  help='Test images in the FID reference statistics', metavar='INT', type=click.IntRange(min=2, max=10000), default=1000, show_default=True)
 @click.option('--fid-images',  help='Generated images for FID', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--ema-std',     help='Post-hoc EMA length sigma_rel', metavar='FLOAT', type=click.FloatRange(min=0.01, max=0.25), default=0.10, show_default=True)
+@click.option('--sweep',       help='Also measure FID against the post-hoc EMA length (sweep/sweep.png)', is_flag=True)
+@click.option('--sweep-stds',  help='EMA lengths of --sweep', metavar='LIST', type=StdList(), default=SWEEP_STDS, show_default=True)
+@click.option('--sweep-images', help='Generated images per EMA length of --sweep', metavar='INT', type=click.IntRange(min=2), default=500, show_default=True)
 
 # I/O and performance.
 @click.option('--source',      help='Folder holding the Fashion-MNIST IDX files', metavar='DIR', type=str, default=FASHION_MNIST_DIR, show_default=True)
 @click.option('--batch',       help='Batch size of sampling and of Inception', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 
-def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, source, batch):
+def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, sweep, sweep_stds, sweep_images, source,
+         batch):
     """Train EDM2+ (CONFIG G*) on Fashion-MNIST on this machine; write a sample grid, training curves and FID.
 
     \b
@@ -505,10 +557,12 @@ def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, 
     python demo.py                  # ~22 min on 2 idle CPU cores; outputs in demo-out/
     python demo.py --compare        # also CONFIG A with the same time (~20 min more)
     python demo.py --minutes=30     # rerun: trains the same run on to 30 minutes
+    python demo.py --sweep          # rerun with a sweep: FID at 5 EMA lengths (~10 min per run on 2 cores)
     """
     try:
         summary = run_demo(outdir=outdir, minutes=minutes, resolution=int(resolution), ref_images=ref_images,
-                           fid_images=fid_images, ema_std=ema_std, compare=compare, source_dir=source, batch=batch)
+                           fid_images=fid_images, ema_std=ema_std, compare=compare, source_dir=source, batch=batch,
+                           sweep=sweep, sweep_stds=sweep_stds, sweep_images=sweep_images)
     except DemoError as e:
         raise click.ClickException(str(e))
     print(format_summary(summary))

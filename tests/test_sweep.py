@@ -1,0 +1,292 @@
+"""sweep_phema.py: each point is what reconstruct_phema.py and `calculate_metrics.py gen` give, a killed sweep resumes
+without measuring a point twice, results.jsonl and sweep.png agree; plot_sweep.py refuses non-finite data.
+
+Tiny networks (8x8 images, 16 channels), 8 images per point and a TorchScript stand-in for Inception-v3 (2x2
+average-pooled colours and their squares, 24 features) keep every test to seconds.
+"""
+
+import copy
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import calculate_metrics
+import dnnlib
+import plot_sweep
+import reconstruct_phema
+import sweep_phema
+from metrics.stats import calculate_stats_for_iterable, final_stats, save_stats
+from networks.loading import load_snapshot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STDS = [0.06, 0.08, 0.12]
+
+#----------------------------------------------------------------------------
+# Fixtures: two tiny "training runs", a stand-in detector and reference statistics made with it.
+
+class PooledColours(torch.nn.Module):
+    """The interface of NVIDIA's Inception pickle (any size, `return_features`), with 24 cheap features."""
+
+    def forward(self, img, return_features: bool = False):
+        x = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 2).flatten(1) / 255
+        return torch.cat([x, x * x], dim=1)
+
+
+def _write_run(folder, seed):
+    """Snapshots at 4, 8 and 12 kimg, tracked at σ_rel 0.050 and 0.100, of a network that drifts randomly."""
+    from networks.edm2plus import Precond
+    from training.encoders import StandardRGBEncoder
+    torch.manual_seed(seed)
+    net = Precond(8, 3, 0, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                  channels_per_head=16).eval().requires_grad_(False)
+    os.makedirs(folder)
+    for nimg in (4096, 8192, 12288):
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
+        for std in (0.05, 0.10):
+            ema = copy.deepcopy(net)
+            for p in ema.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1 * std)
+            data = dnnlib.EasyDict(ema=ema.to(torch.float16), encoder=StandardRGBEncoder(), loss_fn=None,
+                                   dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
+                                                                  path='data.zip', use_labels=False))
+            with open(os.path.join(folder, f'network-snapshot-{nimg // 1000:07d}-{std:.3f}.pkl'), 'wb') as f:
+                pickle.dump(data, f)
+    return str(folder)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread_here():
+    """Tiny tensors gain nothing from a second thread, and beside other processes on 2 cores one thread is many
+    times faster (8 images: 2 s against 90 s measured on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('sweep')
+    detector = str(root / 'pooled.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated in PyTorch 2.13
+        torch.jit.save(torch.jit.script(PooledColours()), detector)
+    images = torch.randint(0, 256, [40, 3, 8, 8], generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ref = str(root / 'ref.pkl')
+    save_stats(final_stats(calculate_stats_for_iterable([images], metrics=['fid'], device='cpu', verbose=False,
+                                                        detector_kwargs=dict(fid=dict(path=detector)))),
+               ref, verbose=False)
+    return dnnlib.EasyDict(root=root, detector=detector, ref=ref, run_a=_write_run(root / 'runA', 1),
+                           run_b=_write_run(root / 'runB', 2))
+
+
+def _args(setup, outdir, *extra, stds=STDS, indirs=None):
+    indirs = indirs or [setup.run_a]
+    return ([f'--indir={d}' for d in indirs] +
+            [f'--outdir={outdir}', f'--outstd={",".join(f"{s:g}" for s in stds)}', f'--ref={setup.ref}',
+             '--metrics=fid', f'--detector={setup.detector}', '--num=8', '--seed=5', '--batch=4'] + list(extra))
+
+
+def _sweep(setup, outdir, *extra, **kwargs):
+    result = CliRunner().invoke(sweep_phema.main, _args(setup, outdir, *extra, **kwargs))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _records(outdir):
+    with open(os.path.join(outdir, 'results.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+#----------------------------------------------------------------------------
+
+def test_point_equals_reconstruct_phema_and_calculate_metrics_gen(setup, tmp_path):
+    out = str(tmp_path / 'sweep')
+    _sweep(setup, out, '--keep-networks')
+    records = _records(out)
+    assert [(r['run'], r['std'], r['kimg'], r['metric'], r['num_images'], r['seed']) for r in records] == \
+        [('runA', s, 12, 'fid', 8, 5) for s in STDS]
+    # The networks: reconstruct_phema.py's file names, and its weights bit for bit.
+    phema = str(tmp_path / 'phema')
+    result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={setup.run_a}', f'--outdir={phema}',
+                                                         '--outstd=0.06,0.08,0.12'])
+    assert result.exit_code == 0, result.output
+    for r in records:
+        name = f'phema-0000012-{r["std"]:.3f}.pkl'
+        assert r['net'] == os.path.join(out, 'runA', name)
+        ours, theirs = load_snapshot(r['net']).ema, load_snapshot(os.path.join(phema, name)).ema
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+        # The metric: `calculate_metrics.py gen` on the same network and seeds.
+        result = CliRunner().invoke(calculate_metrics.cmdline, ['gen', f'--net={r["net"]}', f'--ref={setup.ref}',
+                                                                '--metrics=fid', f'--detector={setup.detector}',
+                                                                '--seeds=5-12', '--batch=3'])
+        assert result.exit_code == 0, result.output
+        fid = float([line for line in result.output.splitlines() if line.startswith('fid = ')][0].split(' = ')[1])
+        assert r['value'] == pytest.approx(fid, rel=1e-5) and r['value'] > 0
+    # Different EMA lengths are different networks with different FIDs.
+    assert len({r['value'] for r in records}) == len(STDS)
+
+
+def test_interrupted_sweep_resumes_without_measuring_twice(setup, tmp_path, monkeypatch):
+    out = str(tmp_path / 'sweep')
+    measured = []
+    real_measure = sweep_phema.measure_network
+
+    def measure(net_path, *args, **kwargs):
+        if interrupt_at is not None and len(measured) == interrupt_at:
+            raise KeyboardInterrupt  # Ctrl-C while the second point's images are generated
+        measured.append(os.path.basename(net_path))
+        return real_measure(net_path, *args, **kwargs)
+    monkeypatch.setattr(sweep_phema, 'measure_network', measure)
+
+    interrupt_at = 1
+    result = CliRunner().invoke(sweep_phema.main, _args(setup, out))
+    assert result.exit_code == 1 and 'Aborted!' in result.output  # click's answer to Ctrl-C
+    assert [r['std'] for r in _records(out)] == [0.06] and measured == ['phema-0000012-0.060.pkl']
+    interrupt_at = None
+    result = _sweep(setup, out)
+    assert '1 of 3 points already measured' in result.output
+    assert measured == ['phema-0000012-0.060.pkl', 'phema-0000012-0.080.pkl', 'phema-0000012-0.120.pkl']
+    assert sorted(r['std'] for r in _records(out)) == STDS
+    assert not os.path.exists(os.path.join(out, 'runA'))  # measured networks are deleted, then their folder
+    # A third run has nothing to do; a larger --num is a new setting and is measured again.
+    _sweep(setup, out)
+    assert len(measured) == 3
+    _sweep(setup, out, '--num=9', stds=[0.08])
+    assert len(measured) == 4 and len(_records(out)) == 4
+
+
+def test_sigkilled_sweep_resumes(setup, tmp_path, monkeypatch):
+    """A real SIGKILL while the sweep runs: the results file stays whole, and the rerun measures each missing point
+    once."""
+    out = str(tmp_path / 'sweep')
+    stds = [0.06, 0.07, 0.08, 0.09, 0.10, 0.12]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'sweep_phema.py')] + _args(setup, out, stds=stds),
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = os.path.join(out, 'results.jsonl')
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not os.path.isfile(results):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _records(out)  # every line parses
+    assert 1 <= len(before) < len(stds), 'the sweep was not killed half-way; make it longer'
+    measured = []
+    real_measure = sweep_phema.measure_network
+    monkeypatch.setattr(sweep_phema, 'measure_network',
+                        lambda net_path, *a, **k: measured.append(net_path) or real_measure(net_path, *a, **k))
+    _sweep(setup, out, stds=stds)
+    after = _records(out)
+    assert after[:len(before)] == before
+    assert sorted(r['std'] for r in after) == stds  # each point exactly once
+    assert len(measured) == len(stds) - len(before)
+
+
+def test_results_and_plot_agree(setup, tmp_path):
+    out = str(tmp_path / 'sweep')
+    result = _sweep(setup, out, indirs=[setup.run_a, setup.run_b])
+    records = _records(out)
+    assert len(records) == 2 * len(STDS) and {r['run'] for r in records} == {'runA', 'runB'}
+    expected = {run: sorted([r['std'], r['value']] for r in records if r['run'] == run) for run in ('runA', 'runB')}
+    best = {run: min(points, key=lambda p: p[1]) for run, points in expected.items()}
+    png = PIL.Image.open(os.path.join(out, 'sweep.png'))
+    assert json.loads(png.text['sweep']) == expected  # the PNG shows exactly the measured points ...
+    assert json.loads(png.text['best']) == best       # ... and marks the best of each run
+    pixels = np.asarray(png.convert('RGB')).astype(int)
+    assert (np.abs(pixels - [200, 0, 0]).sum(axis=2) < 60).sum() > 50  # the red best markers are drawn
+    for run, (std, value) in best.items():
+        assert f'{run}: best fid {value:.4g} at σ_rel {std:.3f}' in result.output
+    # plot_sweep.py reads the same file to the same curves and best points.
+    result = CliRunner().invoke(plot_sweep.main, [f'--results={out}/results.jsonl', f'--out={tmp_path}/p.png'])
+    assert result.exit_code == 0, result.output
+    assert json.loads(PIL.Image.open(tmp_path / 'p.png').text['sweep']) == expected
+    for run, (std, value) in best.items():
+        assert f'{run}: best metric {value:g} at σ_rel {std:.3f}' in result.output
+
+
+def test_two_processes_give_the_single_process_numbers(setup, tmp_path):
+    single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
+    _sweep(setup, single, stds=[0.06, 0.12])
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(REPO, 'sweep_phema.py')] +
+                          # torchrun's own parser takes --num for an abbreviation of its --numa-binding
+                          [a for a in _args(setup, double, stds=[0.06, 0.12]) if a[:5] not in ('--num', '--see')] +
+                          ['--seeds=5-12'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = _records(single), _records(double)
+    assert [r['std'] for r in b] == [0.06, 0.12]
+    for x, y in zip(a, b):
+        assert y['value'] == pytest.approx(x['value'], rel=1e-6)
+
+
+def test_bad_options_are_one_line_errors(setup, tmp_path):
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    twin = tmp_path / 'other' / 'runA'
+    twin.mkdir(parents=True)
+    out = str(tmp_path / 'out')
+    cases = [
+        ([f'--indir={tmp_path / "missing"}'], f'--indir={tmp_path / "missing"}: no such directory'),
+        ([f'--indir={empty}'], 'no network-snapshot-<kimg>-<std>.pkl snapshots'),
+        ([f'--indir={setup.run_a}', f'--indir={twin}'], 'has the same name as'),
+        ([f'--indir={setup.run_a}', f'--outdir={afile}'], 'exists and is not a directory'),
+        ([f'--indir={setup.run_a}', '--outstd=0.1,0.5'], 'less than 0.289'),
+        ([f'--indir={setup.run_a}', '--outstd=0.1,x'], "'x' is not a float"),
+        ([f'--indir={setup.run_a}', f'--ref={tmp_path / "noref.pkl"}'], 'noref.pkl: no such statistics file'),
+        ([f'--indir={setup.run_a}', '--outkimg=7'], '--outkimg=7: '),
+        ([f'--indir={setup.run_a}', '--metrics=fid,kid'], 'Invalid metric "kid"'),
+        ([f'--indir={setup.run_a}', '--guidance=2'], '--guidance other than 1 needs --gnet'),
+        ([f'--indir={setup.run_a}', f'--gnet={tmp_path / "g.pkl"}', '--guidance=2'], 'g.pkl: no such network file'),
+    ]
+    for extra, message in cases:
+        base = [f'--outdir={out}', '--outstd=0.1', f'--ref={setup.ref}', '--metrics=fid', '--num=4']
+        args = base + extra  # later options win
+        result = CliRunner().invoke(sweep_phema.main, args)
+        assert result.exit_code in (1, 2), (extra, result.output)
+        lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
+        assert len(lines) == 1 and message in lines[0], (extra, result.output)
+        assert result.exit_code == 2 or result.output.count('\n') == 1, result.output
+        assert not os.path.exists(os.path.join(out, 'results.jsonl'))
+
+#----------------------------------------------------------------------------
+# plot_sweep.py: data that cannot be plotted is refused with one line naming the file and the point.
+
+@pytest.mark.parametrize('name, text, message', [
+    ('nan.csv', 'std,fid\n0.05,3.4\n0.10,nan\n', 'nan.csv: σ_rel 0.1: fid is nan, not a finite number'),
+    ('inf.json', '{"0.05": 3.4, "0.10": Infinity}', 'inf.json: σ_rel 0.1: fid is inf, not a finite number'),
+    ('runs.jsonl', '{"run": "a", "std": 0.05, "metric": "fid", "value": 3.0}\n'
+                   '{"run": "a", "std": 0.10, "metric": "fid", "value": NaN}\n',
+     'runs.jsonl: run "a", σ_rel 0.1: fid is nan, not a finite number'),
+    ('word.csv', 'std,fid\n0.05,3.4\n0.10,abc\n', 'word.csv: record 2: "abc" is not a number'),
+    ('std.csv', 'std,fid\n0.05,3.4\ninf,3.0\n', 'std.csv: σ_rel inf is not a finite number'),
+])
+def test_plot_sweep_refuses_non_finite_data(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    out = tmp_path / 'plot.png'
+    result = CliRunner().invoke(plot_sweep.main, [f'--results={tmp_path / name}', f'--out={out}', '--metric=fid'])
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert result.output.startswith('Error: ') and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_plot_sweep_checks_its_output_first(tmp_path):
+    (tmp_path / 'r.csv').write_text('std,fid\n0.05,3.4\n0.10,3.1\n')
+    for out, message in [(tmp_path, 'is a directory'), (tmp_path / 'no' / 'p.png', 'does not exist')]:
+        result = CliRunner().invoke(plot_sweep.main, [f'--results={tmp_path / "r.csv"}', f'--out={out}'])
+        assert result.exit_code == 1 and result.output.count('\n') == 1 and message in result.output, result.output
