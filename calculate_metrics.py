@@ -21,7 +21,8 @@ from sampling.generate import MissingPackageError
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
-                           calculate_stats_for_iterable, final_stats, load_stats, parse_metric_list, save_stats)
+                           calculate_stats_for_iterable, calculate_stats_for_network, final_stats, load_stats,
+                           parse_metric_list, save_stats)
 
 #----------------------------------------------------------------------------
 # Option helpers.
@@ -166,7 +167,7 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
                    "slower than the default fast path")
 def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, max_batch_size, edm2_exact):
     """Calculate metrics for a network's samples, generated on the fly."""
-    from sampling.generate import generate_images, require_decoder
+    from sampling.generate import require_decoder
     if guidance != 1 and gnet is None:
         raise click.UsageError('--guidance other than 1 needs --gnet')
     if seeds is None:
@@ -181,11 +182,9 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
 
     def work(device):
         ref = load_reference(ref_path)
-        sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
-        image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device,
-                                     edm2_exact=edm2_exact, **sampler_kwargs)
-        stats_iter = same_on_all_ranks(lambda: calculate_stats_for_iterable(
-            image_iter, metrics=metrics, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))
+        stats_iter = same_on_all_ranks(lambda: calculate_stats_for_network(
+            net, seeds, gnet=gnet, guidance=guidance, max_batch_size=max_batch_size, device=device,
+            edm2_exact=edm2_exact, metrics=metrics, detector_kwargs=detector_kwargs(detector, dinov2)))
         report(final_stats(stats_iter), ref, metrics)
     run_command(work)
 

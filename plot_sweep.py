@@ -9,19 +9,8 @@ import os
 
 import click
 
+from torch_utils import cli
 from training.plots import read_sweep_runs, sweep_plot
-
-
-def check_output_file(path):
-    """Refuse an output path that cannot be written, before any work: a folder, or a file in a missing or
-    read-only folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise click.ClickException(f'{path}: is a directory; --out names the PNG file to write')
-    if not os.path.isdir(folder):
-        raise click.ClickException(f'{path}: the folder {folder} does not exist')
-    if not os.access(folder, os.W_OK):
-        raise click.ClickException(f'{path}: the folder {folder} is not writable')
 
 
 @click.command()
@@ -35,7 +24,8 @@ def check_output_file(path):
 @click.option('--title', help='Plot title', metavar='STR', type=str, default='')
 @click.option('--higher-is-better', help='Mark the largest value as best instead of the smallest', is_flag=True)
 @click.option('--logy', help='Logarithmic metric axis', is_flag=True)
-def main(results, out, metric, title, higher_is_better, logy):
+@click.option('--overwrite', help='Replace --out if it exists', is_flag=True)
+def main(results, out, metric, title, higher_is_better, logy, overwrite):
     """Plot metric versus EMA length for one or more post-hoc EMA sweeps, marking the best EMA length.
 
     \b
@@ -46,19 +36,18 @@ def main(results, out, metric, title, higher_is_better, logy):
     or the results.jsonl of sweep_phema.py (one curve per run it holds).
     Values must be finite numbers.
     """
-    check_output_file(out)
     sweeps = {}
     try:
-        for path in results:
+        for path in results:  # small files: read (and checked) before the output is looked at
             stem = os.path.splitext(os.path.basename(path))[0] if len(results) > 1 else ''
             for run, sweep in read_sweep_runs(path, metric=metric).items():
                 sweeps[': '.join(part for part in (stem, run) if part)] = sweep
+    except (ValueError, FileNotFoundError) as e:
+        raise cli.CliError(str(e)) from None
+    cli.check_output_file(out, overwrite=overwrite, make_folders=False)
+    with cli.os_errors(out):
         best = sweep_plot(out, sweeps, metric=metric or 'metric', title=title, lower_is_better=not higher_is_better,
                           logy=logy)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e))
-    except OSError as e:
-        raise click.ClickException(f'{out}: {e.strerror or e}')
     for label, (std, value) in best.items():
         print(f'{label + ": " if label else ""}best {metric or "metric"} {value:g} at σ_rel {std:.3f}')
     print(f'Saved {out}')

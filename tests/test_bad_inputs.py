@@ -226,13 +226,14 @@ CASES = [
 
     # plot_sweep.py
     Case('plot-results-missing',     'plot', ['--results={T}/none.json', '--out={T}/sweep.png'], 1, r'none\.json'),
-    Case('plot-results-nan',         'plot', ['--results={A}/nan.json', '--out={T}/sweep.png'], 1, r'nan\.json: .*(NaN|not finite|non-finite)'),
+    Case('plot-results-nan',         'plot', ['--results={A}/nan.json', '--out={T}/sweep.png'], 1, r'nan\.json: σ_rel 0\.1: value is nan, not a finite number'),
     Case('plot-results-broken',      'plot', ['--results={A}/broken.json', '--out={T}/sweep.png'], 1, r'broken\.json'),
     Case('plot-out-is-dir',          'plot', ['--results={A}/sweep.json', '--out={A}/empty'], 1, r'empty: is a directory'),
     Case('plot-out-exists',          'plot', PLOT, 1, r'sweep\.png: already exists; pass --overwrite', existing=['sweep.png']),
     Case('plot-out-under-file',      'plot', ['--results={A}/sweep.json', '--out={A}/afile/sweep.png'], 1, r'sweep\.png: .*afile is not a directory'),
     Case('plot-out-read-only',       'plot', ['--results={A}/sweep.json', '--out=/sys/edm2plus-sweep.png'], 1, r'/sys/edm2plus-sweep\.png: cannot write there'),
     Case('plot-full-disk',           'plot', PLOT, 1, r'sweep\.png: No space left on device', full_disk=True),
+    Case('plot-out-folder-missing',  'plot', ['--results={A}/sweep.json', '--out={T}/no/sweep.png'], 1, r'sweep\.png: the folder .*no does not exist'),
 
     # count_flops.py
     Case('flops-kernel-even',        'flops', ['--block=G*', '--kernel=2'], 1, r'--kernel=2: the depthwise kernel size must be odd'),
@@ -333,18 +334,7 @@ def run_case(case, assets, tmp_path, monkeypatch):
 def error_lines(output):
     return [line for line in output.splitlines() if line.startswith('Error:')]
 
-# Tools whose command line has not been switched to the shared checks yet (their files are being changed elsewhere).
-PENDING = {'phema', 'plot'}
-
-def _param(case):
-    marks = [pytest.mark.xfail(strict=True, reason=f'{TOOLS[case.tool][0]}.py not switched to torch_utils.cli yet')]
-    return pytest.param(case, id=case.id, marks=marks if case.tool in PENDING and case.id in PENDING_CASES else [])
-
-PENDING_CASES = {'phema-indir-empty', 'phema-outdir-is-file', 'phema-outdir-under-file', 'phema-outdir-read-only',
-                 'phema-full-disk', 'plot-results-nan', 'plot-out-is-dir', 'plot-out-exists', 'plot-out-under-file',
-                 'plot-out-read-only', 'plot-full-disk'}
-
-@pytest.mark.parametrize('case', [_param(c) for c in CASES])
+@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: disable=redefined-outer-name,unused-argument
     result, before, after = run_case(case, assets, tmp_path, monkeypatch)
     output = result.output
@@ -362,7 +352,6 @@ def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: 
 def test_at_least_sixty_cases():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
-@pytest.mark.xfail(strict=True, reason='training/posthoc.py not switched yet')
 def test_reconstruction_that_overflows_float16_is_not_written(assets, tmp_path, monkeypatch):
     """Finite inputs whose solved coefficients are huge give weights beyond float16's range: no file is written."""
     import reconstruct_phema

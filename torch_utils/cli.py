@@ -73,9 +73,9 @@ def check_writable_folder(folder, shown):
     except OSError as e:
         raise CliError(f'{shown}: cannot write there ({e.strerror or one_line(e)})') from None
 
-def check_output_file(path, overwrite=False, overwrite_flag='--overwrite'):
+def check_output_file(path, overwrite=False, overwrite_flag='--overwrite', make_folders=True):
     """Fail now (CliError) unless `path` can be written as a regular file: not a directory, not an existing file
-    unless `overwrite`, and in a folder that exists or can be made and that accepts new files.
+    unless `overwrite`, and in a folder that exists (or, with make_folders, can be made) and accepts new files.
     With overwrite_flag=None an existing file is always refused."""
     if os.path.isdir(path):
         raise CliError(f'{path}: is a directory; expected a file name')
@@ -85,7 +85,10 @@ def check_output_file(path, overwrite=False, overwrite_flag='--overwrite'):
         if not overwrite:
             hint = f'; pass {overwrite_flag} to replace it' if overwrite_flag else ''
             raise CliError(f'{path}: already exists{hint}')
-    check_writable_folder(_nearest_existing(os.path.dirname(os.path.abspath(path))), path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not make_folders and not os.path.lexists(folder):
+        raise CliError(f'{path}: the folder {folder} does not exist')
+    check_writable_folder(_nearest_existing(folder), path)
 
 def check_output_dir(path):
     """Fail now (CliError) unless `path` is a folder, or can be made one, in which new files can be created."""

@@ -1,4 +1,5 @@
-"""Post-hoc EMA reconstruction from saved snapshots (EDM2 paper Sec. 3.2; spec §1.4, §3.5, §3.6).
+"""Post-hoc EMA reconstruction from saved snapshots (EDM2 paper Sec. 3.2 and Appendix C.2; file names and
+formats in docs/compatibility.md §3 and §6).
 
 `reconstruct_phema` streams over the input snapshots once per batch of outputs, so memory holds one input network
 plus the batch of outputs. The coefficients come from training.phema.solve_posthoc_coefficients.
@@ -14,19 +15,20 @@ import numpy as np
 import torch
 
 import dnnlib
-from networks.loading import load_snapshot
+from networks.loading import count_non_finite, load_snapshot
+from torch_utils import misc
 from training.phema import solve_posthoc_coefficients
 
-MAX_STD = 0.289  # σ_rel limit of the tools (spec §1.4); 1/sqrt(12) ≈ 0.2887 corresponds to γ = 0.
+MAX_STD = 0.289  # σ_rel limit of the tools; 1/sqrt(12) ≈ 0.2887 corresponds to γ = 0.
 
 # ----------------------------------------------------------------------------------------------------------------
-# File naming (spec §3.6).
+# File naming (docs/compatibility.md §3).
 
 _PKL_NAME = re.compile(r'(.*)-(\d+)-(\d+\.\d+)\.pkl')
 
 
 def kimg_to_nimg(kimg):
-    """Image count of a snapshot named with `kimg` = nimg // 1000 (spec §3.6).
+    """Image count of a snapshot named with `kimg` = nimg // 1000.
 
     The name loses the last three digits; EDM2 recovers them by assuming nimg is a multiple of 1024, i.e. the
     largest multiple of 1024 that still floors to `kimg`. Raises ValueError when no such multiple exists.
@@ -39,7 +41,7 @@ def kimg_to_nimg(kimg):
 
 
 def output_path(out_dir, out_prefix, out_nimg, std):
-    """`<out_dir>/<out_prefix>-{nimg//1000:07d}-{std:.3f}.pkl` (spec §3.6)."""
+    """`<out_dir>/<out_prefix>-{nimg//1000:07d}-{std:.3f}.pkl`."""
     return os.path.join(out_dir, f'{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.pkl')
 
 
@@ -52,7 +54,7 @@ def parse_pickle_name(name):
 
 
 def list_input_pickles(in_dir, in_prefix=None, in_std=None):
-    """Snapshots in `in_dir` (not recursive) as EasyDict(path, nimg, std), sorted by (nimg, std) (spec §3.5, §3.6).
+    """Snapshots in `in_dir` (not recursive) as EasyDict(path, nimg, std), sorted by (nimg, std).
 
     `in_prefix` keeps only names with that prefix; `in_std` (list of floats) keeps only those stds, compared at the
     three decimals that the file names hold.
@@ -78,7 +80,7 @@ def list_input_pickles(in_dir, in_prefix=None, in_std=None):
     return sorted(pkls, key=lambda p: (p.nimg, p.std))
 
 # ----------------------------------------------------------------------------------------------------------------
-# Std lists such as '0.010,0.015,...,0.250' (spec §1.4).
+# Std lists such as '0.010,0.015,...,0.250'.
 
 def parse_std_list(text):
     """Sorted unique floats from a comma list; `a,b,...,c` continues the progression a, b in steps of b-a up to c.
@@ -124,20 +126,16 @@ def parse_std_list(text):
     return sorted(set(values))
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reconstruction (spec §3.5).
+# Reconstruction (EDM2 paper Appendix C.2).
 
-class _Steps:
-    """An iterator with a length, so callers can size a progress bar."""
-
-    def __init__(self, gen, num_steps):
-        self._gen = gen
-        self._num_steps = num_steps
-
-    def __len__(self):
-        return self._num_steps
-
-    def __iter__(self):
-        return self._gen
+def _check_finite_output(out):
+    """Never write a non-finite reconstruction: finite inputs (load_snapshot checks them) can still overflow
+    float16 when the solved coefficients are large."""
+    count, first = count_non_finite(out.net)
+    if count:
+        where = out.pkl_path if out.pkl_path is not None else f'the reconstruction with std {out.std:g}'
+        raise ValueError(f'{where}: not written: {count} weight value(s) are not finite in float16, first in '
+                         f'{first}; choose inputs and stds closer together')
 
 
 def _param_signature(net):
@@ -152,9 +150,9 @@ def reconstruct_phema(in_pkls, out_std, out_nimg=None, out_dir=None, out_prefix=
     input time and must equal some input's time. Returns an iterable (with len = batches × inputs) that does the
     work while it is consumed; each step yields EasyDict(step_idx, num_steps, out), where `out` lists
     EasyDict(net, nimg, std, pkl_data, pkl_path) after the last input of a batch and is empty otherwise.
-    With `out_dir` set, every output is written there (atomically) in the snapshot format of spec §2.10.
+    With `out_dir` set, every output is written there (atomically) in the snapshot format (docs/compatibility.md §3).
     """
-    # Inputs: snapshots at nimg 0 say nothing about the trajectory and are ignored (spec §3.5).
+    # Inputs: snapshots at nimg 0 say nothing about the trajectory and are ignored.
     in_pkls = [dnnlib.EasyDict(p) for p in in_pkls if p['nimg'] > 0]
     if out_nimg is None:
         if len(in_pkls) == 0:
@@ -186,7 +184,7 @@ def reconstruct_phema(in_pkls, out_std, out_nimg=None, out_dir=None, out_prefix=
                 print(f'    batch {i}: {path}')
 
     num_steps = len(batches) * len(in_pkls)
-    return _Steps(_reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps), num_steps)
+    return misc.SizedIterable(_reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps), num_steps)
 
 
 @torch.no_grad()
@@ -197,9 +195,9 @@ def _reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps):
         outs = []
         for i, in_pkl in enumerate(in_pkls):
             data = load_snapshot(in_pkl.path, verbose=False, native=False)  # Outputs keep the inputs' classes.
-            net = data.ema.to(torch.float32)  # Accumulate in float32; snapshots are float16 (spec §2.10).
+            net = data.ema.to(torch.float32)  # Accumulate in float32; snapshots are float16.
             if i == 0:
-                # Outputs inherit the first input's dict (encoder, dataset_kwargs, loss_fn) (spec §3.5).
+                # Outputs inherit the first input's dict (encoder, dataset_kwargs, loss_fn).
                 signature = _param_signature(net)
                 for std in batch:
                     pkl_data = copy.deepcopy(data)
@@ -220,7 +218,8 @@ def _reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps):
 
             if i == len(in_pkls) - 1:
                 for out in outs:
-                    out.net.to(torch.float16).eval().requires_grad_(False)  # Snapshot format (spec §2.10).
+                    out.net.to(torch.float16).eval().requires_grad_(False)  # Snapshot format.
+                    _check_finite_output(out)
                     if out.pkl_path is not None:
                         with dnnlib.util.atomic_write(out.pkl_path, 'wb') as f:
                             pickle.dump(out.pkl_data, f)
