@@ -23,9 +23,9 @@ from metrics import MetricsError
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, load_stats,
                            parse_metric_list)
 from networks.loading import NetworkFileError
-from reconstruct_phema import StdList
-from sampling.generate import parse_int_list
+from torch_utils import cli
 from torch_utils import distributed as dist
+from torch_utils.cli import parse_int_list
 from torch_utils import misc
 from training import posthoc
 from training.plots import sweep_plot
@@ -308,7 +308,7 @@ def record_point(run, std, net_path, values, runs, metrics, measure, outdir, kee
 @click.option('--outdir', help='Where results.jsonl, sweep.png and the reconstructions go', metavar='DIR',
               type=str, required=True)
 @click.option('--outstd', help='EMA lengths to measure, e.g. 0.010,0.015,...,0.250', metavar='LIST',
-              type=StdList(), required=True)
+              type=cli.Parsed(posthoc.parse_std_list), required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
 @click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
               show_default=True)
@@ -319,7 +319,7 @@ def record_point(run, std, net_path, values, runs, metrics, measure, outdir, kee
 # Reconstruction.
 @click.option('--inprefix', help='Use only inputs whose name prefix is this', metavar='STR', type=str,
               default='network-snapshot', show_default=True)
-@click.option('--instd', help='Use only inputs with these stds, e.g. 0.050,0.100', metavar='LIST', type=StdList(),
+@click.option('--instd', help='Use only inputs with these stds, e.g. 0.050,0.100', metavar='LIST', type=cli.Parsed(posthoc.parse_std_list),
               default=None)
 @click.option('--outkimg', help='Training time of the reconstructions  [default: latest input]', metavar='KIMG',
               type=click.IntRange(min=1), default=None)
@@ -333,11 +333,11 @@ def record_point(run, std, net_path, values, runs, metrics, measure, outdir, kee
 @click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
               default=0, show_default=True)
 @click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num)', metavar='LIST',
-              type=str, default=None)
+              type=cli.IntList(min_len=2), default=None)
 @click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
               type=str, default=None)
 @click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
-              type=click.FloatRange(min=0), default=1, show_default=True)
+              type=cli.FloatRange(min=0), default=1, show_default=True)
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum generation batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
@@ -367,38 +367,25 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, 
         raise click.BadParameter(str(e), param_hint='--metrics') from None
     if guidance != 1 and gnet is None:
         raise click.UsageError('--guidance other than 1 needs --gnet')
-    if seeds is not None:
-        try:
-            seeds = parse_int_list(seeds)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint='--seeds') from None
-    else:
+    if seeds is None:
         seeds = range(seed, seed + num_images)
     detector_kwargs = dict(fid=(dict(path=detector) if detector else {}),
                            fd_dinov2=(dict(path=dinov2) if dinov2 else {}))
+    cli.check_output_dir(outdir)
 
-    ok = False
-    try:
-        dist.init()
-        rank = dist.get_rank()
-        device = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-        best = sweep(list(indirs), outdir, outstd, ref_path, metrics=metrics, seeds=seeds, gnet=gnet, guidance=guidance,
-              max_batch_size=max_batch_size, in_prefix=inprefix, in_std=instd, out_kimg=outkimg,
-              out_prefix=outprefix, phema_batch=phema_batch, keep_networks=keep_networks, device=device,
-              detector_kwargs=detector_kwargs)
-        ok = True
-    except (SweepError, MetricsError, NetworkFileError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f'{e.filename or outdir}: {e.strerror or e}') from None
-    finally:
-        dist.shutdown(meet=ok)  # gloo aborts a process that exits with the group open
-    if rank == 0:
-        for metric, runs in best.items():
-            for label, (std, value) in runs.items():
-                print(f'{label}: best {metric} {value:.4g} at σ_rel {std:.3f}')
-        print(f'Results: {os.path.join(outdir, RESULTS_NAME)}; plot: {os.path.join(outdir, PLOT_NAME)}')
-
+    with dist.process_group() as device, cli.os_errors(outdir):
+        try:
+            best = sweep(list(indirs), outdir, outstd, ref_path, metrics=metrics, seeds=seeds, gnet=gnet,
+                         guidance=guidance, max_batch_size=max_batch_size, in_prefix=inprefix, in_std=instd,
+                         out_kimg=outkimg, out_prefix=outprefix, phema_batch=phema_batch,
+                         keep_networks=keep_networks, device=device, detector_kwargs=detector_kwargs)
+        except (SweepError, MetricsError, NetworkFileError, ValueError) as e:
+            raise cli.CliError(str(e)) from None
+        if dist.get_rank() == 0:
+            for metric, runs in best.items():
+                for label, (std, value) in runs.items():
+                    print(f'{label}: best {metric} {value:.4g} at σ_rel {std:.3f}')
+            print(f'Results: {os.path.join(outdir, RESULTS_NAME)}; plot: {os.path.join(outdir, PLOT_NAME)}')
 
 if __name__ == '__main__':
     misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)

@@ -110,6 +110,7 @@ TOOLS = {
     'flops':    ('count_flops', 'main', []),
     'dataset':  ('dataset_tool', 'cmdline', ['convert']),
     'export':   ('networks.export', 'main', []),
+    'sweep':    ('sweep_phema', 'main', []),
     'edm2':     ('train_edm2', 'cmdline', []),
     'toytrain': ('toy_example', 'cmdline', ['train']),
     'toyplot':  ('toy_example', 'cmdline', ['plot']),
@@ -259,6 +260,14 @@ CASES = [
     Case('dataset-resolution-text',  'dataset', CONVERT + ['--resolution=big'], 2, r"'--resolution'.*big"),
     Case('dataset-max-images-0',     'dataset', CONVERT + ['--max-images=0'], 2, r"'--max-images': 0 is not in the range x>=1"),
     Case('dataset-corrupt-image',    'dataset', ['--source={A}/corrupt', '--dest={T}/out.zip'], 1, r'b\.png: cannot read image'),
+
+    # sweep_phema.py
+    Case('sweep-outdir-is-file',     'sweep', ['--indir={A}/run', '--outdir={A}/afile', '--outstd=0.07', '--ref={A}/ref.pkl'], 1, r'afile: exists and is not a directory'),
+    Case('sweep-outdir-read-only',   'sweep', ['--indir={A}/run', '--outdir=/sys/edm2plus-sweep', '--outstd=0.07', '--ref={A}/ref.pkl'], 1, r'/sys/edm2plus-sweep: cannot write there'),
+    Case('sweep-seeds-one',          'sweep', ['--indir={A}/run', '--outdir={T}/s', '--outstd=0.07', '--ref={A}/ref.pkl', '--seeds=3'], 2, r"'--seeds'.*at least 2"),
+    Case('sweep-outstd-text',        'sweep', ['--indir={A}/run', '--outdir={T}/s', '--outstd=x', '--ref={A}/ref.pkl'], 2, r"'--outstd': 'x' is not a float"),
+    Case('sweep-guidance-nan',       'sweep', ['--indir={A}/run', '--outdir={T}/s', '--outstd=0.07', '--ref={A}/ref.pkl', '--guidance=nan'], 2, r"'--guidance': 'nan' is not a finite number"),
+    Case('sweep-ref-missing',        'sweep', ['--indir={A}/run', '--outdir={T}/s', '--outstd=0.07', '--ref={T}/none.pkl', '--metrics=fid'], 1, r'none\.pkl: no such statistics file'),
 
     # train_edm2.py (EDM2's options, run by train_edm2plus.py)
     Case('edm2-batch-0',             'edm2', TRAIN + ['--batch=0'], 2, r"'--batch': 0 is not in the range x>=1"),
