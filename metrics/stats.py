@@ -14,12 +14,14 @@ import torch
 import tqdm
 
 import dnnlib
-from metrics import MetricsError, one_line
-from metrics.detectors import default_device, get_detector, metric_specs
+from metrics import MetricsError
+from metrics.detectors import get_detector, metric_specs
 from metrics.frechet import frechet_distance
 from metrics.images import ImageBatches, ImageFiles
 from sampling.generate import generate_images
 from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils.cli import one_line
 
 DEFAULT_METRICS = ('fid', 'fd_dinov2')
 
@@ -98,61 +100,49 @@ def _images_of(item):
         images = images.expand(-1, 3, -1, -1)     # grey -> RGB (EDM2 would reject it)
     return images if images.shape[0] > 0 else None
 
-class _StatsIterable:
-    """What calculate_stats_for_iterable returns: iterate it to the end; the last item carries the statistics."""
+def _stats_batches(image_iter, detectors, verbose, dest_path, device, num_batches):
+    """The work behind calculate_stats_for_iterable, one item per batch; the statistics ride on the last item."""
+    moments = {metric: FeatureMoments(device) for metric in detectors}
+    if verbose:
+        print('Calculating feature statistics...')
+    end = object()
+    it = iter(image_iter)
+    item = next(it, end)
+    batch_idx = 0
+    num_images = 0
+    with tqdm.tqdm(total=num_batches, unit='batch', disable=not verbose) as progress:
+        while True:
+            images = None if item is end else _images_of(item)
+            if images is not None:
+                num_images += images.shape[0]
+                for metric, detector in detectors.items():
+                    features = detector(images)
+                    if not torch.isfinite(features).all():
+                        name = getattr(detector, 'name', type(detector).__name__)
+                        raise StatsError(f'{name} returned non-finite features for batch {batch_idx}')
+                    moments[metric].add(features)
+            # Look one item ahead: the statistics belong to the last item yielded.
+            item = end if item is end else next(it, end)
+            result = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
+                                     num_images=num_images)
+            progress.update(1)
+            if item is end:
+                result.stats = _finish_stats(moments, dest_path, verbose)
+            yield result
+            if item is end:
+                return
+            batch_idx += 1
 
-    def __init__(self, image_iter, detectors, verbose, dest_path, device):
-        self.image_iter = image_iter
-        self.detectors = detectors
-        self.verbose = verbose
-        self.dest_path = dest_path
-        self.device = device
-
-    def __len__(self):
-        return max(len(self.image_iter), 1)
-
-    def __iter__(self):
-        moments = {metric: FeatureMoments(self.device) for metric in self.detectors}
-        if self.verbose:
-            print('Calculating feature statistics...')
-        end = object()
-        it = iter(self.image_iter)
-        item = next(it, end)
-        batch_idx = 0
-        num_images = 0
-        with tqdm.tqdm(total=len(self), unit='batch', disable=not self.verbose) as progress:
-            while True:
-                images = None if item is end else _images_of(item)
-                if images is not None:
-                    num_images += images.shape[0]
-                    for metric, detector in self.detectors.items():
-                        features = detector(images)
-                        if not torch.isfinite(features).all():
-                            name = getattr(detector, 'name', type(detector).__name__)
-                            raise StatsError(f'{name} returned non-finite features for batch {batch_idx}')
-                        moments[metric].add(features)
-                # Look one item ahead: the statistics belong to the last item yielded.
-                item = end if item is end else next(it, end)
-                result = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=len(self),
-                                         num_images=num_images)
-                progress.update(1)
-                if item is end:
-                    result.stats = self._finish(moments)
-                yield result
-                if item is end:
-                    return
-                batch_idx += 1
-
-    def _finish(self, moments):
-        for m in moments.values():
-            m.all_reduce()      # every rank calls this the same number of times, in the same order
-        stats = dict(num_images=int(next(iter(moments.values())).count))
-        for metric, m in moments.items():
-            mu, sigma = m.mean_and_covariance()
-            stats[metric] = dict(mu=mu, sigma=sigma)
-        if self.dest_path is not None and dist.get_rank() == 0:
-            save_stats(stats, self.dest_path, verbose=self.verbose)
-        return stats
+def _finish_stats(moments, dest_path, verbose):
+    for m in moments.values():
+        m.all_reduce()      # every rank calls this the same number of times, in the same order
+    stats = dict(num_images=int(next(iter(moments.values())).count))
+    for metric, m in moments.items():
+        mu, sigma = m.mean_and_covariance()
+        stats[metric] = dict(mu=mu, sigma=sigma)
+    if dest_path is not None and dist.get_rank() == 0:
+        save_stats(stats, dest_path, verbose=verbose)
+    return stats
 
 def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=True, dest_path=None, device=None,
                                  detectors=None, detector_kwargs=None):
@@ -166,7 +156,7 @@ def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=Tr
     on the last item only, identical on every rank, and also saved to dest_path (by rank 0) when given.
     """
     metrics = parse_metric_list(metrics)
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else dist.device()
     verbose = verbose and dist.get_rank() == 0
     # Rank 0 builds the detectors first, so that a download happens once; the others then read the cache.
     if dist.get_rank() != 0:
@@ -180,7 +170,8 @@ def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=Tr
             ready[metric] = get_detector(metric, verbose=verbose, device=device, **kwargs)
     if dist.get_rank() == 0:
         dist.barrier()
-    return _StatsIterable(image_iter, ready, verbose, dest_path, device)
+    num_batches = max(len(image_iter), 1)
+    return misc.SizedIterable(_stats_batches(image_iter, ready, verbose, dest_path, device, num_batches), num_batches)
 
 def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_size=64, num_workers=2,
                               prefetch_factor=2, verbose=True, **stats_kwargs):
@@ -252,7 +243,7 @@ def load_stats(path, verbose=True):
             else:
                 stats = pickle.load(f)
     except Exception as e:
-        raise StatsError(f'{path}: cannot read statistics ({one_line(e)})') from None
+        raise StatsError(f'{path}: cannot read statistics ({one_line(e, with_type=True)})') from None
     _check_stats(stats, path)
     return stats
 

@@ -115,7 +115,8 @@ def _out_of_range(x, lo, hi, lo_open=False, hi_open=False):
 class FloatRange(click.FloatRange):
     """click.FloatRange that also refuses NaN (which passes every comparison) and, unless allow_inf, infinities."""
 
-    def __init__(self, min=None, max=None, min_open=False, max_open=False, allow_inf=False):  # pylint: disable=redefined-builtin
+    def __init__(self, min=None, max=None, min_open=False, max_open=False,  # pylint: disable=redefined-builtin
+                 allow_inf=False):
         super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
         self.allow_inf = allow_inf
 
@@ -170,7 +171,8 @@ class FloatList(click.ParamType):
     """A comma list of finite floats ('0.05,0.1'), each within the given bounds; at least min_len items."""
     name = 'list'
 
-    def __init__(self, min=None, max=None, min_open=False, max_open=False, min_len=0):  # pylint: disable=redefined-builtin
+    def __init__(self, min=None, max=None, min_open=False, max_open=False,  # pylint: disable=redefined-builtin
+                 min_len=0):
         self.bounds = (min, max, min_open, max_open)
         self.min_len = min_len
 
