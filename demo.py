@@ -49,8 +49,10 @@ import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 import dnnlib  # noqa: E402
-from reconstruct_phema import StdList  # noqa: E402
+from torch_utils import cli  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
 from torch_utils import misc  # noqa: E402
+from training.posthoc import parse_std_list  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Fixed facts of the demo.
@@ -67,9 +69,6 @@ MIN_TRAIN_SECONDS = 60                                      # a leftover budget 
 
 class DemoError(Exception):
     """A one-line error naming the file or option at fault (the CLI shows it as `Error: ...`)."""
-
-def _device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def _tag(label):
     return label.replace('*', 'star')   # 'G*' -> 'Gstar' in file names
@@ -88,7 +87,7 @@ def load_net(net):
     float16 weights, which a CPU would otherwise convert at each of the 63 evaluations per image."""
     from networks.loading import load_network  # pylint: disable=import-outside-toplevel
     try:
-        return load_network(net, _device(), verbose=False).to(torch.float32)
+        return load_network(net, dist.device(), verbose=False).to(torch.float32)
     except (OSError, ValueError) as e:
         raise DemoError(str(e)) from None
 
@@ -161,7 +160,7 @@ def reference_stats(dataset, dest, batch=64, detector=None):
         if os.path.isfile(dest):
             return mstats.load_stats(dest, verbose=False)
         it = mstats.calculate_stats_for_files(dataset, max_batch_size=batch, num_workers=0, metrics=['fid'],
-                                              device=_device(), dest_path=dest, detectors=_detectors(detector))
+                                              device=dist.device(), dest_path=dest, detectors=_detectors(detector))
         return mstats.final_stats(it)
     except MetricsError as e:
         raise DemoError(str(e)) from None
@@ -274,7 +273,7 @@ def write_grid(net, path, labelled_path=None, class_names=FASHION_MNIST_CLASSES,
     from sampling.generate import generate_images  # pylint: disable=import-outside-toplevel
     num_classes = len(class_names)
     images = generate_images(load_net(net), seeds=seeds, class_idx=list(range(num_classes)), grid=path,
-                             max_batch_size=batch, device=_device(), verbose=False)
+                             max_batch_size=batch, device=dist.device(), verbose=False)
     for _ in tqdm.tqdm(images, desc='Grid', unit='batch', dynamic_ncols=True):
         pass
     if labelled_path is not None:
@@ -309,9 +308,9 @@ def compute_fid(net, ref, num_images, seed=FID_SEED, batch=64, detector=None):
     from metrics import stats as mstats  # pylint: disable=import-outside-toplevel
     from sampling.generate import generate_images  # pylint: disable=import-outside-toplevel
     images = generate_images(load_net(net), seeds=range(seed, seed + num_images), max_batch_size=batch,
-                             device=_device(), verbose=False)
+                             device=dist.device(), verbose=False)
     try:
-        stats = mstats.final_stats(mstats.calculate_stats_for_iterable(images, metrics=['fid'], device=_device(),
+        stats = mstats.final_stats(mstats.calculate_stats_for_iterable(images, metrics=['fid'], device=dist.device(),
                                                                        detectors=_detectors(detector)))
         with warnings.catch_warnings():
             # Fewer images than Inception's 2048 features make both covariances singular; the square root of their
@@ -360,7 +359,7 @@ def run_sweep(outdir, labels, ref_path, stds=SWEEP_STDS, num_images=500, batch=6
     try:
         best = sweep_phema.sweep(runs, sweep_dir, stds, ref_path, metrics=['fid'],
                                  seeds=range(FID_SEED, FID_SEED + num_images), max_batch_size=batch,
-                                 device=_device(), detectors=_detectors(detector))
+                                 device=dist.device(), detectors=_detectors(detector))
     except (sweep_phema.SweepError, MetricsError, ValueError, OSError) as e:
         raise DemoError(f'sweep: {e}') from None
     return dnnlib.EasyDict(plot=os.path.join(sweep_dir, sweep_phema.PLOT_NAME),
@@ -382,7 +381,6 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
     for split in ['train', 't10k']:
         check_source(source_dir, split)  # before anything is written
     if sweep:
-        from training.posthoc import parse_std_list  # pylint: disable=import-outside-toplevel
         try:
             sweep_stds = ','.join(f'{s:.3f}' for s in parse_std_list(sweep_stds))
         except ValueError as e:
@@ -532,7 +530,7 @@ def format_summary(summary):
 
 # Main options.
 @click.option('--outdir',      help='Folder for every output (rerun to reuse/resume)', metavar='DIR', type=str, default='demo-out', show_default=True)
-@click.option('--minutes',     help='Training time of each configuration (in total over reruns)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=15, show_default=True)
+@click.option('--minutes',     help='Training time of each configuration (in total over reruns)', metavar='FLOAT', type=cli.FloatRange(min=0, min_open=True), default=15, show_default=True)
 @click.option('--compare',     help='Also train CONFIG A (EDM2\'s block, same width and time) and compare', is_flag=True)
 
 # Data and evaluation.
@@ -541,7 +539,7 @@ def format_summary(summary):
 @click.option('--fid-images',  help='Generated images for FID', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--ema-std',     help='Post-hoc EMA length sigma_rel', metavar='FLOAT', type=click.FloatRange(min=0.01, max=0.25), default=0.10, show_default=True)
 @click.option('--sweep',       help='Also measure FID against the post-hoc EMA length (sweep/sweep.png)', is_flag=True)
-@click.option('--sweep-stds',  help='EMA lengths of --sweep', metavar='LIST', type=StdList(), default=SWEEP_STDS, show_default=True)
+@click.option('--sweep-stds',  help='EMA lengths of --sweep', metavar='LIST', type=cli.Parsed(parse_std_list), default=SWEEP_STDS, show_default=True)
 @click.option('--sweep-images', help='Generated images per EMA length of --sweep', metavar='INT', type=click.IntRange(min=2), default=500, show_default=True)
 
 # I/O and performance.
@@ -559,12 +557,14 @@ def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, 
     python demo.py --minutes=30     # rerun: trains the same run on to 30 minutes
     python demo.py --sweep          # rerun with a sweep: FID at 5 EMA lengths (~10 min per run on 2 cores)
     """
-    try:
-        summary = run_demo(outdir=outdir, minutes=minutes, resolution=int(resolution), ref_images=ref_images,
-                           fid_images=fid_images, ema_std=ema_std, compare=compare, source_dir=source, batch=batch,
-                           sweep=sweep, sweep_stds=sweep_stds, sweep_images=sweep_images)
-    except DemoError as e:
-        raise click.ClickException(str(e))
+    cli.check_output_dir(outdir)
+    with cli.os_errors(outdir):
+        try:
+            summary = run_demo(outdir=outdir, minutes=minutes, resolution=int(resolution), ref_images=ref_images,
+                               fid_images=fid_images, ema_std=ema_std, compare=compare, source_dir=source,
+                               batch=batch, sweep=sweep, sweep_stds=sweep_stds, sweep_images=sweep_images)
+        except DemoError as e:
+            raise cli.CliError(str(e)) from None
     print(format_summary(summary))
 
 if __name__ == '__main__':

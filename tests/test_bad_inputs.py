@@ -112,6 +112,7 @@ TOOLS = {
     'export':   ('networks.export', 'main', []),
     'sweep':    ('sweep_phema', 'main', []),
     'edm2':     ('train_edm2', 'cmdline', []),
+    'demo':     ('demo', 'main', []),
     'toytrain': ('toy_example', 'cmdline', ['train']),
     'toyplot':  ('toy_example', 'cmdline', ['plot']),
 }
@@ -274,6 +275,14 @@ CASES = [
     Case('edm2-lr-inf',              'edm2', TRAIN + ['--lr=inf'], 2, r"'--lr': 'inf' is not a finite number"),
     Case('edm2-outdir-is-file',      'edm2', ['--data={A}/data.zip', '--outdir={A}/afile', '--preset=demo'], 1, r'afile: exists and is not a directory'),
     Case('edm2-data-missing',        'edm2', ['--data={T}/none.zip', '--outdir={T}/run', '--preset=demo'], 1, r'--data: .*none\.zip'),
+
+    # demo.py
+    Case('demo-outdir-is-file',      'demo', ['--outdir={A}/afile'], 1, r'afile: exists and is not a directory'),
+    Case('demo-outdir-read-only',    'demo', ['--outdir=/sys/edm2plus-demo'], 1, r'/sys/edm2plus-demo: cannot write there'),
+    Case('demo-minutes-nan',         'demo', ['--outdir={T}/d', '--minutes=nan'], 2, r"'--minutes': 'nan' is not a finite number"),
+    Case('demo-sweep-stds-text',     'demo', ['--outdir={T}/d', '--sweep-stds=x'], 2, r"'--sweep-stds': 'x' is not a float"),
+    Case('demo-ref-images-1',        'demo', ['--outdir={T}/d', '--ref-images=1'], 2, r"'--ref-images': 1 is not in the range 2<=x<=10000"),
+    Case('demo-source-missing',      'demo', ['--outdir={T}/d', '--source={T}/none'], 1, r'none'),
 
     # toy_example.py train / plot
     Case('toy-train-outdir-is-file', 'toytrain', ['--outdir={A}/afile'], 1, r'afile: exists and is not a directory'),
