@@ -404,7 +404,8 @@ class Precond(torch.nn.Module):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         dtype = self.activation_dtype(x.device, force_fp32)
-        D_x = c_skip * x + c_out * self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs).to(torch.float32)
+        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
         return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
@@ -469,7 +470,7 @@ def _conv2d(x, w, groups=1):
 #     and dropout's 1/(1-p) into the next layer, the MP-sum weight t/sqrt((1-t)^2+t^2) into the layer that ends a
 #     branch or the attention; the weight's normalisation and gain become one per-row factor (_MPWeight).
 #   * MP-sum is one add with a scalar factor (its branch share is in the branch's last weight); the pixel norm has a
-#     hand-written backward (two passes instead of about eight); mp_cat writes both scaled halves straight into
+#     hand-written backward (four passes over the activations instead of about a dozen); mp_cat writes both scaled halves straight into
 #     the output; clipping is skipped, forward and backward, when no value reaches the limit (checked on a CPU).
 #   * Dropout multiplies by a 1-byte mask. bernoulli_ fills a tensor in storage order, so the mask is drawn in NCHW
 #     order and then laid out channels-last: the same elements drop as in the reference layout at the same seed (on
@@ -485,7 +486,7 @@ class _MPWeight(torch.autograd.Function):
     """w * gain * scale / (sqrt(fan_in) * (eps + |w| / sqrt(fan_in))) per output channel (row) of w, i.e.
     normalize(w) * gain * scale / sqrt(fan_in), as one per-row factor, with the backward written out: for
     y = w * f, f = c / d, d = eps + |w| / sqrt(n), dL/dw = f * (g - w * <g, w> / (d * sqrt(n) * |w|)) and
-    dL/dgain = sum over rows of <g, w> * f / gain. `gain` is a tensor (a learned gain) or None."""
+    dL/dgain = sum over rows of <g, w> / (sqrt(n) * d) * scale. `gain` is a tensor (a learned gain) or None."""
 
     @staticmethod
     def forward(ctx, w, gain, scale):
