@@ -515,7 +515,11 @@ def _train_weight(conv, dtype, gain=1, scale=1):
     w32 = conv.weight.to(torch.float32)
     if conv.training:
         with torch.no_grad():
-            conv.weight.copy_(normalize(w32))
+            if w32 is conv.weight:  # normalize() in place: the same division, without a copy
+                norm = torch.linalg.vector_norm(w32, dim=list(range(1, w32.ndim)), keepdim=True)
+                w32.div_(torch.add(1e-4, norm, alpha=np.sqrt(1 / w32[0].numel())))
+            else:
+                conv.weight.copy_(normalize(w32))
     if isinstance(gain, torch.Tensor):
         w = _MPWeight.apply(w32, gain.to(torch.float32), scale)
     else:
