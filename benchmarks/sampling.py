@@ -91,23 +91,29 @@ def main(preset, num_images, batch, steps, reps, impls, compile_, device, thread
         inductor_config.freezing = True  # weights become constants: normalisation is folded, weights prepacked
         runs.update({('compiled', cfg): torch.compile(net) for cfg, net in nets.items()})
     times = {key: [] for key in runs}
+    peak = {}  # CUDA: peak memory allocated during a timed run, MB
     with tqdm.tqdm(total=len(runs) * (reps + 1), desc='sampling', unit='run', leave=False) as bar:
         for key, net in runs.items():  # Warm-up (compilation, caches): one image, full batch shape.
             sample_all(net, min(batch, num_images), batch, 2, device)
             bar.update(1)
         for _ in range(reps):
             for key, net in runs.items():
+                if device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(device)
                 times[key].append(sample_all(net, num_images, batch, steps, device))
+                if device.type == 'cuda':
+                    peak[key] = max(peak.get(key, 0), torch.cuda.max_memory_allocated(device) / 2**20)
                 bar.update(1)
     rate = {key: num_images / float(np.median(v)) for key, v in times.items()}
 
     print()
-    print(f'{"implementation":<15s}{"config":<7s}{"images/s":>10s}{"s/image":>10s}')
+    print(f'{"implementation":<15s}{"config":<7s}{"images/s":>10s}{"s/image":>10s}' + (f'{"peak MB":>10s}' if peak else ''))
     for (impl, cfg), r in rate.items():
-        print(f'{impl:<15s}{cfg:<7s}{r:>10.2f}{1 / r:>10.3f}')
+        print(f'{impl:<15s}{cfg:<7s}{r:>10.2f}{1 / r:>10.3f}' + (f'{peak[(impl, cfg)]:>10.0f}' if peak else ''))
     print()
     for impl in dict.fromkeys(impl for impl, _ in rate):
-        print(f'{impl:<10s} images/s G*/A: {rate[(impl, "G*")] / rate[(impl, "A")]:.3f}')
+        print(f'{impl:<10s} images/s G*/A: {rate[(impl, "G*")] / rate[(impl, "A")]:.3f}' +
+              (f', peak memory G*/A: {peak[(impl, "G*")] / peak[(impl, "A")]:.3f}' if peak else ''))
     for impl in dict.fromkeys(impl for impl, _ in rate if impl != 'reference'):
         if ('reference', 'A') in rate:
             print(f'{impl:<10s} vs reference: A {rate[(impl, "A")] / rate[("reference", "A")]:.2f}x, '

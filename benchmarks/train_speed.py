@@ -1,8 +1,10 @@
 """Training speed of the block variants at the same base width, measured side by side.
 
-One optimizer step (EDM2 loss, forward + backward + Adam) per variant in turn, repeated; the median step time of
-each variant gives its images per second, and the ratio to the first variant is printed. Interleaving the variants
-means a busy machine slows them all alike, so the ratio stays meaningful even when the absolute numbers do not.
+One optimizer step (EDM2 loss, forward + backward + Adam) per variant and path in turn, repeated; the median step
+time gives images per second. Printed: each variant's ratio to the first variant on the same path, each variant's
+speed-up of the default (training) path over its own reference path (EDM2's op sequence, reference_mode()), and
+the ratio of the last two variants on the default path. Interleaving means a busy machine slows them all alike, so
+the ratios stay meaningful even when the absolute numbers do not.
 
   python benchmarks/train_speed.py                                   # CONFIG A vs G*, 32x32, base 32, CPU
   python benchmarks/train_speed.py --resolution=64 --channels=192 --channel-mult=1,2,3,4 --num-blocks=3 \\
@@ -19,15 +21,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from networks import flops                    # noqa: E402
+from networks import edm2plus, flops          # noqa: E402
 from networks.edm2plus import Precond          # noqa: E402
 from torch_utils import misc                   # noqa: E402
 from training.loss import EDM2Loss             # noqa: E402
 
 #----------------------------------------------------------------------------
 
-def make_trainer(block, resolution, label_dim, batch, device, fp16, **net_kwargs):
-    """Return (step function, parameter count, GFLOPs per evaluation) for one variant."""
+def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=False, **net_kwargs):
+    """Return (step function, parameter count, GFLOPs per evaluation) for one variant on one path."""
     net = Precond(resolution, 3, label_dim, block=block, use_fp16=fp16, **net_kwargs).train().to(device)
     counted = flops.count(flops.build_meta(img_resolution=resolution, img_channels=3, label_dim=label_dim, block=block, **net_kwargs))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
@@ -37,7 +39,8 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, **net_kwargs
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(net, images, labels).sum().mul(1 / batch).backward()
+        with edm2plus.reference_mode(reference):
+            loss_fn(net, images, labels).sum().mul(1 / batch).backward()
         for p in net.parameters():
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
@@ -64,41 +67,51 @@ def parse_list(text, cast):
 @click.option('--warmup',       help='Untimed steps per variant first', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--fp16',         help='FP16 activations (CUDA only)', metavar='BOOL',  type=bool, default=True, show_default=True)
 @click.option('--device',       help='cuda or cpu [default: cuda if available]', metavar='STR', type=str, default=None)
-def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device):
+@click.option('--impls',        help='Paths: reference and/or default', metavar='LIST', type=str, default='reference,default', show_default=True)
+def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls):
     """Training images per second of block variants at the same width, run side by side."""
     device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     net_kwargs = dict(model_channels=channels, channel_mult=parse_list(channel_mult, int), num_blocks=num_blocks,
                       attn_resolutions=parse_list(attn, int))
     names = parse_list(blocks, str)
+    paths = parse_list(impls, str)
+    for path in paths:
+        if path not in ('reference', 'default'):
+            raise click.ClickException(f'--impls: unknown path "{path}" (choose from reference, default)')
     print(f'Device {device} ({torch.get_num_threads()} threads), {resolution}x{resolution}, base {channels}, '
           f'mult {net_kwargs["channel_mult"]}, {num_blocks} blocks, batch {batch}')
     trainers = {}
     for name in names:
-        try:
-            torch.manual_seed(0)
-            trainers[name] = make_trainer(name, resolution, label_dim, batch, device, fp16, **net_kwargs)
-        except ValueError as e:
-            raise click.ClickException(str(e))
+        for path in paths:
+            try:
+                torch.manual_seed(0)
+                trainers[name, path] = make_trainer(name, resolution, label_dim, batch, device, fp16,
+                                                    reference=(path == 'reference'), **net_kwargs)
+            except ValueError as e:
+                raise click.ClickException(str(e))
 
-    # Interleave the variants, step by step.
-    times = {name: [] for name in names}
+    # Interleave the variants and paths, step by step.
+    times = {key: [] for key in trainers}
     for round_idx in range(warmup + steps):
-        for name in names:
+        for key, (step, _params, _gflops) in trainers.items():
             t0 = time.perf_counter()
-            trainers[name][0]()
+            step()
             if round_idx >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[key].append(time.perf_counter() - t0)
+    speed = {key: batch / float(np.median(t)) for key, t in times.items()}
 
-    reference = None
-    print(f'{"variant":<8s} {"Mparams":>8s} {"GFLOPs":>7s} {"img/s":>8s} {"ratio":>6s}')
-    for name in names:
-        img_per_sec = batch / float(np.median(times[name]))
-        reference = reference or img_per_sec
-        _, params, gflops = trainers[name]
-        print(f'{name:<8s} {params / 1e6:8.3f} {gflops:7.3f} {img_per_sec:8.2f} {img_per_sec / reference:6.2f}')
+    print(f'{"variant":<8s} {"path":<9s} {"Mparams":>8s} {"GFLOPs":>7s} {"img/s":>8s} {"ratio":>6s} {"vs ref":>6s}')
+    for path in paths:
+        for name in names:
+            _, params, gflops = trainers[name, path]
+            vs_ref = f'{speed[name, path] / speed[name, "reference"]:6.2f}' if 'reference' in paths else f'{"":6s}'
+            print(f'{name:<8s} {path:<9s} {params / 1e6:8.3f} {gflops:7.3f} {speed[name, path]:8.2f} '
+                  f'{speed[name, path] / speed[names[0], path]:6.2f} {vs_ref}')
+    for name in names if len(paths) == 2 else ():
+        print(f'{name} default path: {speed[name, "default"] / speed[name, "reference"]:.2f}x its reference path')
     if len(names) == 2:
         a, b = names
-        ratio = np.median(times[a]) / np.median(times[b])
+        ratio = speed[b, paths[-1]] / speed[a, paths[-1]]
         print(f'{b} trains {ratio:.2f}x as many images per second as {a}')
 
 #----------------------------------------------------------------------------

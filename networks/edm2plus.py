@@ -109,12 +109,10 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x, gain=1):
         path = _path(self, x)
-        if path == 'infer':
-            return _infer_mpconv(self, x, gain)
+        if path != 'reference':
+            return (_infer_mpconv if path == 'infer' else _train_mpconv)(self, x, gain)
         w = self.unit_weight()
         scaled = (w * (gain / np.sqrt(w[0].numel()))).to(x.dtype)  # magnitude-preserving 1/sqrt(fan_in)
-        if path == 'train':
-            return _train_apply(x, scaled, getattr(self, 'groups', 1))
         if scaled.ndim == 2:
             return x @ scaled.t()
         return torch.nn.functional.conv2d(x, scaled, padding=(scaled.shape[-1] // 2,), groups=getattr(self, 'groups', 1))
@@ -227,8 +225,9 @@ class Block(torch.nn.Module):
             (MPConv(out_channels, out_channels * 3, kernel=[1, 1]), MPConv(out_channels, out_channels, kernel=[1, 1]))
 
     def forward(self, x, emb):
-        if _path(self, x) == 'infer':
-            return _infer_block(self, x, emb)
+        path = _path(self, x)
+        if path != 'reference':
+            return (_infer_block if path == 'infer' else _train_block)(self, x, emb)
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == 'enc':
             if self.conv_skip is not None:
@@ -251,7 +250,7 @@ class Block(torch.nn.Module):
                 x = mp_silu(x)
             elif op == 'drop':
                 if self.training and self.dropout != 0:
-                    x = _dropout(x, self.dropout)  # torch's dropout, masks drawn in NCHW order in any layout
+                    x = torch.nn.functional.dropout(x, p=self.dropout)
             elif op == 'mod':
                 x = x * (self.emb_linear(emb, gain=self.emb_gain) + 1).unsqueeze(2).unsqueeze(3).to(x.dtype)
             else:
@@ -405,7 +404,8 @@ class Precond(torch.nn.Module):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         dtype = self.activation_dtype(x.device, force_fp32)
-        D_x = c_skip * x + c_out * self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs).to(torch.float32)
+        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
         return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
@@ -462,26 +462,179 @@ def _conv2d(x, w, groups=1):
         return torch.mkldnn_convolution(x, w, None, [pad, pad], [1, 1], [1, 1], groups)
     return torch.nn.functional.conv2d(x, w, padding=(pad,), groups=groups)
 
-def _dropout(x, p):
-    """Dropout whose mask is drawn in NCHW element order whatever x's memory layout. bernoulli_ fills a tensor in
-    storage order, so a channels-last mask would hold the same random numbers at other positions than the
-    reference layout's: drawing it contiguous makes both layouts drop the same elements at the same seed."""
-    if x.is_contiguous():
-        return torch.nn.functional.dropout(x, p=p)
-    return x * torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
-
 #----------------------------------------------------------------------------
-# Training path.
+# Training path. The reference path makes a pass over memory (forward, and again in backward) for every constant
+# factor of the magnitude-preserving formulas; on a memory-bound device those passes, not the convolutions, set the
+# time (benchmarks/traffic.py counts them). This path computes the same function with fewer passes:
+#   * Constant factors are folded into the weights, which are normalised on every call anyway: MP-SiLU's 1/0.596
+#     and dropout's 1/(1-p) into the next layer, the MP-sum weight t/sqrt((1-t)^2+t^2) into the layer that ends a
+#     branch or the attention; the weight's normalisation and gain become one per-row factor (_MPWeight).
+#   * MP-sum is one add with a scalar factor (its branch share is in the branch's last weight); the pixel norm has a
+#     hand-written backward (four passes over the activations instead of about a dozen); mp_cat writes both scaled halves straight into
+#     the output; clipping is skipped, forward and backward, when no value reaches the limit (checked on a CPU).
+#   * Dropout multiplies by a 1-byte mask. bernoulli_ fills a tensor in storage order, so the mask is drawn in NCHW
+#     order and then laid out channels-last: the same elements drop as in the reference layout at the same seed (on
+#     a CPU; CUDA's reference dropout is a fused kernel with its own use of the generator).
+#   * Activations are channels-last; attention uses scaled_dot_product_attention on q, k, v normalised in place
+#     of the einsum/softmax sequence (the same softmax(q.k / sqrt(C_h)) v).
 
-def _train_apply(x, w, groups):
-    return _matmul_rows(x, w) if w.ndim == 2 else _conv2d(x, w, groups)
+def _blend(t):
+    """(branch weight, shortcut weight) of mp_sum(shortcut, branch, t)."""
+    return t / np.sqrt((1 - t) ** 2 + t ** 2), (1 - t) / np.sqrt((1 - t) ** 2 + t ** 2)
+
+class _MPWeight(torch.autograd.Function):
+    """w * gain * scale / (sqrt(fan_in) * (eps + |w| / sqrt(fan_in))) per output channel (row) of w, i.e.
+    normalize(w) * gain * scale / sqrt(fan_in), as one per-row factor, with the backward written out: for
+    y = w * f, f = c / d, d = eps + |w| / sqrt(n), dL/dw = f * (g - w * <g, w> / (d * sqrt(n) * |w|)) and
+    dL/dgain = sum over rows of <g, w> / (sqrt(n) * d) * scale. `gain` is a tensor (a learned gain) or None."""
+
+    @staticmethod
+    def forward(ctx, w, gain, scale):
+        fan_in = w[0].numel()
+        norm = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
+        d = torch.add(1e-4, norm, alpha=np.sqrt(1 / fan_in))  # as normalize()
+        f0 = (scale / np.sqrt(fan_in)) / d
+        f = f0 if gain is None else f0 * gain
+        ctx.save_for_backward(w, norm, d, f0, f)
+        ctx.has_gain = gain is not None
+        return w * f
+
+    @staticmethod
+    def backward(ctx, g):
+        w, norm, d, f0, f = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g.flatten(1), w.flatten(1)).reshape(d.shape)  # <g, w> per row
+        coef = dot / (d * np.sqrt(w[0].numel()) * norm.clamp(min=1e-30))
+        grad_w = torch.addcmul(g, w, coef, value=-1).mul_(f)
+        grad_gain = (dot * f0).sum() if ctx.has_gain and ctx.needs_input_grad[1] else None
+        return grad_w, grad_gain, None
+
+def _train_weight(conv, dtype, gain=1, scale=1):
+    """normalize(weight) * gain * scale / sqrt(fan_in), with forced weight normalisation in training mode, as
+    MPConv.forward computes it (there the stored weight is normalised and then normalised again, which the
+    gradient goes through)."""
+    w32 = conv.weight.to(torch.float32)
+    if conv.training:
+        with torch.no_grad():
+            if w32 is conv.weight:  # normalize() in place: the same division, without a copy
+                norm = torch.linalg.vector_norm(w32, dim=list(range(1, w32.ndim)), keepdim=True)
+                w32.div_(torch.add(1e-4, norm, alpha=np.sqrt(1 / w32[0].numel())))
+            else:
+                conv.weight.copy_(normalize(w32))
+    if isinstance(gain, torch.Tensor):
+        w = _MPWeight.apply(w32, gain.to(torch.float32), scale)
+    else:
+        w = _MPWeight.apply(w32, None, scale * gain)
+    w = w.to(dtype)
+    return w.contiguous(memory_format=torch.channels_last) if w.ndim == 4 else w
+
+def _train_mpconv(conv, x, gain):
+    w = _train_weight(conv, x.dtype, gain)
+    return _matmul_rows(x, w) if w.ndim == 2 else _conv2d(x, w, getattr(conv, 'groups', 1))
+
+class _RMSNorm(torch.autograd.Function):
+    """normalize(x, dim) for one dim, with the backward written out: for y = x / d, d = eps + |x| / sqrt(C),
+    dL/dx = (g - x * <g, x> / (C * |x|/sqrt(C) * d)) / d."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+        d = torch.add(1e-4, norm, alpha=np.sqrt(1 / x.shape[dim])).to(x.dtype)  # as normalize()
+        ctx.save_for_backward(x, norm, d)
+        ctx.dim = dim
+        return x / d
+
+    @staticmethod
+    def backward(ctx, g):
+        x, norm, d = ctx.saved_tensors
+        if g.dtype == torch.float32:
+            dot = torch.linalg.vecdot(g, x, dim=ctx.dim).unsqueeze(ctx.dim)
+        else:  # float16/bfloat16: accumulate the dot products in float32
+            dot = (g * x).sum(dim=ctx.dim, keepdim=True, dtype=torch.float32)
+        coef = dot / (np.sqrt(x.shape[ctx.dim]) * norm.clamp(min=1e-30) * d)  # C * |x|/sqrt(C) = sqrt(C) * |x|
+        return torch.addcmul(g, x, coef.to(g.dtype), value=-1).div_(d), None
+
+class _MPCat(torch.autograd.Function):
+    """mp_cat along channels, written straight into one channels-last buffer."""
+
+    @staticmethod
+    def forward(ctx, a, b, t):
+        na, nb = a.shape[1], b.shape[1]
+        scale = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+        ctx.factors = (scale / np.sqrt(na) * (1 - t), scale / np.sqrt(nb) * t)
+        ctx.na = na
+        return _mp_cat_fast(a, b, t)
+
+    @staticmethod
+    def backward(ctx, g):
+        fa, fb = ctx.factors
+        return g[:, :ctx.na] * fa, g[:, ctx.na:] * fb, None
+
+def _train_cat(a, b, t=0.5):
+    return _MPCat.apply(a, b, t)
+
+def _clip(x, limit):
+    """x.clip(-limit, limit); on a CPU the clamp (and its backward) is skipped when nothing reaches the limit."""
+    if x.device.type == 'cpu':
+        lo, hi = torch.aminmax(x)
+        if lo >= -limit and hi <= limit:
+            return x
+    return x.clamp(-limit, limit)
+
+def _train_branch(block, x, emb, out_scale):
+    """The residual branch times out_scale. `k` is a scalar factor y still owes (true value = k * y), folded into
+    the next weight or modulation instead of costing a pass over the activations."""
+    y, k = x, 1.0
+    for i, (op, name, _args) in enumerate(block.steps):
+        if op == 'silu':
+            y = torch.nn.functional.silu(y if k == 1 else y * k)
+            k = 1 / 0.596
+        elif op == 'drop':
+            if block.training and block.dropout != 0:
+                mask = torch.empty(y.shape, dtype=torch.bool, device=y.device).bernoulli_(1 - block.dropout)
+                y, k = y * mask.contiguous(memory_format=torch.channels_last), k / (1 - block.dropout)
+        elif op == 'mod':
+            c = (block.emb_linear(emb, gain=block.emb_gain) + 1) * k
+            y, k = y * c.to(y.dtype).unsqueeze(2).unsqueeze(3), 1.0
+        else:
+            conv = getattr(block, name)
+            last = all(s[0] == 'drop' for s in block.steps[i + 1:])
+            y = _conv2d(y, _train_weight(conv, y.dtype, scale=k * (out_scale if last else 1)), conv.groups)
+            k = 1.0
+            if last:
+                return y
+    return y * (k * out_scale)
+
+def _train_attention(block, x, out_scale):
+    """Block.attention times out_scale. The qkv weight's rows are reordered as in _infer_attention."""
+    n, c, h, w = x.shape
+    wq = _train_weight(block.attn_qkv, x.dtype)
+    wq = wq.reshape(c, 3, c, 1, 1).transpose(0, 1).reshape(wq.shape).contiguous(memory_format=torch.channels_last)
+    y = _conv2d(x, wq).permute(0, 2, 3, 1).reshape(n, h * w, 3, block.num_heads, -1)
+    q, k, v = _RMSNorm.apply(y, 4).permute(2, 0, 3, 1, 4)  # each [N, heads, H*W, C_h]
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(q.k / sqrt(C_h)) v
+    y = y.permute(0, 2, 1, 3).reshape(n, h, w, c).permute(0, 3, 1, 2)  # channel = head * C_h + c
+    return _conv2d(y, _train_weight(block.attn_proj, y.dtype, scale=out_scale))
+
+def _train_block(block, x, emb):
+    """Block.forward on the training path."""
+    x = _resample_fast(x, block.resample_filter, block.resample_mode)
+    if block.flavor == 'enc':
+        if block.conv_skip is not None:
+            x = block.conv_skip(x)
+        x = _RMSNorm.apply(x, 1)
+    b, a = _blend(block.res_balance)
+    y = _train_branch(block, x, emb, out_scale=b)
+    if block.flavor == 'dec' and block.conv_skip is not None:
+        x = block.conv_skip(x)
+    x = torch.add(y, x, alpha=a)
+    if block.num_heads != 0:
+        b, a = _blend(block.attn_balance)
+        x = torch.add(_train_attention(block, x, out_scale=b), x, alpha=a)
+    return x if block.clip_act is None else _clip(x, block.clip_act)
 
 def _train_unet(unet, x, emb):
-    if x.device.type != 'cpu':
-        return unet.trunk(x, emb)
-    # On a CPU, channels-last activations let oneDNN run 1x1 and depthwise convolutions and their gradients without
-    # reordering every tensor; callers get the usual layout back.
-    return unet.trunk(x.contiguous(memory_format=torch.channels_last), emb).contiguous()
+    """UNet.trunk on the training path, in channels-last memory; callers get the usual layout back."""
+    return unet.trunk(x.contiguous(memory_format=torch.channels_last), emb, cat=_train_cat).contiguous()
 
 #----------------------------------------------------------------------------
 # Inference path. What it changes, and why each change keeps the function the same:
@@ -643,19 +796,18 @@ def _infer_attention(block, x):
 
 def _infer_block(block, x, emb):
     """Block.forward on the inference path; each MP-sum's branch weight is folded into the branch's last layer."""
-    blend = lambda t: (t / np.sqrt((1 - t) ** 2 + t ** 2), (1 - t) / np.sqrt((1 - t) ** 2 + t ** 2))
     x = _resample_fast(x, block.resample_filter, block.resample_mode)
     if block.flavor == 'enc':
         if block.conv_skip is not None:
             x = block.conv_skip(x)
         x = normalize(x, dim=1)
-    b, a = blend(block.res_balance)
+    b, a = _blend(block.res_balance)
     y = _infer_branch(block, x, emb, out_scale=b)
     if block.flavor == 'dec' and block.conv_skip is not None:
         x = block.conv_skip(x)
     x = y.add_(x, alpha=a)  # mp_sum; the branch's share is already in y
     if block.num_heads != 0:
-        b, a = blend(block.attn_balance)
+        b, a = _blend(block.attn_balance)
         y = _infer_attention(block, x)
         x = _conv_fast(y, _cached(block.attn_proj, y.dtype, scale=b)).add_(x, alpha=a)
     if block.clip_act is not None:

@@ -59,3 +59,22 @@ def test_roofline_prints_rates_and_the_bound():
 def test_bad_options_name_the_option(script):
     rc, _out, err = run(script, '--device=cpu', '--impls=fast,turbo')
     assert rc != 0 and 'Error: --impls: unknown implementation "turbo"' in err
+
+def test_traffic_counts_bytes_per_image():
+    rc, out, err = run('traffic.py', '--sizes=demo')
+    assert rc == 0, err[-2000:]
+    rows = {(m[0], m[1]): (float(m[2]), float(m[3])) for m in re.findall(
+        r'^demo +(reference|default) +(training|evaluation) +A +(\d+\.\d+) GB +G\* +(\d+\.\d+) GB', out, re.M)}
+    assert len(rows) == 4, out
+    # The training path moves fewer bytes than EDM2's op sequence; so does the inference path.
+    for what in ('training', 'evaluation'):
+        for cfg in (0, 1):
+            assert 0 < rows['default', what][cfg] < rows['reference', what][cfg], (what, cfg)
+    tail = out.strip().splitlines()[-3:]
+    a = float(re.fullmatch(r'A training traffic per image \(demo\): (\d+\.\d+) GB', tail[0]).group(1))
+    g = float(re.fullmatch(r'G\* training traffic per image \(demo\): (\d+\.\d+) GB', tail[1]).group(1))
+    assert abs(a - rows['default', 'training'][0]) < 0.01 and abs(g - rows['default', 'training'][1]) < 0.01
+    ratio = float(re.fullmatch(r'training traffic G\*/A \(demo\): (\d+\.\d+)', tail[2]).group(1))
+    assert abs(ratio - g / a) < 0.05 * ratio
+    rc, _out, err = run('traffic.py', '--sizes=XL')
+    assert rc != 0 and '--sizes: unknown size "XL"' in err

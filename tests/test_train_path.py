@@ -1,0 +1,161 @@
+"""The training path of networks/edm2plus.py computes the reference path's function, loss and gradients.
+
+The training path (the default whenever autograd is on) folds constant factors into the weights and fuses
+elementwise work; the reference path (`edm2plus.reference_mode()`) is EDM2's op sequence. In float32 the two differ
+only by rounding: about 1e-7 relative in the loss and at most ~3e-5 relative (to each tensor's largest entry) in
+the gradients, measured over A and G* with and without dropout. The tolerances below sit well above that and far
+below what a wrong formula or a different dropout mask gives (order 1e-2 to 1).
+"""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from networks import edm2plus, presets
+from networks.edm2plus import Precond
+from training.loss import EDM2Loss
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
+
+TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[8])
+LOSS_RTOL, GRAD_RTOL = 1e-5, 5e-4
+
+def perturbed(block, dropout, seed=0):
+    """A tiny network whose gains are non-zero and whose weights are off the unit sphere, as during training."""
+    torch.manual_seed(seed)
+    net = Precond(**TINY, block=block, dropout=dropout)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3) if p.ndim else p.fill_(0.6)
+    return net.train()
+
+def training_step(net, reference, seed=3):
+    """(loss, {name: gradient}, {name: weight after forced normalisation}) of one step of EDM2's loss."""
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(4, 3, 16, 16, generator=g), torch.eye(10)[[1, 2, 3, 4]]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # sigma, noise and dropout masks
+    with edm2plus.reference_mode(reference):
+        loss = EDM2Loss()(net, images, labels).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+    net.load_state_dict(state)
+    return loss.item(), grads, weights
+
+def worst_relative(a, b):
+    return max(((a[n] - b[n]).abs().max() / (b[n].abs().max() + 1e-12)).item() for n in b)
+
+@pytest.mark.parametrize('block', ['A', 'G*', 'C'])
+@pytest.mark.parametrize('dropout', [0, 0.1])
+def test_one_step_same_loss_and_gradients(block, dropout):
+    net = perturbed(block, dropout)
+    loss_ref, grads_ref, weights_ref = training_step(net, reference=True)
+    loss, grads, weights = training_step(net, reference=False)
+    assert abs(loss - loss_ref) <= LOSS_RTOL * abs(loss_ref), (block, dropout)
+    assert grads.keys() == grads_ref.keys() and all(g.abs().max() > 0 for g in grads_ref.values())
+    assert worst_relative(grads, grads_ref) < GRAD_RTOL, (block, dropout)
+    # Forced weight normalisation acts on the stored weights identically on both paths.
+    assert all(torch.equal(weights[n], weights_ref[n]) for n in weights)
+    if dropout:  # the comparison can fail: other dropout masks (another seed) change the gradients clearly
+        _, grads_other, _ = training_step(net, reference=True, seed=4)
+        assert worst_relative(grads_other, grads_ref) > 100 * GRAD_RTOL
+
+def test_pixel_norm_backward_matches_autograd():
+    """The hand-written backward of the normalisation equals autograd's, over channels and over a head's axis."""
+    g = torch.Generator().manual_seed(0)
+    for shape, dim in [((2, 5, 3, 3), 1), ((2, 4, 3, 2, 6), 4)]:
+        x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+        x.data[0, ..., 0] = 0  # a zero vector (norm 0) along dim, where the formula divides by the norm
+        w = torch.randn(shape, generator=g)
+        (edm2plus._RMSNorm.apply(x, dim) * w).sum().backward()
+        ours = x.grad.clone()
+        x.grad = None
+        (edm2plus.normalize(x, dim=dim) * w).sum().backward()
+        assert torch.allclose(ours, x.grad, rtol=1e-5, atol=1e-6), shape  # float32 rounding
+        assert torch.equal(edm2plus._RMSNorm.apply(x, dim), edm2plus.normalize(x, dim=dim))
+
+def test_mp_cat_and_clip_gradients():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 6, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 10, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64)
+    for fn in (edm2plus._train_cat, edm2plus.mp_cat):
+        a.grad = b.grad = None
+        (fn(a, b, t=0.3) * w).sum().backward()
+        if fn is edm2plus._train_cat:
+            ours = (a.grad.clone(), b.grad.clone())
+    assert torch.allclose(ours[0], a.grad) and torch.allclose(ours[1], b.grad)
+    # Clipping: skipped when nothing reaches the limit (the same tensor comes back), else clamp with its gradient.
+    x = torch.randn(3, 4, generator=g, requires_grad=True)
+    assert edm2plus._clip(x, 256) is x
+    y = torch.tensor([-3.0, 0.5, 2.0, 9.0], requires_grad=True)
+    clipped = edm2plus._clip(y, 2.0)
+    clipped.sum().backward()
+    assert clipped.tolist() == [-2.0, 0.5, 2.0, 2.0] and y.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+#----------------------------------------------------------------------------
+# 200 steps on Fashion-MNIST: the loss curves of the two paths agree.
+
+FASHION = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
+
+def fashion_batches(num_images, size=16):
+    """The first Fashion-MNIST training images as RGB in [-1, 1], 28x28 padded to 32 and averaged down to `size`."""
+    with gzip.open(FASHION, 'rb') as f:
+        data = np.frombuffer(f.read(), np.uint8, offset=16)[:num_images * 784].reshape(-1, 1, 28, 28)
+    x = torch.nn.functional.pad(torch.from_numpy(data.astype(np.float32)) / 127.5 - 1, [2, 2, 2, 2], value=-1)
+    return torch.nn.functional.adaptive_avg_pool2d(x, size).repeat(1, 3, 1, 1)
+
+def loss_curve(reference, images, labels, steps, batch):
+    kwargs = presets.network_kwargs('demo')
+    torch.manual_seed(0)
+    net = Precond(**kwargs).train()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99))
+    loss_fn = EDM2Loss(P_mean=-1.2, P_std=1.2)
+    losses = []
+    for step in range(steps):
+        i = (step * batch) % len(images)
+        opt.zero_grad(set_to_none=True)
+        with edm2plus.reference_mode(reference):
+            loss = loss_fn(net, images[i:i + batch], labels[i:i + batch]).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return np.array(losses)
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(FASHION), reason='Debian package dataset-fashion-mnist not installed')
+def test_fashion_mnist_loss_curves_agree():
+    """200 steps of the demo network from the same initialisation and random draws (the two paths consume the
+    generator identically). Rounding differences (~1e-7 per step) are amplified by training, so single steps may
+    drift apart over time; what must agree is the curve: step 0 to rounding, and each 50-step mean loss to 2%,
+    a fifth of the 10% (at least) by which the curve itself falls from its first window to its last."""
+    steps, batch = 200, 32
+    images = fashion_batches(steps * batch // 4)
+    labels = torch.eye(10)[torch.arange(len(images)) % 10]
+    ref = loss_curve(True, images, labels, steps, batch)
+    new = loss_curve(False, images, labels, steps, batch)
+    assert np.all(np.isfinite(new))
+    assert abs(new[0] - ref[0]) <= LOSS_RTOL * abs(ref[0])  # step 0: same weights, same draws
+    windows_ref, windows_new = ref.reshape(4, 50).mean(1), new.reshape(4, 50).mean(1)
+    assert np.all(np.abs(windows_new - windows_ref) <= 0.02 * np.abs(windows_ref)), (windows_ref, windows_new)
+    assert windows_ref[-1] < 0.9 * windows_ref[0]  # the network learns, so the curve is a real comparison
+
+def test_weight_scaling_backward_matches_autograd():
+    """_MPWeight (normalisation, gain and scale as one per-row factor) against autograd through MPConv's formula."""
+    g = torch.Generator().manual_seed(2)
+    for shape in [(6, 4, 3, 3), (5, 7)]:
+        w = (torch.randn(shape, generator=g) * 2).requires_grad_()
+        gain = torch.tensor(0.7, requires_grad=True)
+        up = torch.randn(shape, generator=g)
+        (edm2plus._MPWeight.apply(w, gain, 0.3) * up).sum().backward()
+        ours = (w.grad.clone(), gain.grad.clone())
+        w.grad = gain.grad = None
+        fan_in = w[0].numel()
+        (edm2plus.normalize(w) * (gain * (0.3 / np.sqrt(fan_in))) * up).sum().backward()
+        assert torch.allclose(ours[0], w.grad, rtol=1e-4, atol=1e-6) and torch.allclose(ours[1], gain.grad, rtol=1e-4)
