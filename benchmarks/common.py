@@ -5,12 +5,14 @@ import os
 import click
 import torch
 
+from torch_utils import distributed as dist
+
 IMPLEMENTATIONS = ('reference', 'fast')
 
 def setup(device, impls, threads):
     """Check --device/--impls/--threads and apply --threads. Returns (device, chosen implementations, description
     of the device for the first line of output)."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = torch.device(device) if device else dist.device()
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device=cuda: no CUDA device is available')
     chosen = [s.strip() for s in impls.split(',') if s.strip()]

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import edm2plus, flops          # noqa: E402
 from networks.edm2plus import Precond          # noqa: E402
+from torch_utils import cli                    # noqa: E402
+from torch_utils import distributed as dist    # noqa: E402
 from torch_utils import misc                   # noqa: E402
 from training.loss import EDM2Loss             # noqa: E402
 
@@ -49,18 +51,15 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
             torch.cuda.synchronize(device)
     return step, counted['params'], counted['flops'] / 1e9
 
-def parse_list(text, cast):
-    return [cast(x) for x in text.split(',') if x.strip() != '']
-
 #----------------------------------------------------------------------------
 
 @click.command()
 @click.option('--blocks',       help='Variants to compare; ratios are relative to the first', metavar='LIST', type=str, default='A,G*', show_default=True)
 @click.option('--resolution',   help='Image resolution', metavar='INT',               type=click.IntRange(min=4), default=32, show_default=True)
 @click.option('--channels',     help='Base width (model_channels)', metavar='INT',    type=click.IntRange(min=8), default=32, show_default=True)
-@click.option('--channel-mult', help='Width multipliers per level', metavar='LIST',   type=str, default='1,2,2', show_default=True)
+@click.option('--channel-mult', help='Width multipliers per level', metavar='LIST',   type=cli.IntList(min=1, min_len=1), default='1,2,2', show_default=True)
 @click.option('--num-blocks',   help='Encoder blocks per level', metavar='INT',       type=click.IntRange(min=1), default=3, show_default=True)
-@click.option('--attn',         help='Resolutions with attention', metavar='LIST',    type=str, default='16,8', show_default=True)
+@click.option('--attn',         help='Resolutions with attention', metavar='LIST',    type=cli.IntList(min=1), default='16,8', show_default=True)
 @click.option('--label-dim',    help='Number of classes (0: unconditional)', metavar='INT', type=click.IntRange(min=0), default=10, show_default=True)
 @click.option('--batch',        help='Images per step', metavar='INT',                type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--steps',        help='Timed steps per variant', metavar='INT',        type=click.IntRange(min=1), default=5, show_default=True)
@@ -70,11 +69,10 @@ def parse_list(text, cast):
 @click.option('--impls',        help='Paths: reference and/or default', metavar='LIST', type=str, default='reference,default', show_default=True)
 def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls):
     """Training images per second of block variants at the same width, run side by side."""
-    device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
-    net_kwargs = dict(model_channels=channels, channel_mult=parse_list(channel_mult, int), num_blocks=num_blocks,
-                      attn_resolutions=parse_list(attn, int))
-    names = parse_list(blocks, str)
-    paths = parse_list(impls, str)
+    device = torch.device(device) if device is not None else dist.device()
+    net_kwargs = dict(model_channels=channels, channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn)
+    names = [x.strip() for x in blocks.split(',') if x.strip()]
+    paths = [x.strip() for x in impls.split(',') if x.strip()]
     for path in paths:
         if path not in ('reference', 'default'):
             raise click.ClickException(f'--impls: unknown path "{path}" (choose from reference, default)')
