@@ -473,11 +473,15 @@ def png_bytes(img):
     PIL.Image.fromarray(img).save(buf, format='png', compress_level=0, optimize=False)
     return buf.getvalue()
 
-def dataset_json_bytes(labels):
-    # [[name, label], ...], or null when the images have no labels.
+def dataset_json_bytes(labels, num_classes=None):
+    # [[name, label], ...], or null when the images have no labels. A stated class count is kept as "num_classes"
+    # (EDM2's reader ignores the key; ours then refuses labels outside 0..N-1 and makes one-hot vectors of length N).
     if any(label is None for _name, label in labels):
         labels = None
-    return json.dumps({'labels': labels}).encode('utf-8')
+    doc = {'labels': labels}
+    if num_classes is not None and labels is not None:
+        doc['num_classes'] = num_classes
+    return json.dumps(doc).encode('utf-8')
 
 #----------------------------------------------------------------------------
 
@@ -522,7 +526,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
             labels.append([name, item.label])
         if dataset_attrs is None:
             raise DatasetToolError(f'No image of {source} could be used (all {num_skipped} were skipped by {transform})')
-        write('dataset.json', dataset_json_bytes(labels)) # Last, as in EDM2.
+        write('dataset.json', dataset_json_bytes(labels, num_classes)) # Last, as in EDM2.
 
     has_labels = all(label is not None for _name, label in labels)
     return dnnlib.EasyDict(num_images=len(labels), num_skipped=num_skipped, label_origin=src.label_origin,

@@ -175,7 +175,12 @@ def test_labels_accepted_and_class_count_of_subfolders(tmp_path):
     save_png(str(src / 'b.png'), pattern(4, 4, seed=1))
     (src / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 9], ['b.png', 0]]}))
     assert run_cli('convert', f'--source={src}', f'--dest={tmp_path / "o.zip"}', '--num-classes=10').exit_code == 0
-    assert json.loads(read_zip(tmp_path / 'o.zip')['dataset.json'][1])['labels'][0][1] == 9
+    doc = json.loads(read_zip(tmp_path / 'o.zip')['dataset.json'][1])
+    assert doc['labels'][0][1] == 9 and doc['num_classes'] == 10  # kept, so training makes 10-long one-hot labels
+    from training.dataset import ImageFolderDataset
+    assert ImageFolderDataset(str(tmp_path / 'o.zip')).label_dim == 10
+    assert run_cli('convert', f'--source={src}', f'--dest={tmp_path / "n.zip"}').exit_code == 0
+    assert 'num_classes' not in json.loads(read_zip(tmp_path / 'n.zip')['dataset.json'][1])  # EDM2's file otherwise
     folders = tmp_path / 'folders'
     for i in range(3):
         save_png(str(folders / f'c{i}' / 'x.png'), pattern(4, 4, seed=i))
