@@ -231,16 +231,6 @@ def test_train_skips_a_run_that_used_its_budget(tmp_path, capsys):
     with pytest.raises(demo.DemoError, match='missing.zip'):
         demo.train(str(run), str(tmp_path / 'missing.zip'), minutes=20)
 
-def test_label_grid(tmp_path):
-    rng = np.random.default_rng(0)
-    grid = rng.integers(0, 256, size=(3 * 4, 5 * 4, 3), dtype=np.uint8)  # 3 classes x 5 seeds of 4x4
-    PIL.Image.fromarray(grid).save(tmp_path / 'grid.png')
-    demo.label_grid(str(tmp_path / 'grid.png'), str(tmp_path / 'labelled.png'), ['a', 'bb', 'Ankle boot'], 5, scale=3)
-    out = np.array(PIL.Image.open(tmp_path / 'labelled.png'))
-    assert out.shape[0] == 36 and out.shape[1] > 60
-    assert (out[:, -60:] == grid.repeat(3, 0).repeat(3, 1)).all()
-    assert (out[:, :out.shape[1] - 60] < 128).any()  # some text was drawn
-
 def test_missing_fashion_mnist_is_one_line_error(tmp_path):
     result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path / "out"}', f'--source={tmp_path / "nowhere"}'])
     assert result.exit_code == 1

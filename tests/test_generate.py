@@ -16,8 +16,8 @@ from click.testing import CliRunner
 import dnnlib
 import generate_images as cli
 from networks.edm2plus import Precond
-from sampling.generate import (StackedRandomGenerator, config_presets, generate_images, grid_layout, image_path,
-                               parse_int_list)
+from figures.grids import grid_layout
+from sampling.generate import StackedRandomGenerator, config_presets, generate_images, image_path, parse_int_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = dict(num_steps=6)  # 11 evaluations per batch: enough to exercise the sampler, fast on CPU.
