@@ -11,11 +11,11 @@ import textwrap
 
 import click.testing
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 import dnnlib
+from conftest import single_thread, write_dataset
 from networks.loading import load_snapshot
 from training import training_loop as tl
 from training.loss import EDM2Loss
@@ -24,32 +24,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 ENV = dict(os.environ, OMP_NUM_THREADS='1')  # tiny tensors: one thread is faster, and robust on a busy machine
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 #----------------------------------------------------------------------------
 # Helpers.
 
 def make_dataset(path, num_images=40, resolution=8, labels=True):
-    """A folder of small RGB PNGs whose content depends on the class, plus dataset.json."""
-    os.makedirs(path, exist_ok=True)
+    """A folder of small RGB PNGs whose content depends on the class (image i: class i % 3, that colour bright)."""
     rnd = np.random.RandomState(0)
-    entries = []
+    images = []
     for idx in range(num_images):
-        label = idx % 3
         img = np.zeros([resolution, resolution, 3], dtype=np.uint8)
-        img[..., label] = 200
+        img[..., idx % 3] = 200
         img += rnd.randint(0, 50, size=img.shape).astype(np.uint8)
-        name = f'img{idx:03d}.png'
-        PIL.Image.fromarray(img).save(os.path.join(path, name))
-        entries.append([name, label])
-    with open(os.path.join(path, 'dataset.json'), 'w') as f:
-        json.dump(dict(labels=entries if labels else None), f)
-    return str(path)
+        images.append(img)
+    return write_dataset(path, images, [idx % 3 for idx in range(num_images)] if labels else None,
+                         names=[f'img{idx:03d}.png' for idx in range(num_images)])
 
 TINY_NET = dict(class_name='networks.edm2plus.Precond', model_channels=16, channel_mult=[1, 2], num_blocks=1,
                 attn_resolutions=[4], block='G*', expansion=2, use_fp16=True)
@@ -243,7 +233,8 @@ def test_cli_end_to_end(tmp_path):
 def straight_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('straight')
     data = make_dataset(root / 'data')
-    tl.training_loop(run_dir=str(root / 'run'), **tiny_config(data))
+    with single_thread():
+        tl.training_loop(run_dir=str(root / 'run'), **tiny_config(data))
     return data, str(root / 'run')
 
 def test_resume_is_bitwise_identical(straight_run, tmp_path, capsys):
