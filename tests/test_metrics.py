@@ -171,6 +171,7 @@ def test_stats_independent_of_batch_size(image_folder):
         assert_stats_close(results[0], other, ['fid'])
     assert results[0]['num_images'] == 23
 
+@pytest.mark.slow  # a torchrun launch of two processes: ~9 s on 2 busy cores
 def test_stats_one_vs_two_processes(image_folder, standins, tmp_path):
     """`ref` under torchrun with 2 gloo processes gives the statistics of a single process."""
     folder, _images = image_folder
@@ -341,6 +342,7 @@ def test_ref_roundtrip_and_edm2_layouts(image_folder, standins, tmp_path, monkey
 #----------------------------------------------------------------------------
 # gen: images streamed from the sampler straight into the statistics.
 
+@pytest.mark.slow  # three generate-and-measure runs: ~20 s on 2 busy cores
 def test_gen_streams_generated_images(image_folder, standins, tmp_path):
     from sampling.generate import generate_images
     net = make_tiny_net().eval()

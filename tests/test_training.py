@@ -160,6 +160,7 @@ STATS_KEYS = ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timin
               'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb']
 NUMBER = r'(-?[0-9.]+(e[-+][0-9]+)?|NaN)'
 
+@pytest.mark.slow  # two train_edm2plus.py processes: ~16 s on 2 busy cores
 def test_cli_end_to_end(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -390,6 +391,7 @@ def test_non_finite_weights_stop_before_any_save(tmp_path):
     assert str(info.value).startswith('the weights are no longer finite at kimg 1.5 (net.')
     assert snapshot_files(run_dir) == before  # byte-identical, nothing added
 
+@pytest.mark.slow  # two train_edm2plus.py processes: ~13 s on 2 busy cores
 def test_cli_diverging_lr_exits_with_one_line_and_keeps_files(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -490,6 +492,7 @@ def test_corrupt_image_in_zip_during_training(tmp_path, workers):
 #----------------------------------------------------------------------------
 # Two processes under torchrun with gloo.
 
+@pytest.mark.slow  # a torchrun launch of two processes: ~13 s on 2 busy cores
 def test_torchrun_two_processes(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
