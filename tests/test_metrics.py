@@ -342,7 +342,7 @@ def test_ref_roundtrip_and_edm2_layouts(image_folder, standins, tmp_path, monkey
 #----------------------------------------------------------------------------
 # gen: images streamed from the sampler straight into the statistics.
 
-@pytest.mark.slow  # three generate-and-measure runs: ~20 s on 2 busy cores
+@pytest.mark.slow  # three generate-and-measure runs: 20-35 s on 2 busy cores
 def test_gen_streams_generated_images(image_folder, standins, tmp_path):
     from sampling.generate import generate_images
     net = make_tiny_net().eval()
