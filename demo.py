@@ -35,20 +35,17 @@ import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import click  # noqa: E402
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import PIL.ImageDraw  # noqa: E402
-import PIL.ImageFont  # noqa: E402
 import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 import dnnlib  # noqa: E402
+from figures.charts import training_curves  # noqa: E402
+from figures.grids import label_grid  # noqa: E402
 from torch_utils import cli  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from torch_utils import misc  # noqa: E402
@@ -265,7 +262,7 @@ def reconstruct_ema(run_dir, std):
 #----------------------------------------------------------------------------
 # Step 5: the class grid, exactly as `generate_images.py --seeds=0-99 --class=0-9 --grid=...` makes it: the classes
 # are used in turn (seed i gets class i % 10) and the grid has one row per class. The labelled copy is the same grid
-# enlarged (nearest neighbour, so the pixels are the real ones) with the class names on the left.
+# enlarged with the class names on the left (figures/grids.py).
 
 def write_grid(net, path, labelled_path=None, class_names=FASHION_MNIST_CLASSES, seeds=GRID_SEEDS, scale=4,
                batch=100):
@@ -278,25 +275,6 @@ def write_grid(net, path, labelled_path=None, class_names=FASHION_MNIST_CLASSES,
         pass
     if labelled_path is not None:
         label_grid(path, labelled_path, class_names, len(seeds) // num_classes, scale)
-
-def label_grid(grid_path, dest, class_names, num_cols, scale=4):
-    """Enlarge a class grid `scale` times and write `r name` to the left of row r."""
-    with PIL.Image.open(grid_path) as img:
-        grid = img.convert('RGB')
-    tile = grid.width // num_cols * scale
-    grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
-    font = PIL.ImageFont.load_default(size=max(10, min(16, tile // 3)))
-    texts = [f'{r}  {name}' for r, name in enumerate(class_names)]
-    measure = PIL.ImageDraw.Draw(grid)
-    label_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in texts) + 14
-    out = PIL.Image.new('RGB', (label_w + grid.width, grid.height), 'white')
-    out.paste(grid, (label_w, 0))
-    draw = PIL.ImageDraw.Draw(out)
-    for r, text in enumerate(texts):
-        box = draw.textbbox((0, 0), text, font=font)
-        draw.text((6, r * tile + (tile - box[3] - box[1]) // 2), text, fill='black', font=font)
-    with dnnlib.util.atomic_write(dest, 'wb') as f:
-        out.save(f, format='png')
 
 #----------------------------------------------------------------------------
 # Step 6: FID of generated images (random classes, so as balanced as the test set) against the reference.
@@ -321,29 +299,12 @@ def compute_fid(net, ref, num_images, seed=FID_SEED, batch=64, detector=None):
         raise DemoError(str(e)) from None
 
 #----------------------------------------------------------------------------
-# Step 7: training curves. Loss and learning rate have different scales: two line plots (one series per run)
-# stacked into one PNG.
+# Step 7: training curves, drawn by figures/charts.py: the loss and learning-rate plots (one series per run) stacked
+# into one PNG.
 
 def plot_training_curves(path, runs):
     """runs: dict label -> run directory. Writes the loss and learning-rate curves of their stats.jsonl."""
-    from training.plots import line_plot  # pylint: disable=import-outside-toplevel
-    loss, lr = [], []
-    for label, run_dir in runs.items():
-        records = read_stats(run_dir)
-        kimg = [float(r['Progress/kimg']) for r in records]
-        loss.append((label, kimg, [float(r.get('Loss/loss', np.nan)) for r in records]))
-        lr.append((label, kimg, [float(r.get('Loss/learning_rate', np.nan)) for r in records]))
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = [os.path.join(tmp, 'loss.png'), os.path.join(tmp, 'lr.png')]
-        line_plot(parts[0], loss, title='Training loss (mean over each status interval)',
-                  xlabel='training images (thousands)', ylabel='loss')
-        line_plot(parts[1], lr, title='Learning rate', xlabel='training images (thousands)', ylabel='learning rate')
-        images = [PIL.Image.open(p).convert('RGB') for p in parts]
-    out = PIL.Image.new('RGB', (max(i.width for i in images), sum(i.height for i in images)), 'white')
-    for i, image in enumerate(images):
-        out.paste(image, (0, sum(j.height for j in images[:i])))
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        out.save(f, format='png')
+    training_curves(path, {label: read_stats(run_dir) for label, run_dir in runs.items()})
 
 #----------------------------------------------------------------------------
 # Step 8 (--sweep): FID against the EMA length, with sweep_phema.py's library function. Its results.jsonl makes a

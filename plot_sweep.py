@@ -1,7 +1,7 @@
 """Plot a metric against the EMA length σ_rel for post-hoc EMA sweeps (like Figure 5 of the EDM2 paper).
 
 Example: python plot_sweep.py --results=fid-xs.json --results=fid-s.json --metric=fid --out=sweep.png
-Library: training.plots.read_sweep_runs and training.plots.sweep_plot. sweep_phema.py measures a sweep and
+Library: training.sweeps.read_sweep_runs and figures.charts.sweep_plot. sweep_phema.py measures a sweep and
 writes its results.jsonl and plot in one command.
 """
 
@@ -9,8 +9,9 @@ import os
 
 import click
 
+from figures.charts import sweep_plot
 from torch_utils import cli
-from training.plots import read_sweep_runs, sweep_plot
+from training.sweeps import read_sweep_runs
 
 
 @click.command()

@@ -19,6 +19,7 @@ import torch
 import tqdm
 
 import dnnlib
+from figures.charts import sweep_plot
 from metrics import MetricsError
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, load_stats,
                            parse_metric_list)
@@ -28,7 +29,6 @@ from torch_utils import distributed as dist
 from torch_utils.cli import parse_int_list
 from torch_utils import misc
 from training import posthoc
-from training.plots import sweep_plot
 
 RESULTS_NAME = 'results.jsonl'
 PLOT_NAME = 'sweep.png'

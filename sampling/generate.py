@@ -131,26 +131,9 @@ def save_png(path, image):
         _to_pil(image).save(f, format='png')
 
 #----------------------------------------------------------------------------
-# Sample grid (beyond EDM2). With two or more classes given, one row per class (in the order given), seeds in
-# order along the row; otherwise a near-square grid in seed order. Empty cells stay black.
+# Sample grid (beyond EDM2): one row per class, or near-square; drawn by figures/grids.py.
 
-def grid_layout(num_images, classes=None):
-    """Return a list of rows, each a list of image indices (into the seed list)."""
-    if classes is not None and len(set(classes)) >= 2:
-        order = list(dict.fromkeys(classes))
-        return [[i for i in range(num_images) if classes[i] == c] for c in order]
-    cols = max(math.ceil(math.sqrt(num_images)), 1)
-    return [list(range(r, min(r + cols, num_images))) for r in range(0, num_images, cols)]
-
-def make_grid(images, rows):
-    """images: dict index → uint8 CHW array; rows: from grid_layout. Returns a uint8 CHW grid."""
-    c, h, w = next(iter(images.values())).shape
-    cols = max(len(row) for row in rows)
-    grid = np.zeros([c, len(rows) * h, cols * w], dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for col, idx in enumerate(row):
-            grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = images[idx]
-    return grid
+from figures.grids import grid_layout, make_grid  # noqa: E402  pylint: disable=wrong-import-position,unused-import
 
 #----------------------------------------------------------------------------
 # Latent networks (EDM2's ImageNet-512 models) decode their samples with the Stable Diffusion VAE, which needs the

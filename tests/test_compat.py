@@ -222,6 +222,7 @@ class PooledColours(torch.nn.Module):
         x = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 2).flatten(1) / 255
         return torch.cat([x, x * x], dim=1)
 
+@pytest.mark.slow  # sampling and three feature passes: 10-30 s on 2 busy cores
 def test_calculate_metrics_gen_with_edm2_net_and_gnet(edm2, tmp_path):
     import re
     import calculate_metrics

@@ -1,16 +1,15 @@
 """training/dataset.py: ImageFolderDataset with EDM2's semantics and errors that name the file."""
 
-import io
 import json
 import os
 import pickle
-import zipfile
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
+from conftest import image_name, write_files
+from conftest import png_bytes as png
 from training.dataset import ImageFolderDataset
 
 #----------------------------------------------------------------------------
@@ -20,14 +19,9 @@ def image(i, size=8, channels=3):
     rs = np.random.RandomState(i)
     return rs.randint(0, 256, size=[size, size, channels] if channels > 1 else [size, size], dtype=np.uint8)
 
-def png(array):
-    buf = io.BytesIO()
-    PIL.Image.fromarray(array).save(buf, format='png')
-    return buf.getvalue()
-
 def make_dataset(root, n=6, labels='int', as_zip=False, size=8, channels=3, overrides=None):
     """Write n PNGs 00000/imgXXXXXXXX.png and dataset.json; `overrides` maps a name to replacement bytes."""
-    files = {f'00000/img{i:08d}.png': png(image(i, size, channels)) for i in range(n)}
+    files = {image_name(i): png(image(i, size, channels)) for i in range(n)}
     names = list(files)
     if labels == 'int':
         files['dataset.json'] = json.dumps({'labels': [[name, (i * 3) % 5] for i, name in enumerate(names)]}).encode()
@@ -38,17 +32,7 @@ def make_dataset(root, n=6, labels='int', as_zip=False, size=8, channels=3, over
     elif isinstance(labels, dict):
         files['dataset.json'] = json.dumps(labels).encode()
     files.update(overrides or {})
-    if as_zip:
-        path = str(root) + '.zip'
-        with zipfile.ZipFile(path, 'w') as z:
-            for name, data in files.items():
-                z.writestr(name, data)
-        return path
-    for name, data in files.items():
-        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
-        with open(os.path.join(root, name), 'wb') as f:
-            f.write(data)
-    return str(root)
+    return write_files(str(root) + '.zip' if as_zip else root, files)
 
 #----------------------------------------------------------------------------
 # Contents, labels, properties.

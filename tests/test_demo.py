@@ -56,6 +56,7 @@ def tiny_demo(tmp_path_factory):
     return outdir, summary
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 def test_datasets_and_reference(tiny_demo):
     outdir, summary = tiny_demo
     with zipfile.ZipFile(summary['datasets']['train']) as z:
@@ -72,6 +73,7 @@ def test_datasets_and_reference(tiny_demo):
     assert np.isfinite(ref['fid']['sigma']).all()
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 @pytest.mark.parametrize('label', ['G*', 'A'])
 def test_training_run_and_network(tiny_demo, label):
     outdir, summary = tiny_demo
@@ -99,6 +101,7 @@ def test_training_run_and_network(tiny_demo, label):
     assert np.isfinite(run['fid']) and run['fid'] > 0
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 def test_grid_rows_are_classes(tiny_demo):
     outdir, summary = tiny_demo
     run = summary['runs']['G*']
@@ -116,6 +119,7 @@ def test_grid_rows_are_classes(tiny_demo):
         assert (grid[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] == tile.transpose(1, 2, 0)).all()
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 def test_curves_plot_and_summary(tiny_demo):
     outdir, summary = tiny_demo
     plot = PIL.Image.open(summary['plot'])
@@ -130,6 +134,7 @@ def test_curves_plot_and_summary(tiny_demo):
     assert 'CONFIG G*' in text and 'CONFIG A' in text and '1024' in text
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 def test_rerun_reuses_everything(tiny_demo):
     """The same command again: no conversion, statistics, training, grid or FID is redone."""
     outdir, summary = tiny_demo
@@ -145,6 +150,7 @@ def test_rerun_reuses_everything(tiny_demo):
         assert again['timings_sec'][f'train {label}'] < 5 and again['timings_sec'][f'fid {label}'] < 5
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 def test_new_network_under_the_same_name_is_evaluated_again(tiny_demo, tmp_path, capsys):
     """Grid and FID are cached by file content, not by name: a different network under the old name is redone."""
     outdir, summary = tiny_demo
@@ -164,6 +170,7 @@ def test_new_network_under_the_same_name_is_evaluated_again(tiny_demo, tmp_path,
     assert (grids[0] == grids[1]).all()
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
 def test_sweep_after_training(tiny_demo, tmp_path):
     """--sweep on a finished demo: only the sweep runs, one curve per configuration, listed in the summary."""
     outdir, before = tiny_demo
@@ -230,16 +237,6 @@ def test_train_skips_a_run_that_used_its_budget(tmp_path, capsys):
     # With more minutes it does train, and the training CLI's error comes back as one line.
     with pytest.raises(demo.DemoError, match='missing.zip'):
         demo.train(str(run), str(tmp_path / 'missing.zip'), minutes=20)
-
-def test_label_grid(tmp_path):
-    rng = np.random.default_rng(0)
-    grid = rng.integers(0, 256, size=(3 * 4, 5 * 4, 3), dtype=np.uint8)  # 3 classes x 5 seeds of 4x4
-    PIL.Image.fromarray(grid).save(tmp_path / 'grid.png')
-    demo.label_grid(str(tmp_path / 'grid.png'), str(tmp_path / 'labelled.png'), ['a', 'bb', 'Ankle boot'], 5, scale=3)
-    out = np.array(PIL.Image.open(tmp_path / 'labelled.png'))
-    assert out.shape[0] == 36 and out.shape[1] > 60
-    assert (out[:, -60:] == grid.repeat(3, 0).repeat(3, 1)).all()
-    assert (out[:, :out.shape[1] - 60] < 128).any()  # some text was drawn
 
 def test_missing_fashion_mnist_is_one_line_error(tmp_path):
     result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path / "out"}', f'--source={tmp_path / "nowhere"}'])

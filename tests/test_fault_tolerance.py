@@ -4,8 +4,6 @@ Each case runs a real 2-process gloo training job on the CPU and compares its fi
 tensor, with an uninterrupted 2-process run of the same command: restarts and rendezvous must not change a bit.
 """
 
-import io
-import json
 import os
 import signal
 import socket
@@ -18,7 +16,8 @@ import PIL.Image
 import psutil
 import pytest
 import torch
-import zipfile
+
+from conftest import write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run']
@@ -67,18 +66,9 @@ def fashion_zip_16(tmp_path_factory):
     """512 labelled 16x16 RGB images in the dataset zip layout (smooth random blobs; 10 classes)."""
     path = tmp_path_factory.mktemp('data') / 'data16.zip'
     rng = np.random.default_rng(0)
-    labels = []
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
-        for i in range(512):
-            small = rng.integers(0, 256, size=[4, 4, 3], dtype=np.uint8)
-            image = PIL.Image.fromarray(small).resize((16, 16), PIL.Image.BILINEAR)
-            buf = io.BytesIO()
-            image.save(buf, format='png')
-            name = f'{i // 1000:05d}/img{i:08d}.png'
-            z.writestr(name, buf.getvalue())
-            labels.append([name, int(i % 10)])
-        z.writestr('dataset.json', json.dumps({'labels': labels}))
-    return path
+    images = [np.asarray(PIL.Image.fromarray(rng.integers(0, 256, size=[4, 4, 3], dtype=np.uint8))
+                         .resize((16, 16), PIL.Image.BILINEAR)) for _ in range(512)]
+    return write_dataset(path, images, [i % 10 for i in range(512)])
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, fashion_zip_16):

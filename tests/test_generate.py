@@ -15,38 +15,27 @@ from click.testing import CliRunner
 
 import dnnlib
 import generate_images as cli
-from networks.edm2plus import Precond
-from sampling.generate import (StackedRandomGenerator, config_presets, generate_images, grid_layout, image_path,
-                               parse_int_list)
+from conftest import make_tiny_net, randomize_weights, snapshot_dict
+from figures.grids import grid_layout
+from sampling.generate import StackedRandomGenerator, config_presets, generate_images, image_path, parse_int_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = dict(num_steps=6)  # 11 evaluations per batch: enough to exercise the sampler, fast on CPU.
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
-def make_tiny_net(label_dim=4, seed=0):
-    torch.manual_seed(seed)
-    net = Precond(8, 3, label_dim, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-    # A fresh net has zero output gains (D = c_skip·x, labels ignored): randomise every weight so that noise,
-    # labels and guidance all change the images.
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return net.eval().requires_grad_(False)
+def random_tiny_net(label_dim=4, seed=0):
+    return randomize_weights(make_tiny_net(label_dim, channels=32, seed=seed)).eval().requires_grad_(False)
 
 @pytest.fixture(scope='module')
 def tiny_net():
-    return make_tiny_net()
+    return random_tiny_net()
 
 @pytest.fixture(scope='module')
 def tiny_pkl(tmp_path_factory, tiny_net):
-    # EDM2's snapshot layout: EasyDict with encoder, dataset_kwargs, loss_fn, ema (fp16, eval, cpu).
-    from training.encoders import StandardRGBEncoder
     path = tmp_path_factory.mktemp('net') / 'network-snapshot-0000001-0.100.pkl'
-    snapshot = dnnlib.EasyDict(encoder=StandardRGBEncoder(), dataset_kwargs=dnnlib.EasyDict(), loss_fn=None,
-                               ema=copy.deepcopy(tiny_net).half())
     with dnnlib.util.atomic_write(path) as f:
-        pickle.dump(snapshot, f)
+        pickle.dump(snapshot_dict(tiny_net), f)
     return str(path)
 
 def generate_all(net, **kwargs):
@@ -135,14 +124,14 @@ def test_class_selection(tiny_net):
         generate_images(tiny_net, seeds=seeds, class_idx=4, device='cpu', verbose=False)
 
 def test_unconditional_net_gets_no_labels():
-    net = make_tiny_net(label_dim=0, seed=1)
+    net = random_tiny_net(label_dim=0, seed=1)
     batches = generate_all(net, seeds=[0, 1, 2])
     assert batches[0].labels is None and batches[0].images.shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match='unconditional'):
         generate_images(net, class_idx=0, device='cpu', verbose=False)
 
 def test_guidance_changes_images_and_guide_is_loaded_only_when_used(tiny_net, tiny_pkl, tmp_path):
-    guide = make_tiny_net(seed=2)
+    guide = random_tiny_net(seed=2)
     plain = images_by_seed(generate_all(tiny_net, seeds=[0, 1]))
     guided = images_by_seed(generate_all(tiny_net, gnet=guide, seeds=[0, 1], guidance=2.0))
     interval = images_by_seed(generate_all(tiny_net, gnet=guide, seeds=[0, 1], guidance=2.0, guidance_interval=(0.5, 5)))
@@ -234,6 +223,7 @@ def test_cli_in_process(tiny_pkl, tmp_path):
 #----------------------------------------------------------------------------
 # One process vs. two under torchrun (gloo on CPU): byte-identical PNGs and grid.
 
+@pytest.mark.slow  # a single-process and a torchrun launch: 17-30 s on 2 busy cores
 def test_two_processes_match_one(tiny_pkl, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
     env['OMP_NUM_THREADS'] = '1'
@@ -275,7 +265,7 @@ def count_fast_path(monkeypatch):
 def test_edm2_exact_equals_reference_mode(tiny_net, monkeypatch):
     from networks import edm2plus
     calls = count_fast_path(monkeypatch)
-    kwargs = dict(seeds=[0, 1, 2, 7], max_batch_size=2, encoder=Latents(), gnet=make_tiny_net(seed=1), guidance=1.5)
+    kwargs = dict(seeds=[0, 1, 2, 7], max_batch_size=2, encoder=Latents(), gnet=random_tiny_net(seed=1), guidance=1.5)
     exact = generate_all(tiny_net, edm2_exact=True, **kwargs)
     assert calls == [] and edm2plus._fast_enabled  # reference path throughout, and only while generating
     with edm2plus.reference_mode():

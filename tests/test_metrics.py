@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import calculate_metrics
 import dnnlib
+from conftest import make_tiny_net, randomize_weights
 from metrics import MetricsError
 from metrics import detectors as det_mod
 from metrics.detectors import DINOv2Detector, DetectorUnavailableError, InceptionV3Detector, resize_bilinear_tf1
@@ -170,6 +171,7 @@ def test_stats_independent_of_batch_size(image_folder):
         assert_stats_close(results[0], other, ['fid'])
     assert results[0]['num_images'] == 23
 
+@pytest.mark.slow  # a torchrun launch of two processes: ~9 s on 2 busy cores
 def test_stats_one_vs_two_processes(image_folder, standins, tmp_path):
     """`ref` under torchrun with 2 gloo processes gives the statistics of a single process."""
     folder, _images = image_folder
@@ -340,12 +342,10 @@ def test_ref_roundtrip_and_edm2_layouts(image_folder, standins, tmp_path, monkey
 #----------------------------------------------------------------------------
 # gen: images streamed from the sampler straight into the statistics.
 
+@pytest.mark.slow  # three generate-and-measure runs: 20-35 s on 2 busy cores
 def test_gen_streams_generated_images(image_folder, standins, tmp_path):
-    from networks.edm2plus import Precond
     from sampling.generate import generate_images
-    torch.manual_seed(0)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1, 2],
-                  num_blocks=1, attn_resolutions=[4]).eval()
+    net = make_tiny_net().eval()
     net_path = str(tmp_path / 'net.pkl')
     with open(net_path, 'wb') as f:
         pickle.dump(dnnlib.EasyDict(ema=net), f)
@@ -380,12 +380,7 @@ def test_gen_edm2_exact_and_latent_networks(image_folder, standins, tmp_path, mo
     import sampling.generate
     from networks import edm2plus
     from training.encoders import StabilityVAEEncoder
-    torch.manual_seed(0)
-    net = edm2plus.Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1, 2],
-                           num_blocks=1, attn_resolutions=[4]).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)  # nonzero gains: the network's output matters
+    net = randomize_weights(make_tiny_net().eval())  # nonzero gains: the network's output matters
     net_path, ref_path = str(tmp_path / 'net.pkl'), str(tmp_path / 'ref.pkl')
     with open(net_path, 'wb') as f:
         pickle.dump(dnnlib.EasyDict(ema=net), f)

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import reconstruct_phema
+from conftest import make_tiny_net, snapshot_dict
 from networks.loading import load_snapshot
 from training import phema, posthoc
 
@@ -186,31 +187,14 @@ BATCH = 256
 SNAPSHOT_STEPS = 16          # 4096 images: snapshot times are multiples of 1024 as the names require
 NUM_STEPS = 128
 TRACKED_STDS = [0.05, 0.075, 0.10]
-
-
-def _tiny_precond():
-    from networks.edm2plus import Precond
-    torch.manual_seed(0)
-    return Precond(8, 3, 0, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                   channels_per_head=16)
-
-
-def _snapshot_dict(ema_net):
-    try:
-        from training.encoders import StandardRGBEncoder
-        encoder = StandardRGBEncoder()
-    except ImportError:
-        encoder = None
-    ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
-    dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='data.zip', use_labels=False)
-    return dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=None, ema=ema)
+DATASET_KWARGS = dict(class_name='training.dataset.ImageFolderDataset', path='data.zip', use_labels=False)
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     """A simulated training run: a smooth random trajectory, EMAs at 0.050/0.075/0.100, snapshots every 4096 images."""
     run = tmp_path_factory.mktemp('run')
-    net = _tiny_precond()
+    net = make_tiny_net(channels_per_head=16)
     ema = phema.PowerFunctionEMA(net, stds=TRACKED_STDS)
     gen = torch.Generator().manual_seed(1)
     velocity = [torch.zeros_like(p) for p in net.parameters()]
@@ -219,7 +203,7 @@ def run_dir(tmp_path_factory):
         if step % SNAPSHOT_STEPS == 0:
             for ema_net, suffix in ema.get():
                 with dnnlib.util.atomic_write(run / f'network-snapshot-{cur_nimg // 1000:07d}{suffix}.pkl') as f:
-                    pickle.dump(_snapshot_dict(ema_net), f)
+                    pickle.dump(snapshot_dict(ema_net, DATASET_KWARGS), f)
         if step == NUM_STEPS:
             break
         with torch.no_grad():  # Momentum-like noisy updates, roughly what an optimizer does.

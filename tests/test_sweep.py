@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 
 import calculate_metrics
+from conftest import make_tiny_net, single_thread, snapshot_dict
 import dnnlib
 import plot_sweep
 import reconstruct_phema
@@ -31,6 +32,11 @@ from networks.loading import load_snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDS = [0.06, 0.08, 0.12]
+DATASET_KWARGS = dict(class_name='training.dataset.ImageFolderDataset', path='data.zip', use_labels=False)
+
+# Tiny tensors gain nothing from a second thread, and beside other processes on 2 cores one thread is many times
+# faster (8 images: 2 s against 90 s measured on a busy machine).
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 #----------------------------------------------------------------------------
 # Fixtures: two tiny "training runs", a stand-in detector and reference statistics made with it.
@@ -45,11 +51,7 @@ class PooledColours(torch.nn.Module):
 
 def _write_run(folder, seed):
     """Snapshots at 4, 8 and 12 kimg, tracked at σ_rel 0.050 and 0.100, of a network that drifts randomly."""
-    from networks.edm2plus import Precond
-    from training.encoders import StandardRGBEncoder
-    torch.manual_seed(seed)
-    net = Precond(8, 3, 0, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                  channels_per_head=16).eval().requires_grad_(False)
+    net = make_tiny_net(seed=seed, channels_per_head=16).eval().requires_grad_(False)
     os.makedirs(folder)
     for nimg in (4096, 8192, 12288):
         for p in net.parameters():
@@ -58,27 +60,18 @@ def _write_run(folder, seed):
             ema = copy.deepcopy(net)
             for p in ema.parameters():
                 p.add_(torch.randn_like(p), alpha=0.1 * std)
-            data = dnnlib.EasyDict(ema=ema.to(torch.float16), encoder=StandardRGBEncoder(), loss_fn=None,
-                                   dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
-                                                                  path='data.zip', use_labels=False))
             with open(os.path.join(folder, f'network-snapshot-{nimg // 1000:07d}-{std:.3f}.pkl'), 'wb') as f:
-                pickle.dump(data, f)
+                pickle.dump(snapshot_dict(ema, DATASET_KWARGS), f)
     return str(folder)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread_here():
-    """Tiny tensors gain nothing from a second thread, and beside other processes on 2 cores one thread is many
-    times faster (8 images: 2 s against 90 s measured on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp('sweep')
+    with single_thread():
+        return _setup(tmp_path_factory.mktemp('sweep'))
+
+
+def _setup(root):
     detector = str(root / 'pooled.pt')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated in PyTorch 2.13
@@ -216,6 +209,7 @@ def test_results_and_plot_agree(setup, tmp_path):
         assert f'{run}: best metric {value:g} at σ_rel {std:.3f}' in result.output
 
 
+@pytest.mark.slow  # a torchrun launch of two processes: ~16 s on 2 busy cores
 def test_two_processes_give_the_single_process_numbers(setup, tmp_path):
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
     _sweep(setup, single, stds=[0.06, 0.12])

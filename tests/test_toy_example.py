@@ -12,12 +12,7 @@ from click.testing import CliRunner
 
 import toy_example as toy
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 def gaussian_logpdf(x, mean, cov):
     d = x - mean

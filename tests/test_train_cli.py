@@ -9,9 +9,9 @@ import sys
 
 import click.testing
 import numpy as np
-import PIL.Image
 import pytest
 
+from conftest import write_dataset
 import train_edm2
 import train_edm2plus
 from networks import presets
@@ -26,17 +26,9 @@ EDM2_FLAGS = ['--outdir', '--data', '--cond', '--preset', '--duration', '--batch
               '--checkpoint', '--seed', '--dry-run']
 
 def make_dataset(path, resolution, labels):
-    """PNGs of the given resolution with the given class labels, and dataset.json."""
-    os.makedirs(path, exist_ok=True)
-    entries = []
-    for i, label in enumerate(labels):
-        name = f'img{i:03d}.png'
-        img = np.full([resolution, resolution, 3], (37 * i) % 256, dtype=np.uint8)
-        PIL.Image.fromarray(img).save(os.path.join(path, name))
-        entries.append([name, label])
-    with open(os.path.join(path, 'dataset.json'), 'w') as f:
-        json.dump({'labels': entries}, f)
-    return str(path)
+    """Flat grey PNGs of the given resolution with the given class labels, and dataset.json."""
+    images = [np.full([resolution, resolution, 3], (37 * i) % 256, dtype=np.uint8) for i in range(len(labels))]
+    return write_dataset(path, images, labels, names=[f'img{i:03d}.png' for i in range(len(labels))])
 
 def invoke(command, args):
     return click.testing.CliRunner().invoke(command, args)

@@ -11,11 +11,11 @@ import textwrap
 
 import click.testing
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 import dnnlib
+from conftest import single_thread, write_dataset
 from networks.loading import load_snapshot
 from training import training_loop as tl
 from training.loss import EDM2Loss
@@ -24,32 +24,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 ENV = dict(os.environ, OMP_NUM_THREADS='1')  # tiny tensors: one thread is faster, and robust on a busy machine
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 #----------------------------------------------------------------------------
 # Helpers.
 
 def make_dataset(path, num_images=40, resolution=8, labels=True):
-    """A folder of small RGB PNGs whose content depends on the class, plus dataset.json."""
-    os.makedirs(path, exist_ok=True)
+    """A folder of small RGB PNGs whose content depends on the class (image i: class i % 3, that colour bright)."""
     rnd = np.random.RandomState(0)
-    entries = []
+    images = []
     for idx in range(num_images):
-        label = idx % 3
         img = np.zeros([resolution, resolution, 3], dtype=np.uint8)
-        img[..., label] = 200
+        img[..., idx % 3] = 200
         img += rnd.randint(0, 50, size=img.shape).astype(np.uint8)
-        name = f'img{idx:03d}.png'
-        PIL.Image.fromarray(img).save(os.path.join(path, name))
-        entries.append([name, label])
-    with open(os.path.join(path, 'dataset.json'), 'w') as f:
-        json.dump(dict(labels=entries if labels else None), f)
-    return str(path)
+        images.append(img)
+    return write_dataset(path, images, [idx % 3 for idx in range(num_images)] if labels else None,
+                         names=[f'img{idx:03d}.png' for idx in range(num_images)])
 
 TINY_NET = dict(class_name='networks.edm2plus.Precond', model_channels=16, channel_mult=[1, 2], num_blocks=1,
                 attn_resolutions=[4], block='G*', expansion=2, use_fp16=True)
@@ -170,6 +160,7 @@ STATS_KEYS = ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timin
               'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb']
 NUMBER = r'(-?[0-9.]+(e[-+][0-9]+)?|NaN)'
 
+@pytest.mark.slow  # two train_edm2plus.py processes: ~16 s on 2 busy cores
 def test_cli_end_to_end(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -243,7 +234,8 @@ def test_cli_end_to_end(tmp_path):
 def straight_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('straight')
     data = make_dataset(root / 'data')
-    tl.training_loop(run_dir=str(root / 'run'), **tiny_config(data))
+    with single_thread():
+        tl.training_loop(run_dir=str(root / 'run'), **tiny_config(data))
     return data, str(root / 'run')
 
 def test_resume_is_bitwise_identical(straight_run, tmp_path, capsys):
@@ -399,6 +391,7 @@ def test_non_finite_weights_stop_before_any_save(tmp_path):
     assert str(info.value).startswith('the weights are no longer finite at kimg 1.5 (net.')
     assert snapshot_files(run_dir) == before  # byte-identical, nothing added
 
+@pytest.mark.slow  # two train_edm2plus.py processes: ~13 s on 2 busy cores
 def test_cli_diverging_lr_exits_with_one_line_and_keeps_files(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -499,6 +492,7 @@ def test_corrupt_image_in_zip_during_training(tmp_path, workers):
 #----------------------------------------------------------------------------
 # Two processes under torchrun with gloo.
 
+@pytest.mark.slow  # a torchrun launch of two processes: ~13 s on 2 busy cores
 def test_torchrun_two_processes(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')

@@ -1,15 +1,18 @@
-"""Pillow line plots and the post-hoc EMA sweep plot (training/plots.py, plot_sweep.py)."""
+"""Pictures of figures/: line plots, the post-hoc EMA sweep plot (with plot_sweep.py and the sweep readers of
+training/sweeps.py), training curves and the labelled class grid."""
 
 import json
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 import plot_sweep
-from training import plots
+from figures import charts, grids
+from training import sweeps
 
 
 def _pixels_of(img, color, tol=40):
@@ -19,12 +22,12 @@ def _pixels_of(img, color, tol=40):
 
 def test_line_plot_draws_series_where_they_are(tmp_path):
     path = tmp_path / 'plot.png'
-    plots.line_plot(path, [('', [0, 1], [0, 1]), ('', [0, 1], [0.9, 0.9])], title='T', xlabel='x',
+    charts.line_plot(path, [('', [0, 1], [0, 1]), ('', [0, 1], [0.9, 0.9])], title='T', xlabel='x',
                     ylabel='y', size=(400, 300))  # no labels: no legend to confuse the pixel checks
     img = Image.open(path)
     assert img.format == 'PNG' and img.size == (400, 300)
-    rising = _pixels_of(img, plots.COLORS[0])
-    flat = _pixels_of(img, plots.COLORS[1])
+    rising = _pixels_of(img, charts.COLORS[0])
+    flat = _pixels_of(img, charts.COLORS[1])
     ys, xs = np.nonzero(rising)
     assert len(xs) > 200
     # y = x: the line rises from bottom-left to top-right (image rows grow downwards).
@@ -33,10 +36,10 @@ def test_line_plot_draws_series_where_they_are(tmp_path):
     fy, fx = np.nonzero(flat)
     assert np.ptp(fx) > 200 and np.percentile(fy, 50) < np.percentile(ys, 20)
     # With labels, a legend adds a sample of each colour.
-    plots.line_plot(tmp_path / 'legend.png', [('rising', [0, 1], [0, 1]), ('flat', [0, 1], [0.9, 0.9])],
+    charts.line_plot(tmp_path / 'legend.png', [('rising', [0, 1], [0, 1]), ('flat', [0, 1], [0.9, 0.9])],
                     size=(400, 300))
     legend_img = Image.open(tmp_path / 'legend.png')
-    assert _pixels_of(legend_img, plots.COLORS[1]).sum() > flat.sum() + 20
+    assert _pixels_of(legend_img, charts.COLORS[1]).sum() > flat.sum() + 20
     assert sorted(os.listdir(tmp_path)) == ['legend.png', 'plot.png']
 
 
@@ -45,57 +48,57 @@ def test_line_plot_log_axes_and_bad_values(tmp_path):
     y = 1 / x
     y[10] = np.nan
     y[20] = -1  # not drawable on a log axis: breaks the line instead of failing
-    plots.line_plot(tmp_path / 'log.png', [('', x, y)], logx=True, logy=True)
-    line = _pixels_of(Image.open(tmp_path / 'log.png'), plots.COLORS[0])
+    charts.line_plot(tmp_path / 'log.png', [('', x, y)], logx=True, logy=True)
+    line = _pixels_of(Image.open(tmp_path / 'log.png'), charts.COLORS[0])
     ys, xs = np.nonzero(line)
     assert np.corrcoef(xs, ys)[0, 1] > 0.95  # a falling straight line in log-log space
-    plots.line_plot(tmp_path / 'empty.png', [('nothing', [], [])])
+    charts.line_plot(tmp_path / 'empty.png', [('nothing', [], [])])
     assert Image.open(tmp_path / 'empty.png').size == (800, 500)
     with pytest.raises(ValueError, match='2 x values but 3 y values'):
-        plots.line_plot(tmp_path / 'bad.png', [('bad', [1, 2], [1, 2, 3])])
+        charts.line_plot(tmp_path / 'bad.png', [('bad', [1, 2], [1, 2, 3])])
     assert not os.path.exists(tmp_path / 'bad.png')
 
 
 def test_ticks():
-    ticks, labels = plots._linear_ticks(-0.04, 1.04)
+    ticks, labels = charts._linear_ticks(-0.04, 1.04)
     assert labels == ['0.0', '0.2', '0.4', '0.6', '0.8', '1.0']
-    ticks, labels = plots._log_ticks(0, 3)
+    ticks, labels = charts._log_ticks(0, 3)
     assert labels == ['1', '10', '100', '1000']
-    ticks, labels = plots._log_ticks(np.log10(2.5), np.log10(60))
+    ticks, labels = charts._log_ticks(np.log10(2.5), np.log10(60))
     assert labels == ['5', '10', '20', '50']
 
 
 def test_sweep_plot_marks_best(tmp_path):
     stds = np.round(np.arange(0.01, 0.2501, 0.01), 3)
     results = {s: 3 + 40 * (s - 0.13) ** 2 for s in stds}
-    best = plots.sweep_plot(tmp_path / 'sweep.png', results, metric='FID')
+    best = charts.sweep_plot(tmp_path / 'sweep.png', results, metric='FID')
     assert best[''][0] == pytest.approx(0.13)
-    best = plots.sweep_plot(tmp_path / 'two.png', {'XS': results, 'S': {s: v - 1 + s for s, v in results.items()}})
+    best = charts.sweep_plot(tmp_path / 'two.png', {'XS': results, 'S': {s: v - 1 + s for s, v in results.items()}})
     assert best['XS'][0] == pytest.approx(0.13) and best['S'][0] == pytest.approx(0.12)
     assert _pixels_of(Image.open(tmp_path / 'two.png'), (200, 0, 0), tol=30).sum() > 50  # the red best markers
-    best = plots.sweep_plot(tmp_path / 'max.png', results, lower_is_better=False)
+    best = charts.sweep_plot(tmp_path / 'max.png', results, lower_is_better=False)
     assert best[''][0] == pytest.approx(0.01)
     with pytest.raises(ValueError, match='no finite'):
-        plots.sweep_plot(tmp_path / 'nan.png', {0.1: float('nan')})
+        charts.sweep_plot(tmp_path / 'nan.png', {0.1: float('nan')})
 
 
 def test_read_sweep_results_formats(tmp_path):
     (tmp_path / 'a.json').write_text(json.dumps({'phema/phema-0002147-0.050.pkl': 3.5, '0.100': 3.1}))
-    assert plots.read_sweep_results(str(tmp_path / 'a.json')) == {0.05: 3.5, 0.1: 3.1}
+    assert sweeps.read_sweep_results(str(tmp_path / 'a.json')) == {0.05: 3.5, 0.1: 3.1}
     (tmp_path / 'b.json').write_text(json.dumps({'0.05': {'fid': 3.5, 'fd_dinov2': 90}, '0.1': {'fid': 3.1,
                                                                                              'fd_dinov2': 80}}))
-    assert plots.read_sweep_results(str(tmp_path / 'b.json'), metric='fd_dinov2') == {0.05: 90, 0.1: 80}
+    assert sweeps.read_sweep_results(str(tmp_path / 'b.json'), metric='fd_dinov2') == {0.05: 90, 0.1: 80}
     with pytest.raises(ValueError, match='choose one'):
-        plots.read_sweep_results(str(tmp_path / 'b.json'))
+        sweeps.read_sweep_results(str(tmp_path / 'b.json'))
     (tmp_path / 'c.jsonl').write_text('{"net": "x/phema-0000032-0.070.pkl", "fid": 4.0}\n{"std": 0.08, "fid": 3.0}\n')
-    assert plots.read_sweep_results(str(tmp_path / 'c.jsonl')) == {0.07: 4.0, 0.08: 3.0}
+    assert sweeps.read_sweep_results(str(tmp_path / 'c.jsonl')) == {0.07: 4.0, 0.08: 3.0}
     (tmp_path / 'd.csv').write_text('std,fid\n0.050,3.41\n0.100,3.12\n')
-    assert plots.read_sweep_results(str(tmp_path / 'd.csv'), metric='fid') == {0.05: 3.41, 0.1: 3.12}
+    assert sweeps.read_sweep_results(str(tmp_path / 'd.csv'), metric='fid') == {0.05: 3.41, 0.1: 3.12}
     (tmp_path / 'e.json').write_text('{"not-a-std": 1}')
     with pytest.raises(ValueError, match='cannot tell the EMA length of "not-a-std"'):
-        plots.read_sweep_results(str(tmp_path / 'e.json'))
+        sweeps.read_sweep_results(str(tmp_path / 'e.json'))
     with pytest.raises(FileNotFoundError):
-        plots.read_sweep_results(str(tmp_path / 'missing.json'))
+        sweeps.read_sweep_results(str(tmp_path / 'missing.json'))
 
 
 def test_plot_sweep_cli(tmp_path):
@@ -109,3 +112,27 @@ def test_plot_sweep_cli(tmp_path):
     assert Image.open(out).format == 'PNG'
     result = CliRunner().invoke(plot_sweep.main, ['--results', str(tmp_path / 'nope.csv'), '--out', str(out)])
     assert result.exit_code == 1 and 'nope.csv: no such results file' in result.output
+
+
+def test_training_curves_stack_loss_and_learning_rate(tmp_path):
+    records = [{'Progress/kimg': k, 'Loss/loss': 1 / (1 + k), 'Loss/learning_rate': 0.01} for k in range(10)]
+    records.append({'Progress/kimg': 10})  # no values: a gap, not an error
+    charts.training_curves(tmp_path / 'curves.png', {'A': records, 'B': records[:5]})
+    img = Image.open(tmp_path / 'curves.png')
+    assert img.size == (800, 1000)  # two default-sized plots stacked
+    top, bottom = np.asarray(img)[:500], np.asarray(img)[500:]
+    for part in (top, bottom):
+        assert _pixels_of(Image.fromarray(part), charts.COLORS[0]).sum() > 100
+        assert _pixels_of(Image.fromarray(part), charts.COLORS[1]).sum() > 50
+    assert sorted(os.listdir(tmp_path)) == ['curves.png']
+
+
+def test_label_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, 256, size=(3 * 4, 5 * 4, 3), dtype=np.uint8)  # 3 classes x 5 seeds of 4x4
+    PIL.Image.fromarray(grid).save(tmp_path / 'grid.png')
+    grids.label_grid(str(tmp_path / 'grid.png'), str(tmp_path / 'labelled.png'), ['a', 'bb', 'Ankle boot'], 5, scale=3)
+    out = np.array(PIL.Image.open(tmp_path / 'labelled.png'))
+    assert out.shape[0] == 36 and out.shape[1] > 60
+    assert (out[:, -60:] == grid.repeat(3, 0).repeat(3, 1)).all()
+    assert (out[:, :out.shape[1] - 60] < 128).any()  # some text was drawn
