@@ -14,7 +14,6 @@ fastest implementation measured (least time for A and G* together: at batch 1, o
   python benchmarks/inference.py --device=cuda --compile --precision=fp16
 """
 
-import contextlib
 import os
 import sys
 import threading

@@ -19,7 +19,6 @@ networks.loading, wherever it accepts a network path.
 
 import json
 import os
-import pickle
 
 import click
 import torch
