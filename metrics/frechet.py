@@ -1,4 +1,4 @@
-"""Fréchet distance between two Gaussians, the formula behind FID and FD_DINOv2 (spec §5.5)."""
+"""Fréchet distance between two Gaussians, the formula behind FID and FD_DINOv2 (docs/compatibility.md §8)."""
 
 import warnings
 

@@ -1,6 +1,6 @@
-"""Reading a folder or zip of images for the metrics (spec §5.3).
+"""Reading a folder or zip of images for the metrics (docs/compatibility.md §8).
 
-Files are found, decoded and subset by the project's `training.dataset.ImageFolderDataset` (spec §6.1 rules); this
+Files are found, decoded and subset by the project's `training.dataset.ImageFolderDataset` (docs/compatibility.md §9); this
 module adds what the metrics need on top: labels ignored, grey images repeated to RGB (EDM2 fails on them), any
 other channel count refused, and errors that name the file even when the file was read in a DataLoader worker.
 """
@@ -59,7 +59,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return image, ''
 
 #----------------------------------------------------------------------------
-# Batching identical to generation (spec §4.5, §5.3): max(ceil(n / (batch * W)), 1) * W near-equal contiguous
+# Batching identical to generation (docs/compatibility.md §7): max(ceil(n / (batch * W)), 1) * W near-equal contiguous
 # chunks of the indices, rank r taking chunks r, r + W, r + 2W, ...
 
 def rank_batches(num_items, max_batch_size, rank=0, world_size=1):
