@@ -543,7 +543,7 @@ def test_bad_dataset_and_options(tmp_path):
     result = run(TINY_CLI + [f'--data={good}', f'--outdir={outdir}', '--block=Z'])
     assert result.exit_code == 2 and "Invalid value for '--block'" in result.stderr
     result = run(TINY_CLI + [f'--data={good}', f'--outdir={outdir}', '--ema-stds=0.05,0.5'])
-    assert result.exit_code == 1 and '--ema-stds=0.05,0.5: ' in result.stderr
+    assert result.exit_code == 2 and "Invalid value for '--ema-stds': 0.5 is not in the range 0<x<0.289" in result.stderr
     result = run([f'--data={good}', f'--outdir={outdir}', '--preset=nope'])
     assert result.exit_code == 1 and 'Invalid configuration preset "nope"' in result.stderr
     assert not os.path.exists(outdir)   # nothing was written for any of these
