@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import generate_images as cli
-from conftest import make_tiny_net, randomize_weights, snapshot_dict
+from conftest import count_fast_path, make_tiny_net, randomize_weights, snapshot_dict
 from figures.grids import grid_layout
 from sampling.generate import StackedRandomGenerator, config_presets, generate_images, image_path, parse_int_list
 
@@ -249,18 +249,6 @@ class Latents:
     """Encoder stand-in whose decode() returns the sampler's float output, so that runs compare bit for bit."""
     def decode(self, x):
         return x
-
-def count_fast_path(monkeypatch):
-    """List that grows by one per layer that the network evaluates on a path other than the reference one."""
-    from networks import edm2plus
-    calls, choose = [], edm2plus._path
-    def counted(module, x):
-        path = choose(module, x)
-        if path != 'reference':
-            calls.append(path)
-        return path
-    monkeypatch.setattr(edm2plus, '_path', counted)
-    return calls
 
 def test_edm2_exact_equals_reference_mode(tiny_net, monkeypatch):
     from networks import edm2plus

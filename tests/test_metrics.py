@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import calculate_metrics
 import dnnlib
-from conftest import make_tiny_net, randomize_weights
+from conftest import count_fast_path, make_tiny_net, randomize_weights
 from metrics import MetricsError
 from metrics import detectors as det_mod
 from metrics.detectors import DINOv2Detector, DetectorUnavailableError, InceptionV3Detector, resize_bilinear_tf1
@@ -387,13 +387,7 @@ def test_gen_edm2_exact_and_latent_networks(image_folder, standins, tmp_path, mo
     save_stats(final_stats(calculate_stats_for_files(image_folder[0], num_workers=0, metrics=['fid'], device='cpu',
                                                      detectors=dict(fid=PoolDetector()), verbose=False)),
                ref_path, verbose=False)
-    calls, choose = [], edm2plus._path  # layers evaluated on a path other than the reference one
-    def counted(module, x):
-        path = choose(module, x)
-        if path != 'reference':
-            calls.append(path)
-        return path
-    monkeypatch.setattr(edm2plus, '_path', counted)
+    calls = count_fast_path(monkeypatch)  # layers evaluated on a path other than the reference one
     runner = CliRunner()
     args = ['gen', f'--net={net_path}', f'--ref={ref_path}', '--num=4', '--metrics=fid', f'--detector={standins.nvidia}']
     def fid_line(result):
