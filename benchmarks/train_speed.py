@@ -1,6 +1,6 @@
 """Training speed of the block variants at the same base width, measured side by side.
 
-One optimizer step (EDM2 loss, forward + backward + Adam) per variant and path in turn, repeated; the median step
+One optimizer step (EDM2 loss, forward + backward + Adam, as the training loop runs it) per variant and path in turn, repeated; the median step
 time gives images per second. Printed: each variant's ratio to the first variant on the same path, each variant's
 speed-up of the default (training) path over its own reference path (EDM2's op sequence, reference_mode()), and
 the ratio of the last two variants on the default path. Interleaving means a busy machine slows them all alike, so
@@ -26,6 +26,7 @@ from networks.edm2plus import Precond          # noqa: E402
 from torch_utils import cli                    # noqa: E402
 from torch_utils import distributed as dist    # noqa: E402
 from torch_utils import misc                   # noqa: E402
+from training import training_loop            # noqa: E402
 from training.loss import EDM2Loss             # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
     """Return (step function, parameter count, GFLOPs per evaluation) for one variant on one path."""
     net = Precond(resolution, 3, label_dim, block=block, use_fp16=fp16, **net_kwargs).train().to(device)
     counted = flops.count(flops.build_meta(img_resolution=resolution, img_channels=3, label_dim=label_dim, block=block, **net_kwargs))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    optimizer = training_loop.make_optimizer(net.parameters(), dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)))
     loss_fn = EDM2Loss(P_mean=-0.8, P_std=1.6)
     images = torch.randn([batch, 3, resolution, resolution], device=device).clamp(-1, 1)
     labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)] if label_dim else None
@@ -43,10 +44,7 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
         optimizer.zero_grad(set_to_none=True)
         with edm2plus.reference_mode(reference):
             loss_fn(net, images, labels).sum().mul(1 / batch).backward()
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-        optimizer.step()
+        training_loop.apply_gradients(net, optimizer, lr=1e-3, force_finite=True)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
     return step, counted['params'], counted['flops'] / 1e9

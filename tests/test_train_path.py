@@ -7,6 +7,7 @@ the gradients, measured over A and G* with and without dropout. The tolerances b
 below what a wrong formula or a different dropout mask gives (order 1e-2 to 1).
 """
 
+import contextlib
 import gzip
 import os
 
@@ -159,3 +160,33 @@ def test_weight_scaling_backward_matches_autograd():
         fan_in = w[0].numel()
         (edm2plus.normalize(w) * (gain * (0.3 / np.sqrt(fan_in))) * up).sum().backward()
         assert torch.allclose(ours[0], w.grad, rtol=1e-4, atol=1e-6) and torch.allclose(ours[1], gain.grad, rtol=1e-4)
+
+def test_unit_weight_table_matches_per_layer_normalisation(monkeypatch):
+    """On a CPU the training path normalises all weights at once, grouped by fan-in (_unit_weight_table). The same
+    step through the per-layer code (table switched off) gives the same loss, gradients within rounding and
+    bit-identical forced-normalised weights; a weight the pass does not use gets no gradient."""
+    calls = []
+    table = edm2plus._unit_weight_table
+    monkeypatch.setattr(edm2plus, '_unit_weight_table', lambda net: (calls.append(net), table(net))[1])
+    net = perturbed('G*', 0.1)
+    loss, grads, weights = training_step(net, reference=False)
+    assert len(calls) == 1 and not edm2plus._unit_weights  # used once, and emptied after the pass
+    monkeypatch.setattr(edm2plus, '_unit_weight_table', lambda net: contextlib.nullcontext())
+    loss_layer, grads_layer, weights_layer = training_step(net, reference=False)
+    assert abs(loss - loss_layer) <= LOSS_RTOL * abs(loss_layer)
+    assert worst_relative(grads, grads_layer) < GRAD_RTOL
+    assert all(torch.equal(weights[n], weights_layer[n]) for n in weights)
+
+    # The grouped backward against autograd through normalize(), for two weights of one fan-in and one unused.
+    g = torch.Generator().manual_seed(5)
+    ws = [(torch.randn(shape, generator=g) * 2).requires_grad_() for shape in [(6, 4, 3, 3), (5, 36), (3, 36)]]
+    ups = [torch.randn(w.shape, generator=g) for w in ws[:2]]
+    outs = edm2plus._UnitWeights.apply(*ws)
+    assert [o.shape for o in outs] == [w.shape for w in ws]
+    sum((o * up).sum() for o, up in zip(outs, ups)).backward()
+    ours = [w.grad for w in ws]
+    assert ours[2] is None
+    for w, up, grad in zip(ws, ups, ours):
+        w.grad = None
+        (edm2plus.normalize(w) / 6 * up).sum().backward()  # fan-in 36
+        assert torch.allclose(grad, w.grad, rtol=1e-4, atol=1e-6)

@@ -242,13 +242,27 @@ def print_summary(net, batch_gpu, device):
               for key, shape in example.items()]
     misc.print_module_summary(net, inputs, max_nesting=2)
 
+def make_optimizer(params, optimizer_kwargs):
+    """The optimizer that optimizer_kwargs describe. torch's Adam and AdamW get their fused implementation (one
+    kernel for all parameters, on CPU and CUDA) unless the kwargs choose one: their default on a CPU loops over the
+    parameters in Python, about 4 ms of a 150 ms step at the demo size, and it computes the same update."""
+    kwargs = dict(optimizer_kwargs)
+    params = list(params)
+    if kwargs.get('class_name') in ('torch.optim.Adam', 'torch.optim.AdamW') and 'fused' not in kwargs and \
+            'foreach' not in kwargs and all(p.device.type in ('cpu', 'cuda') and p.is_floating_point() for p in params):
+        kwargs['fused'] = True
+    return dnnlib.util.construct_class_by_name(params=params, **kwargs)
+
 def apply_gradients(net, optimizer, lr, force_finite):
     """Adam step at learning rate `lr`; with `force_finite`, NaN/Inf gradient entries count as 0 (float16 needs it)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     grads = [param.grad for param in net.parameters() if param.grad is not None] if force_finite else []
-    for grad in grads:
-        grad.nan_to_num_(nan=0, posinf=0, neginf=0)
+    # One norm per gradient in one call tells whether any entry is NaN or Inf (the norm is then too, or overflows,
+    # which only costs the per-tensor pass below), instead of a pass per tensor in every step.
+    if grads and not torch.stack(torch._foreach_norm(grads)).isfinite().all():
+        for grad in grads:
+            grad.nan_to_num_(nan=0, posinf=0, neginf=0)
     optimizer.step()
 
 #----------------------------------------------------------------------------
@@ -308,7 +322,7 @@ def training_loop(
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
     train_net = torch.compile(ddp) if compile else ddp
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    optimizer = make_optimizer(net.parameters(), optimizer_kwargs)
     ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not None else None
     checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
     if rank == 0:
