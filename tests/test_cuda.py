@@ -1,7 +1,8 @@
 """The CUDA paths, on a machine with a GPU; skipped elsewhere (CI has none).
 
 float32, float16 and bfloat16 activations through the fast and the reference path against the float64 formulas
-(tests/reference_net.py, computed on the CPU), a training step against the same step on the CPU, and sampling on the
+(tests/reference_net.py, computed on the CPU), a training step against the same step on the CPU and, in half
+precision, the training path against the reference path, and sampling on the
 GPU across batch sizes. Tolerances are absolute on outputs of magnitude ~1-4.
 """
 
@@ -91,6 +92,29 @@ def test_training_step_matches_cpu(block):
     for name, g in grads_cpu.items():
         assert torch.isfinite(grads_fp16[name]).all(), name
         assert maxdiff(grads_fp16[name], g) <= 0.1 * g.abs().max().item() + 1e-4, name
+
+@pytest.mark.parametrize('precision, tol', [('fp16', 0.05), ('bf16', 0.15)])
+@pytest.mark.parametrize('block', ['A', 'G*'])
+def test_training_path_matches_reference_in_half_precision(block, precision, tol):
+    """The training path (the default with autograd on) against EDM2's op sequence, both on CUDA with float16 or
+    bfloat16 activations: the same loss within 1% and gradients within `tol` of each tensor's largest entry (the
+    two round differently in half precision; a wrong formula is off by order 1)."""
+    x, sigma, labels = inputs(3)
+    base = tiny(block, use_fp16=(precision == 'fp16'), use_bf16=(precision == 'bf16')).train()
+    def step(reference):
+        net = copy.deepcopy(base).to(CUDA)
+        with edm2plus.reference_mode(reference):
+            d, logvar = net(*on_cuda(x, sigma, labels), return_logvar=True)
+        loss = ((d - x.to(CUDA)) ** 2 / logvar.exp() + logvar).mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None}
+    loss_ref, grads_ref = step(True)
+    loss, grads = step(False)
+    assert abs(loss - loss_ref) < 0.01 * abs(loss_ref)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 10
+    for name, g in grads_ref.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert maxdiff(grads[name], g) <= tol * g.abs().max().item() + 1e-4, name
 
 def test_sampling_on_cuda_is_stable_across_batch_sizes():
     net = tiny('G*').to(CUDA)  # float16 activations, as EDM2 samples

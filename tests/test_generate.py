@@ -264,6 +264,21 @@ def test_edm2_exact_equals_reference_mode(tiny_net, monkeypatch):
         assert torch.equal(a.images, b.images)
         torch.testing.assert_close(c.images, a.images, rtol=0, atol=1e-4)  # same function, other rounding
 
+@pytest.mark.slow  # torch.compile of two tiny networks: about a minute on 2 cores
+def test_compiled_networks_give_the_same_images(tiny_net):
+    """compile=True runs the networks through torch.compile (inductor, which traces the reference op sequence);
+    the images equal the eager ones up to rounding, guide included, and the networks really were compiled."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    kwargs = dict(seeds=[0, 1, 2], max_batch_size=2, encoder=Latents(), gnet=random_tiny_net(seed=1), guidance=1.5)
+    eager = generate_all(tiny_net, **kwargs)
+    compiled = generate_all(tiny_net, compile=True, **kwargs)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] >= 2  # main net and guide
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b.images, a.images, rtol=0, atol=1e-4)
+    assert '--compile' in run_cli(['--help']).output
+    torch._dynamo.reset()
+
 def test_cli_edm2_exact(tiny_pkl, tmp_path, monkeypatch):
     from networks import edm2plus
     calls = count_fast_path(monkeypatch)

