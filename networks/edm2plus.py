@@ -534,8 +534,8 @@ def _train_weight(conv, dtype, gain=1, scale=1):
     return w.contiguous(memory_format=torch.channels_last) if w.ndim == 4 else w
 
 # Weight table. At the demo size a training step dispatches ~13,000 ops, and normalising each of G*'s ~100 weights
-# on its own (forced normalisation, then normalize(w) / sqrt(fan_in) with its backward) is about a fifth of them:
-# ~20 ms of a 150 ms step on a CPU, and more for G* than for A, since G* has more layers. On a CPU the training path
+# on its own (forced normalisation, then normalize(w) / sqrt(fan_in) with its backward) is ~1,900 of them: ~20 ms
+# of a 150 ms step on a CPU, and more for G* than for A, since G* has more layers. On a CPU the training path
 # therefore normalises all float32 weights of the network before the forward pass, grouped by fan-in (the rows of
 # one group have equal length and stack into one matrix): the same formulas with a few ops per group instead of per
 # layer. Each layer then multiplies its unit weight by its gain and folded scale. On a GPU every layer keeps its own
