@@ -1,7 +1,7 @@
 """Training speed of the block variants at the same base width, measured side by side.
 
-One optimizer step (EDM2 loss, forward + backward + Adam, as the training loop runs it) per variant and path in turn, repeated; the median step
-time gives images per second. Printed: each variant's ratio to the first variant on the same path, each variant's
+One optimizer step (EDM2 loss, forward + backward + Adam, as the training loop runs it) per variant and path in
+turn, repeated; the median step time gives images per second. Printed: each variant's ratio to the first variant on the same path, each variant's
 speed-up of the default (training) path over its own reference path (EDM2's op sequence, reference_mode()), and
 the ratio of the last two variants on the default path. Interleaving means a busy machine slows them all alike, so
 the ratios stay meaningful even when the absolute numbers do not.
@@ -35,7 +35,8 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
     """Return (step function, parameter count, GFLOPs per evaluation) for one variant on one path."""
     net = Precond(resolution, 3, label_dim, block=block, use_fp16=fp16, **net_kwargs).train().to(device)
     counted = flops.count(flops.build_meta(img_resolution=resolution, img_channels=3, label_dim=label_dim, block=block, **net_kwargs))
-    optimizer = training_loop.make_optimizer(net.parameters(), dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)))
+    adam = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99))
+    optimizer = training_loop.make_optimizer(net.parameters(), adam)
     loss_fn = EDM2Loss(P_mean=-0.8, P_std=1.6)
     images = torch.randn([batch, 3, resolution, resolution], device=device).clamp(-1, 1)
     labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)] if label_dim else None
