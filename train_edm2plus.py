@@ -224,7 +224,7 @@ def print_training_config(c, opts, world_size):
 @click.option('--bf16',             help='Use bfloat16 instead of float16 (CUDA)', metavar='BOOL',      type=bool, default=D['bf16'], show_default=True)
 @click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=cli.FloatRange(min=0, min_open=True), default=D['ls'], show_default=True)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=D['bench'], show_default=True)
-@click.option('--compile',          help='torch.compile the network (slow start)', metavar='BOOL',      type=bool, default=D['compile'], show_default=True)
+@click.option('--compile',          help='torch.compile the network (slow start): BOOL, or a mode, e.g. reduce-overhead (CUDA graphs)', metavar='BOOL|MODE', type=cli.Parsed(training_loop.parse_compile, 'mode'), default=D['compile'], show_default=True)
 @click.option('--workers',          help='Data loader processes [default: 2 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0), default=None)
 
 # I/O-related.

@@ -1,14 +1,17 @@
 """Training speed of the block variants at the same base width, measured side by side.
 
 One optimizer step (EDM2 loss, forward + backward + Adam, as the training loop runs it) per variant and path in
-turn, repeated; the median step time gives images per second. Printed: each variant's ratio to the first variant on the same path, each variant's
-speed-up of the default (training) path over its own reference path (EDM2's op sequence, reference_mode()), and
-the ratio of the last two variants on the default path. Interleaving means a busy machine slows them all alike, so
-the ratios stay meaningful even when the absolute numbers do not.
+turn, repeated; the median step time gives images per second. The paths: `reference` (EDM2's op sequence,
+reference_mode()), `default` (the training path) and, on request, `compiled` (torch.compile of the network in
+--compile-mode, as train_edm2plus.py --compile runs it; 'reduce-overhead' replays CUDA graphs on a GPU). Printed:
+each variant's ratio to the first variant on the same path, each path's speed-up over the variant's reference
+path, and the ratio of the two variants on the last path. Interleaving means a busy machine slows them all alike,
+so the ratios stay meaningful even when the absolute numbers do not.
 
   python benchmarks/train_speed.py                                   # CONFIG A vs G*, 32x32, base 32, CPU
   python benchmarks/train_speed.py --resolution=64 --channels=192 --channel-mult=1,2,3,4 --num-blocks=3 \\
       --attn=16,8 --batch=64 --label-dim=1000                        # EDM2-S vs EDM2+-S (on a GPU)
+  python benchmarks/train_speed.py --impls=default,compiled --compile-mode=reduce-overhead ...   # + CUDA graphs
 """
 
 import os
@@ -31,9 +34,13 @@ from training.loss import EDM2Loss             # noqa: E402
 
 #----------------------------------------------------------------------------
 
-def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=False, **net_kwargs):
-    """Return (step function, parameter count, GFLOPs per evaluation) for one variant on one path."""
+PATHS = ('reference', 'default', 'compiled')
+
+def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=False, compile=False, **net_kwargs):
+    """Return (step function, parameter count, GFLOPs per evaluation) for one variant on one path; `compile`: False
+    or a torch.compile mode."""
     net = Precond(resolution, 3, label_dim, block=block, use_fp16=fp16, **net_kwargs).train().to(device)
+    train_net = training_loop.compile_net(net, compile)
     counted = flops.count(flops.build_meta(img_resolution=resolution, img_channels=3, label_dim=label_dim, block=block, **net_kwargs))
     adam = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99))
     optimizer = training_loop.make_optimizer(net.parameters(), adam)
@@ -44,7 +51,7 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
     def step():
         optimizer.zero_grad(set_to_none=True)
         with edm2plus.reference_mode(reference):
-            loss_fn(net, images, labels).sum().mul(1 / batch).backward()
+            loss_fn(train_net, images, labels).sum().mul(1 / batch).backward()
         training_loop.apply_gradients(net, optimizer, lr=1e-3, force_finite=True)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
@@ -65,16 +72,17 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
 @click.option('--warmup',       help='Untimed steps per variant first', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--fp16',         help='FP16 activations (CUDA only)', metavar='BOOL',  type=bool, default=True, show_default=True)
 @click.option('--device',       help='cuda or cpu [default: cuda if available]', metavar='STR', type=str, default=None)
-@click.option('--impls',        help='Paths: reference and/or default', metavar='LIST', type=str, default='reference,default', show_default=True)
-def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls):
+@click.option('--impls',        help='Paths: reference, default, compiled', metavar='LIST', type=str, default='reference,default', show_default=True)
+@click.option('--compile-mode', help='torch.compile mode of the compiled path', type=click.Choice(training_loop.COMPILE_MODES), default='default', show_default=True)
+def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls, compile_mode):
     """Training images per second of block variants at the same width, run side by side."""
     device = torch.device(device) if device is not None else dist.device()
     net_kwargs = dict(model_channels=channels, channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn)
     names = [x.strip() for x in blocks.split(',') if x.strip()]
     paths = [x.strip() for x in impls.split(',') if x.strip()]
     for path in paths:
-        if path not in ('reference', 'default'):
-            raise click.ClickException(f'--impls: unknown path "{path}" (choose from reference, default)')
+        if path not in PATHS:
+            raise click.ClickException(f'--impls: unknown path "{path}" (choose from {", ".join(PATHS)})')
     print(f'Device {device} ({torch.get_num_threads()} threads), {resolution}x{resolution}, base {channels}, '
           f'mult {net_kwargs["channel_mult"]}, {num_blocks} blocks, batch {batch}')
     trainers = {}
@@ -83,7 +91,8 @@ def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim
             try:
                 torch.manual_seed(0)
                 trainers[name, path] = make_trainer(name, resolution, label_dim, batch, device, fp16,
-                                                    reference=(path == 'reference'), **net_kwargs)
+                                                    reference=(path == 'reference'),
+                                                    compile=(compile_mode if path == 'compiled' else False), **net_kwargs)
             except ValueError as e:
                 raise click.ClickException(str(e))
 
@@ -104,8 +113,9 @@ def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim
             vs_ref = f'{speed[name, path] / speed[name, "reference"]:6.2f}' if 'reference' in paths else f'{"":6s}'
             print(f'{name:<8s} {path:<9s} {params / 1e6:8.3f} {gflops:7.3f} {speed[name, path]:8.2f} '
                   f'{speed[name, path] / speed[names[0], path]:6.2f} {vs_ref}')
-    for name in names if len(paths) == 2 else ():
-        print(f'{name} default path: {speed[name, "default"] / speed[name, "reference"]:.2f}x its reference path')
+    for path in paths if 'reference' in paths else ():
+        for name in names if path != 'reference' else ():
+            print(f'{name} {path} path: {speed[name, path] / speed[name, "reference"]:.2f}x its reference path')
     if len(names) == 2:
         a, b = names
         ratio = speed[b, paths[-1]] / speed[a, paths[-1]]

@@ -42,6 +42,8 @@ def test_sampling_and_train_speed_print_ratios():
                        '--num-blocks=1', '--attn=4', '--batch=4', '--steps=1', '--warmup=0')
     assert rc == 0, err[-2000:]
     assert re.search(r'G\* trains \d+\.\d+x as many images per second as A', out), out
+    rc, _out, err = run('train_speed.py', '--device=cpu', '--impls=default,turbo')
+    assert rc != 0 and '--impls: unknown path "turbo" (choose from reference, default, compiled)' in err
 
 def test_roofline_prints_rates_and_the_bound():
     rc, out, err = run('roofline.py', '--device=cpu', '--channels=64', '--resolution=8', '--label-dim=10', '--reps=1',
@@ -54,6 +56,25 @@ def test_roofline_prints_rates_and_the_bound():
     assert re.search(r'^G\*/A = 0\.5 needs G\* to average \d+ GFLOP/s', out, re.M), out
     latency, lowest = (float(v) for v in re.findall(r'ratio G\*/A(?: at peak)?: (\d+\.\d{3})', out))
     assert 0 < lowest <= latency  # no network beats the peak it is measured against
+
+def run_suite(**env):
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_suite.sh')], cwd=ROOT, timeout=600,
+                          env={**ENV, 'SMOKE': '1', 'DEVICE': 'cpu', 'PYTHON': sys.executable, **env},
+                          capture_output=True, text=True)
+    return proc.returncode, proc.stdout
+
+def test_gpu_suite_runs_every_step():
+    """The GPU suite at toy sizes on the CPU: every step runs with the options it passes, and prints its G*/A line."""
+    rc, out = run_suite()
+    assert rc == 0 and out.rstrip().endswith('all steps ran'), out[-3000:]
+    assert len(re.findall(r'^G\* trains \d+\.\d+x as many images per second as A', out, re.M)) == 2, out
+    assert len(re.findall(r'^throughput ratio G\*/A: \d+\.\d{3}$', out, re.M)) == 1 + 2, out  # protocol, sweep
+    assert len(re.findall(r'^fast +images/s G\*/A: \d+\.\d{3}$', out, re.M)) == 1, out
+    assert 'FAILED' not in out
+    # A failing step is named with its command, the others still run, and the exit status says so.
+    rc, out = run_suite(PYTHON='false')
+    assert rc == 1 and out.rstrip().endswith('6 step(s) failed'), out[-3000:]
+    assert out.count('FAILED (exit 1): false benchmarks/') == 6
 
 @pytest.mark.parametrize('script', ['inference.py', 'sampling.py'])
 def test_bad_options_name_the_option(script):

@@ -254,6 +254,28 @@ def make_optimizer(params, optimizer_kwargs):
         kwargs['fused'] = True
     return dnnlib.util.construct_class_by_name(params=params, **kwargs)
 
+# torch.compile's modes. 'reduce-overhead' records the compiled forward and backward as CUDA graphs (on a CPU it
+# compiles as 'default'): every step has the same shapes, so they are recorded once and replayed.
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+def parse_compile(text):
+    """--compile's value: a boolean (true: 'default') or one of COMPILE_MODES. Returns False or the mode."""
+    word = str(text).strip().lower()
+    if word in ('false', 'no', 'off', '0', 'none'):
+        return False
+    if word in ('true', 'yes', 'on', '1'):
+        return 'default'
+    if word in COMPILE_MODES:
+        return word
+    raise ValueError(f'{text!r} is neither a boolean nor a torch.compile mode ({", ".join(COMPILE_MODES)})')
+
+def compile_net(net, compile):
+    """net wrapped in torch.compile in the mode `compile` (False/None: net itself; True: 'default')."""
+    if not compile:
+        return net
+    mode = parse_compile(compile) if not isinstance(compile, bool) else 'default'
+    return torch.compile(net, mode=mode)
+
 def apply_gradients(net, optimizer, lr, force_finite):
     """Adam step at learning rate `lr`; with `force_finite`, NaN/Inf gradient entries count as 0 (float16 needs it)."""
     for group in optimizer.param_groups:
@@ -288,8 +310,8 @@ def training_loop(
     # Arithmetic: loss multiplier before backward (never undone), zeroing of NaN/Inf gradients, cuDNN autotuning,
     # device (None: CUDA when available, else CPU).
     loss_scaling=1, force_finite=True, cudnn_benchmark=True, device=None,
-    # Beyond EDM2: wall-clock seconds for this invocation, torch.compile of the forward pass, a tqdm progress bar
-    # (None: when stdout is a terminal).
+    # Beyond EDM2: wall-clock seconds for this invocation, torch.compile of the network (False, True or one of
+    # COMPILE_MODES), a tqdm progress bar (None: when stdout is a terminal).
     time_limit=None, compile=False, progress=None,
 ):
     #------------------------------------------------------------------------
@@ -321,7 +343,7 @@ def training_loop(
     ddp = net
     if dist.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
-    train_net = torch.compile(ddp) if compile else ddp
+    train_net = compile_net(ddp, compile)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = make_optimizer(net.parameters(), optimizer_kwargs)
     ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not None else None
