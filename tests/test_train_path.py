@@ -99,6 +99,14 @@ def test_mp_cat_and_clip_gradients():
     clipped = edm2plus._clip(y, 2.0)
     clipped.sum().backward()
     assert clipped.tolist() == [-2.0, 0.5, 2.0, 2.0] and y.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+    # Channels-last activations (the check reads their storage as one vector): every element is seen.
+    z = torch.randn(2, 3, 4, 5, generator=g).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
+    assert edm2plus._clip(z, 1.5) is z
+    for index, value in [((1, 2, 3, 4), 7.0), ((0, 0, 0, 0), -7.0), ((1, 0, 2, 1), 1.6)]:
+        high = z.clone()
+        high[index] = value
+        assert high.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(edm2plus._clip(high, 1.5), high.clamp(-1.5, 1.5)) and edm2plus._clip(high, 1.5)[index].abs() == 1.5
 
 #----------------------------------------------------------------------------
 # 200 steps on Fashion-MNIST: the loss curves of the two paths agree.
