@@ -67,6 +67,36 @@ def test_one_step_same_loss_and_gradients(block, dropout):
         _, grads_other, _ = training_step(net, reference=True, seed=4)
         assert worst_relative(grads_other, grads_ref) > 100 * GRAD_RTOL
 
+@pytest.mark.parametrize('block', ['A', 'G*'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_activations(block, dtype):
+    """The training path with float16/bfloat16 activations (as on a GPU; here the U-Net is called with half-precision
+    input on the CPU): its gradients are as close to the float32 gradients as the reference path's in the same
+    precision. Half-precision rounding alone puts either path several % off on some tensors (the scalar gains sum
+    over whole activations; A's output gain sees a loss of ~1e-4), so each tensor's error is bounded by three times
+    the reference path's error plus 0.05 of its largest entry: a wrong factor or cast is off by order 1."""
+    net = perturbed(block, dropout=0)
+    g = torch.Generator().manual_seed(1)
+    x, noise, labels = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, generator=g), torch.eye(10)[[1, 2, 3, 4]]
+    w = torch.randn(4, 3, 16, 16, generator=g)
+    def gradients(activations, reference):
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        net.zero_grad(set_to_none=True)
+        with edm2plus.reference_mode(reference):
+            out = net.unet(x.to(activations), noise, labels)
+        assert out.dtype == activations
+        (out.float() * w).mean().backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        net.load_state_dict(state)
+        return grads
+    exact = gradients(torch.float32, reference=True)
+    ref, ours = gradients(dtype, reference=True), gradients(dtype, reference=False)
+    assert exact.keys() == ref.keys() == ours.keys() and len(exact) > 50
+    for name, g32 in exact.items():
+        scale = g32.abs().max().item() + 1e-12
+        err_ref, err_ours = ((ref[name] - g32).abs().max().item() / scale, (ours[name] - g32).abs().max().item() / scale)
+        assert torch.isfinite(ours[name]).all() and err_ours <= 3 * err_ref + 0.05, (name, err_ours, err_ref)
+
 def test_pixel_norm_backward_matches_autograd():
     """The hand-written backward of the normalisation equals autograd's, over channels and over a head's axis."""
     g = torch.Generator().manual_seed(0)
