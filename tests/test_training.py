@@ -602,7 +602,7 @@ def test_compile_net_passes_the_mode(monkeypatch):
     seen = []
     monkeypatch.setattr(torch, 'compile', lambda net, mode=None: seen.append(mode) or ('compiled', net))
     net = torch.nn.Linear(2, 2)
-    assert tl.compile_net(net, False) is net and tl.compile_net(net, None) is net
+    assert tl.compile_net(net, False) is net and tl.compile_net(net, None) is net and tl.compile_net(net, 'off') is net
     assert tl.compile_net(net, True) == ('compiled', net) and tl.compile_net(net, 'reduce-overhead') == ('compiled', net)
     assert seen == ['default', 'reduce-overhead']
     with pytest.raises(ValueError, match='neither a boolean nor a torch.compile mode'):

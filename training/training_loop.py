@@ -270,11 +270,9 @@ def parse_compile(text):
     raise ValueError(f'{text!r} is neither a boolean nor a torch.compile mode ({", ".join(COMPILE_MODES)})')
 
 def compile_net(net, compile):
-    """net wrapped in torch.compile in the mode `compile` (False/None: net itself; True: 'default')."""
-    if not compile:
-        return net
-    mode = parse_compile(compile) if not isinstance(compile, bool) else 'default'
-    return torch.compile(net, mode=mode)
+    """net wrapped in torch.compile in the mode `compile` (anything parse_compile takes; False/None: net itself)."""
+    mode = parse_compile(compile) if compile else False
+    return torch.compile(net, mode=mode) if mode else net
 
 def apply_gradients(net, optimizer, lr, force_finite):
     """Adam step at learning rate `lr`; with `force_finite`, NaN/Inf gradient entries count as 0 (float16 needs it)."""
