@@ -9,7 +9,6 @@ Examples:
 """
 
 import json
-import os
 
 import click
 import torch
@@ -110,8 +109,7 @@ def main(net, block, channels, expansion, kernel, resolution, img_channels, labe
     convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
     tool accepts and which never runs code.
     """
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        raise click.ClickException('Distributed execution is not supported')
+    cli.refuse_torchrun('count_flops.py')
 
     if paper:
         rows = paper_table()

@@ -674,8 +674,7 @@ def cmdline():
     ImageNet 512x512 latents (needs diffusers; a GPU advised):
       python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     """
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        raise click.ClickException('Distributed execution is not supported.')
+    cli.refuse_torchrun('dataset_tool.py')
 
 @cmdline.command()
 # Main options.

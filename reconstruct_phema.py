@@ -44,8 +44,7 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
     Inputs are files named <prefix>-<kimg>-<std>.pkl; their times are recovered as multiples of 1024 images.
     Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust.
     """
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        raise click.ClickException('Distributed execution is not supported')
+    cli.refuse_torchrun('reconstruct_phema.py')
     if not os.path.isdir(indir):
         raise click.ClickException(f'Input directory does not exist: {indir}')
     cli.check_output_dir(outdir)

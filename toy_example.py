@@ -122,16 +122,22 @@ def _normalize(x, eps=1e-4):
 def _mp_silu(x):
     return torch.nn.functional.silu(x) / 0.596
 
+@persistence.persistent_class
 class MPLinear(torch.nn.Module):
+    """Bias-free linear layer whose weight rows are kept at unit RMS (forced weight normalisation)."""
+
     def __init__(self, in_features, out_features):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.weight = torch.nn.Parameter(torch.randn([out_features, in_features]))
+
+    def unit_weight(self):
+        """The normalised weight over sqrt(fan-in); in training the stored weight is first projected back."""
+        if self.training:
+            self.weight.data.copy_(_normalize(self.weight.detach()))
+        return _normalize(self.weight) / np.sqrt(self.weight.shape[1])
 
     def forward(self, x):
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(_normalize(self.weight))
-        return x @ (_normalize(self.weight) / np.sqrt(self.weight.shape[1])).t()
+        return x @ self.unit_weight().t()
 
 @persistence.persistent_class
 class ToyModel(torch.nn.Module):
@@ -310,8 +316,7 @@ def cmdline():
     python toy_example.py plot --net=toy-runs/main/iter4096.pkl --gnet=toy-runs/guide/iter0512.pkl \\
         --uncond=toy-runs/uncond/iter4096.pkl --save=toy-example.png
     """
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        raise click.ClickException('Distributed execution is not supported.')
+    cli.refuse_torchrun('toy_example.py')
     torch.set_num_threads(min(torch.get_num_threads(), 4))  # tiny tensors: more threads only add overhead
 
 @cmdline.command('train')

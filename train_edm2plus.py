@@ -173,14 +173,13 @@ def print_training_config(c, opts, world_size):
     precision = 'bf16' if opts.bf16 else 'fp16' if opts.fp16 else 'fp32'
     if device == 'CPU':
         precision += ' (CPU: float32)'
-    dist.print0(f'{"Output directory:":<25s}{opts.outdir}')
-    dist.print0(f'{"Dataset path:":<25s}{opts.data}')
-    dist.print0(f'{"Class-conditional:":<25s}{opts.cond}')
-    dist.print0(f'{"Number of GPUs:":<25s}{world_size} ({device})')
-    dist.print0(f'{"Batch size:":<25s}{c["batch_size"]}')
-    dist.print0(f'{"Mixed-precision:":<25s}{precision}')
+    rows = [('Output directory', opts.outdir), ('Dataset path', opts.data), ('Class-conditional', opts.cond),
+            ('Number of GPUs', f'{world_size} ({device})'), ('Batch size', c['batch_size']),
+            ('Mixed-precision', precision)]
     if opts.minutes is not None:
-        dist.print0(f'{"Time limit:":<25s}{opts.minutes:g} minutes')
+        rows.append(('Time limit', f'{opts.minutes:g} minutes'))
+    for label, value in rows:  # EDM2's log.txt layout: the label and its colon in 25 columns
+        dist.print0(f'{label + ":":<25s}{value}')
     dist.print0()
     # The network's size, counted as count_flops.py does (on the meta device: no memory, about a second).
     kwargs = {k: v for k, v in c['network_kwargs'].items() if k not in ('class_name', 'use_fp16', 'use_bf16')}

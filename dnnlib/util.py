@@ -212,26 +212,29 @@ def is_pickleable(obj):
 #----------------------------------------------------------------------------
 # Construct objects and call functions by their dotted names, as EDM2 configs store them.
 
+_MODULE_ALIASES = {'np': 'numpy', 'tf': 'tensorflow'}  # short names that configs of the TensorFlow era used
+
 def get_module_from_obj_name(obj_name):
-    """Split 'a.b.c.D' into (module, 'attr path'), trying the longest importable module prefix first."""
-    obj_name = re.sub('^np.', 'numpy.', obj_name)
-    obj_name = re.sub('^tf.', 'tensorflow.', obj_name)
-    parts = obj_name.split('.')
-    candidates = [('.'.join(parts[:i]), '.'.join(parts[i:])) for i in range(len(parts), 0, -1)]
-    for module_name, local_name in candidates:
+    """Split 'a.b.c.D' into (module, 'attr path'), preferring the longest importable module prefix.
+
+    A prefix whose import fails because the module itself is absent just means a shorter prefix is meant; an import
+    that fails inside an existing module (a missing dependency of it) is the real error and is raised."""
+    head, *rest = obj_name.split('.')
+    parts = [_MODULE_ALIASES.get(head, head)] + rest
+    broken = None
+    for cut in reversed(range(1, len(parts) + 1)):
+        module_name, attr_path = '.'.join(parts[:cut]), '.'.join(parts[cut:])
         try:
             module = importlib.import_module(module_name)
-            get_obj_from_module(module, local_name)
-            return module, local_name
-        except Exception:
-            pass
-    # The name was not found: re-raise the error of a module that exists but fails to import.
-    for module_name, _local_name in candidates:
-        try:
-            importlib.import_module(module_name)
         except ImportError as e:
-            if not str(e).startswith("No module named '" + module_name.split('.')[0]):
-                raise
+            absent = e.name is not None and (module_name + '.').startswith(e.name + '.')
+            broken = broken if absent else (broken or e)
+            continue
+        with contextlib.suppress(AttributeError):
+            get_obj_from_module(module, attr_path)
+            return module, attr_path
+    if broken is not None:
+        raise broken
     raise ImportError(obj_name)
 
 def get_obj_from_module(module, obj_name):
@@ -312,61 +315,59 @@ def is_url(obj, allow_file_urls=False):
     except Exception:
         return False
 
+def _local_file(url):
+    """The file a plain path or a file:// URL names, or None for a URL that must be downloaded."""
+    if not re.match('[a-z]+://', url):
+        return url
+    if not url.startswith('file://'):
+        return None
+    path = urllib.parse.urlparse(url).path
+    return path[1:] if re.match('/[a-zA-Z]:', path) else path  # file:///C:/x -> C:/x on Windows
+
+def _cache_entry(cache_dir, key):
+    """The one file kept in `cache_dir` for a URL whose hash is `key`, or None."""
+    names = os.listdir(cache_dir) if os.path.isdir(cache_dir) else []
+    hits = [name for name in names if name.startswith(key + '_')]
+    return os.path.join(cache_dir, hits[0]) if len(hits) == 1 else None
+
 def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True):
     """Open a local path, a file:// URL or an HTTP(S) URL (downloaded once into the cache) for binary reading."""
     assert num_attempts >= 1
-    if not re.match('^[a-z]+://', url):
-        return url if return_filename else open(url, 'rb')
-    if url.startswith('file://'):
-        filename = urllib.parse.urlparse(url).path
-        if re.match(r'^/[a-zA-Z]:', filename):
-            filename = filename[1:]
-        return filename if return_filename else open(filename, 'rb')
-    assert is_url(url)
+    local = _local_file(url)
+    if local is None:
+        assert is_url(url)
+        cache_dir = make_cache_dir_path('downloads') if cache_dir is None else cache_dir
+        key = hashlib.md5(url.encode('utf-8')).hexdigest()
+        local = _cache_entry(cache_dir, key) if cache else None
+    if local is not None:
+        return local if return_filename else open(local, 'rb')
 
-    if cache_dir is None:
-        cache_dir = make_cache_dir_path('downloads')
-    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
-    if cache:
-        cache_files = [f for f in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else []) if f.startswith(url_md5 + '_')]
-        if len(cache_files) == 1:
-            filename = os.path.join(cache_dir, cache_files[0])
-            return filename if return_filename else open(filename, 'rb')
+    name, data = _download(url, num_attempts, verbose)
+    if not cache:
+        assert not return_filename
+        return io.BytesIO(data)
+    stored = os.path.join(cache_dir, key + '_' + re.sub(r'[^0-9a-zA-Z-._]', '_', name)[:128])
+    with atomic_write(stored) as f:
+        f.write(data)
+    return stored if return_filename else io.BytesIO(data)
 
+def _download(url, num_attempts, verbose):
+    """(file name the server gives, or the URL; the bytes), trying up to num_attempts times."""
     import requests  # only needed for downloads
-    url_name, url_data = None, None
+    say = (lambda text: print(text, end='', flush=True)) if verbose else (lambda text: None)
+    say(f'Downloading {url} ...')
     with requests.Session() as session:
-        if verbose:
-            print(f'Downloading {url} ...', end='', flush=True)
-        for attempts_left in reversed(range(num_attempts)):
+        for attempt in range(1, num_attempts + 1):
             try:
                 with session.get(url, timeout=60) as res:
                     res.raise_for_status()
-                    if len(res.content) == 0:
+                    if not res.content:
                         raise IOError('No data received')
-                    url_data = res.content
-                    disposition = res.headers.get('Content-Disposition', '')
-                    match = re.search(r'filename="([^"]*)"', disposition)
-                    url_name = match[1] if match else url
-                    if verbose:
-                        print(' done')
-                    break
-            except KeyboardInterrupt:
-                raise
-            except Exception:
-                if not attempts_left:
-                    if verbose:
-                        print(' failed')
+                    named = re.search(r'filename="([^"]*)"', res.headers.get('Content-Disposition', ''))
+                    say(' done\n')
+                    return (named[1] if named else url), res.content
+            except Exception:  # KeyboardInterrupt is not an Exception: it ends the download at once
+                if attempt == num_attempts:
+                    say(' failed\n')
                     raise
-                if verbose:
-                    print('.', end='', flush=True)
-
-    if cache:
-        safe_name = re.sub(r'[^0-9a-zA-Z-._]', '_', url_name)[:128]
-        cache_file = os.path.join(cache_dir, url_md5 + '_' + safe_name)
-        with atomic_write(cache_file) as f:
-            f.write(url_data)
-        if return_filename:
-            return cache_file
-    assert not return_filename
-    return io.BytesIO(url_data)
+                say('.')

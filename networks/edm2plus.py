@@ -189,12 +189,12 @@ class Block(torch.nn.Module):
         expansion           = None,     # e: width of E = e*out; None: the variant's
         kernel              = None,     # k of the depthwise convs; None: the variant's
         dropout             = 0,        # dropout inside the branch (training only)
-        res_balance         = 0.3,      # MP-sum weight of the branch vs. the shortcut
         resample_mode       = 'keep',   # 'keep', 'down' (2x pool) or 'up' (2x nearest)
         resample_filter     = [1,1],    # separable resampling kernel
+        res_balance         = 0.3,      # MP-sum weight of the branch vs. the shortcut
         attention           = False,    # add self-attention after the branch
-        attn_balance        = 0.3,      # MP-sum weight of attention vs. its input
         channels_per_head   = 64,       # head width C_h
+        attn_balance        = 0.3,      # MP-sum weight of attention vs. its input
         clip_act            = 256,      # clamp outputs to +-clip_act; None disables
     ):
         super().__init__()

@@ -48,6 +48,12 @@ def os_errors(path=None):
     except OSError as e:
         raise CliError(os_error_line(e, path)) from None
 
+def refuse_torchrun(tool):
+    """Stop a tool that runs in one process when torchrun started several copies of it (they would all write the
+    same outputs). The message keeps EDM2's wording."""
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise CliError(f'Distributed execution is not supported. ({tool} runs in one process: start it without torchrun)')
+
 #----------------------------------------------------------------------------
 # Output paths, checked before any work is done.
 

@@ -220,19 +220,23 @@ def resume_newest(checkpoint, run_dir, rank):
 # Pieces of the loop's set-up and of one optimizer step.
 
 def build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device):
-    """(dataset, encoder, network). The network's resolution, channels and label length are those of the first
-    dataset item after `encode_latents` (which draws from the global RNG for VAE latents, before the network's
-    initialisation does)."""
+    """(dataset, encoder, network), each built from its kwargs."""
     dist.print0('Loading dataset...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    first_image, first_label = dataset[0]
     dist.print0('Setting up encoder...')
     encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
-    first = encoder.encode_latents(torch.as_tensor(first_image).to(device).unsqueeze(0))
     dist.print0('Constructing network...')
-    interface = dict(img_resolution=first.shape[-1], img_channels=first.shape[1], label_dim=first_label.shape[-1])
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
-    return dataset, encoder, net.train().requires_grad_(True).to(device)
+    return dataset, encoder, network_for(dataset, encoder, network_kwargs, device)
+
+def network_for(dataset, encoder, network_kwargs, device):
+    """The network, in training mode on `device`, whose resolution, channels and label length are those of the first
+    dataset item after `encode_latents` (which draws from the global RNG for VAE latents, before the network's
+    initialisation does)."""
+    image, label = dataset[0]
+    x = encoder.encode_latents(torch.as_tensor(image).to(device)[None])
+    net = dnnlib.util.construct_class_by_name(img_resolution=x.shape[-1], img_channels=x.shape[1],
+                                              label_dim=label.shape[-1], **network_kwargs)
+    return net.train().requires_grad_(True).to(device)
 
 def print_summary(net, batch_gpu, device):
     """The module table for one micro-batch of zeros at sigma = 1."""
@@ -288,16 +292,26 @@ def apply_gradients(net, optimizer, lr, force_finite):
 
 #----------------------------------------------------------------------------
 
+# What training_loop builds when a caller leaves a part out (read only): dicts of `class_name` (`func_name` for the
+# schedule) and the constructor's arguments, as training_options.json stores them.
+DEFAULT_PARTS = dict(
+    dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=None),
+    encoder_kwargs      = dict(class_name='training.encoders.StandardRGBEncoder'),
+    network_kwargs      = dict(class_name='networks.edm2plus.Precond'),
+    loss_kwargs         = dict(class_name='training.loss.EDM2Loss'),
+    lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule'),
+    optimizer_kwargs    = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
+    ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),
+    data_loader_kwargs  = dict(class_name='torch.utils.data.DataLoader', num_workers=2, prefetch_factor=2,
+                               pin_memory=True),
+)
+
 def training_loop(
-    # What to build: dicts of `class_name` (`func_name` for the schedule) and the constructor's arguments.
-    dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=None),
-    encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
-    data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', pin_memory=True, num_workers=2, prefetch_factor=2),
-    network_kwargs=dict(class_name='networks.edm2plus.Precond'),
-    loss_kwargs=dict(class_name='training.loss.EDM2Loss'),
-    optimizer_kwargs=dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
-    lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule'),
-    ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA'),  # None: no EMA, raw snapshots.
+    # What to build (ema_kwargs=None: no EMA, raw snapshots).
+    dataset_kwargs=DEFAULT_PARTS['dataset_kwargs'], encoder_kwargs=DEFAULT_PARTS['encoder_kwargs'],
+    network_kwargs=DEFAULT_PARTS['network_kwargs'], loss_kwargs=DEFAULT_PARTS['loss_kwargs'],
+    lr_kwargs=DEFAULT_PARTS['lr_kwargs'], optimizer_kwargs=DEFAULT_PARTS['optimizer_kwargs'],
+    ema_kwargs=DEFAULT_PARTS['ema_kwargs'], data_loader_kwargs=DEFAULT_PARTS['data_loader_kwargs'],
     # Where, and the schedule in images: one step = batch_size images (in micro-batches of at most batch_gpu per
     # process); status line + stats.jsonl, snapshots and training states every status/snapshot/checkpoint_nimg
     # (None: never); this invocation stops after slice_nimg (None: at total_nimg).
