@@ -786,7 +786,7 @@ def _vae_option(default, help_text):
 @click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
 @_vae_option('stabilityai/sd-vae-ft-mse', _VAE_HELP)
 # Performance and limits.
-@click.option('--batch',       help='Images per VAE call (1 gives EDM2\'s values bit for bit)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--batch',       help='Images per VAE call (1: each image alone, as EDM2 does)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--max-images',  help='Use only the first N input images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
 def encode(vae, source, dest, batch, max_images, overwrite):

@@ -7,7 +7,6 @@ which seeds are computed together.
 """
 
 import contextlib
-import importlib.util
 import math
 import os
 import pickletools
@@ -190,7 +189,7 @@ def stored_encoder_name(path):
 
 def require_decoder(net, name=None):
     """Raise MissingPackageError (naming `name`, default the path) if the network at `net` (path or URL) makes
-    latents that only the Stable Diffusion VAE decodes and diffusers is not installed. A file is read only up to
+    latents that only the Stable Diffusion VAE decodes and diffusers is missing or broken. A file is read only up to
     its encoder (stored first in snapshots); a module, or a file that does not tell, is checked by generate_images
     once its encoder is known, before the encoder is set up."""
     if not isinstance(net, (str, os.PathLike)):

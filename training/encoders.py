@@ -7,7 +7,7 @@ uint8 pixels).
 The full source text of this module is embedded in every snapshot pickle (torch_utils/persistence.py)
 and executed when the pickle is loaded, possibly by EDM2's own code. It must therefore stay self-contained: import
 only the standard library, numpy, torch, dnnlib and torch_utils.persistence here; diffusers is imported lazily,
-inside `load_stability_vae`, when a VAE is really needed.
+by `diffusers_problem` and `load_stability_vae`, when a VAE is really needed.
 """
 
 import importlib.metadata
@@ -190,7 +190,9 @@ def vae_location(vae_name):
             raise VAEError(name, 'not a diffusers VAE folder (it has no config.json; write one with '
                                  'AutoencoderKL.save_pretrained)')
         return 'folder', os.path.abspath(path)
-    if os.path.lexists(path) or os.path.isabs(path) or name.startswith(('.', '~')) or not _HUB_NAME.fullmatch(name):
+    if os.path.lexists(path):
+        raise VAEError(name, 'not a folder (a VAE is a folder written by AutoencoderKL.save_pretrained)')
+    if os.path.isabs(path) or name.startswith(('.', '~')) or not _HUB_NAME.fullmatch(name):
         raise VAEError(name, 'no such folder')
     return 'hub', name
 
