@@ -19,6 +19,7 @@ from metrics import MetricsError
 from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from networks.loading import NetworkFileError
 from sampling.generate import MissingPackageError
+from training.encoders import VAEError, vae_location
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
@@ -135,7 +136,10 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
-def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size):
+@click.option('--vae', help="VAE for latent networks: a folder written by diffusers' save_pretrained (no network "
+              "access) or a hub name  [default: the one the network names]", metavar='PATH|NAME', type=str, default=None)
+def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size,
+        vae):
     """Calculate metrics for a network's samples, generated on the fly."""
     from sampling.generate import require_decoder
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
@@ -143,16 +147,25 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'{option}: {path}: no such network file')
     try:
+        if vae is not None:
+            vae_location(vae)
         require_decoder(net, f'--net={net}')  # before the reference, the detectors or the network are loaded
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
+    except VAEError as e:
+        raise click.ClickException(f'--vae={vae}: {e.reason}') from None
 
     def work(device):
         ref = load_reference(ref_path)
-        stats_iter = same_on_all_ranks(lambda: calculate_stats_for_network(
-            net, seeds, gnet=gnet, guidance=guidance, max_batch_size=max_batch_size, device=device,
-            edm2_exact=edm2_exact, metrics=metrics, detector_kwargs=detector_kwargs(detector, dinov2)))
-        report(final_stats(stats_iter), ref, metrics)
+        try:
+            stats_iter = same_on_all_ranks(lambda: calculate_stats_for_network(
+                net, seeds, gnet=gnet, guidance=guidance, max_batch_size=max_batch_size, device=device,
+                edm2_exact=edm2_exact, vae=vae, metrics=metrics, detector_kwargs=detector_kwargs(detector, dinov2)))
+            stats = final_stats(stats_iter)
+        except VAEError as e:
+            where = f'--vae={vae}' if vae is not None else f'--net={net}: the VAE it names, {e.name}'
+            raise cli.CliError(f'{where}: {e.reason}') from None
+        report(stats, ref, metrics)
     run_command(work)
 
 #----------------------------------------------------------------------------

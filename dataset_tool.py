@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 import zipfile
 import zlib
@@ -534,56 +535,111 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
 
 #----------------------------------------------------------------------------
 # VAE latents (EDM2 paper, ImageNet-512 in latent space). `encoder` defaults to StabilityVAEEncoder; tests pass a stand-in.
+# A latent dataset's dataset.json also names the VAE that made it ("vae": hub name or absolute folder path; EDM2's
+# reader ignores the key): decoding and training default to it.
 
-def require_diffusers():
-    import importlib.util # pylint: disable=import-outside-toplevel
-    if importlib.util.find_spec('diffusers') is None:
-        raise DatasetToolError('the Stable Diffusion VAE needs the diffusers package: '
-                               'pip install diffusers==0.26.3 accelerate==0.27.2 (a CUDA GPU is strongly advised)')
+def check_vae(vae):
+    """Check --vae (a local folder, or a hub name) and the diffusers package before any work; return the name to use
+    and to record (a folder as an absolute path)."""
+    from training import encoders # pylint: disable=import-outside-toplevel
+    try:
+        kind, where = encoders.vae_location(vae)
+    except encoders.VAEError as e:
+        raise DatasetToolError(f'--vae={vae}: {e.reason}') from None
+    problem = encoders.diffusers_problem()
+    if problem is not None:
+        raise DatasetToolError(f'the Stable Diffusion VAE {problem}')
+    return where if kind == 'folder' else vae
 
-def make_vae_encoder(model_url, device):
-    require_diffusers()
-    from training.encoders import StabilityVAEEncoder # pylint: disable=import-outside-toplevel
-    encoder = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
+def make_vae_encoder(vae, device, batch_size=1):
+    from training import encoders # pylint: disable=import-outside-toplevel
+    encoder = encoders.StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     try:
         encoder.init(device)
-    except Exception as e:
-        raise DatasetToolError(f'--model-url: cannot load the VAE {model_url} ({type(e).__name__}: {e})') from None
+    except encoders.VAEError as e:
+        raise DatasetToolError(f'--vae={vae}: {e.reason}') from None
     return encoder
 
 def _default_device():
     from torch_utils import distributed as dist # pylint: disable=import-outside-toplevel
     return dist.device()
 
-def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
-                   verbose=True, overwrite=False):
-    """RGB images -> `img-mean-std-XXXXXXXX.npy` files holding the VAE posterior [mean, std] (8 x H/8 x W/8)."""
+def _batches(count, batch):
+    return [range(i, min(i + batch, count)) for i in range(0, count, batch)]
+
+def _peak_memory(device):
+    """Peak memory so far, for the progress bar: allocated on a CUDA device, else this process's resident size."""
+    import torch # pylint: disable=import-outside-toplevel
+    if device.type == 'cuda':
+        return f'{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU'
+    import psutil # pylint: disable=import-outside-toplevel
+    return f'{psutil.Process().memory_info().rss / 2**30:.2f} GiB RAM'
+
+def _run_vae(fn, what, names):
+    """fn() for one batch; a failure of the VAE itself (e.g. out of memory) as one line naming the images."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError) as e:
+        where = names[0] if len(names) == 1 else f'{names[0]} ... {names[-1]}'
+        first = ' '.join(str(e).split('\n')[0].split())
+        raise DatasetToolError(f'{where}: the VAE failed to {what} ({type(e).__name__}: {first}); nothing was '
+                               'written (for lack of memory, lower --batch)') from None
+
+def _latent_json(labels, vae):
+    doc = json.loads(dataset_json_bytes(labels))
+    doc['vae'] = vae
+    return json.dumps(doc).encode('utf-8')
+
+def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=None, batch=8, encoder=None,
+                   device=None, verbose=True, overwrite=False):
+    """RGB images -> `img-mean-std-XXXXXXXX.npy` files holding the VAE posterior [mean, std] (8 x H/8 x W/8), `batch`
+    images per VAE call. Returns an EasyDict(num_images, label_origin, shape, images_per_second, peak_memory)."""
     import torch # pylint: disable=import-outside-toplevel
     check_dest(dest, overwrite)
     if encoder is None:
-        require_diffusers() # Before reading the source.
+        vae = check_vae(vae) # Before reading the source.
     src = open_source(source, max_images)
     if len(src) == 0:
         raise DatasetToolError(f'No input images found in {source}')
     device = torch.device(device) if device is not None else _default_device()
     if encoder is None:
-        encoder = make_vae_encoder(model_url, device)
-    labels = []
-    with open_dest(dest, overwrite) as write:
-        for idx in tqdm(range(len(src)), desc='encode', unit='img', disable=not verbose):
-            item = src.read(idx)
-            x = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).unsqueeze(0).to(device)
-            mean_std = encoder.encode_pixels(x)[0].to(torch.float32).cpu().numpy()
-            buf = io.BytesIO()
-            np.save(buf, mean_std)
-            name = output_name(idx, stem='img-mean-std-', ext='npy')
-            write(name, buf.getvalue())
-            labels.append([name, item.label])
-        write('dataset.json', dataset_json_bytes(labels))
-    return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin)
+        encoder = make_vae_encoder(vae, device, batch)
+    else:
+        vae = getattr(encoder, 'vae_name', vae)
+    labels, size, shape = [], None, None
+    start = time.perf_counter()
+    with open_dest(dest, overwrite) as write, \
+            tqdm(total=len(src), desc='encode', unit='img', disable=not verbose) as progress:
+        for indices in _batches(len(src), batch):
+            items = [src.read(idx) for idx in indices]
+            for item in items:
+                if size is None:
+                    size = item.image.shape[:2]
+                if item.image.shape[:2] != size:
+                    raise DatasetToolError(f'{item.name}: the image is {item.image.shape[1]}x{item.image.shape[0]}, '
+                                           f'the first one {size[1]}x{size[0]}: all images of a latent dataset must '
+                                           'have one size (make them so with "dataset_tool.py convert --resolution")')
+            x = torch.from_numpy(np.stack([item.image for item in items])).permute(0, 3, 1, 2).to(device)
+            mean_std = _run_vae(lambda: encoder.encode_pixels(x), 'encode', [item.name for item in items])
+            mean_std = mean_std.to(torch.float32).cpu().numpy()
+            shape = list(mean_std.shape[1:])
+            for idx, item, array in zip(indices, items, mean_std):
+                buf = io.BytesIO()
+                np.save(buf, array)
+                name = output_name(idx, stem='img-mean-std-', ext='npy')
+                write(name, buf.getvalue())
+                labels.append([name, item.label])
+            progress.update(len(items))
+            progress.set_postfix_str(_peak_memory(device), refresh=False)
+        write('dataset.json', _latent_json(labels, vae))
+    seconds = time.perf_counter() - start
+    return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin, shape=shape,
+                           images_per_second=(len(labels) / seconds if seconds > 0 else None),
+                           peak_memory=_peak_memory(device))
 
 def open_latents(source, max_images=None):
-    """A Source over the .npy files of a latent dataset (folder or zip); `read(i)` gives the array."""
+    """A Source over the .npy files of a latent dataset (folder or zip); `read(i)` gives the array, `.vae` the VAE
+    its dataset.json names (None if it names none)."""
     if os.path.isdir(source):
         names = sorted(os.path.relpath(os.path.join(root, f), source).replace(os.sep, '/')
                        for root, _dirs, files in os.walk(source) for f in files if _file_ext(f) == '.npy')
@@ -616,40 +672,55 @@ def open_latents(source, max_images=None):
                 return np.load(f)
         except Exception as e:
             raise DatasetToolError(f'{where}: cannot read latents ({type(e).__name__}: {e})') from None
-    return Source(names, read, labels, origin)
+    result = Source(names, read, labels, origin)
+    recorded = json.loads(dataset_json).get('vae') if dataset_json is not None else None # Parsed by _labels_for.
+    result.vae = recorded if isinstance(recorded, str) else None
+    return result
 
-def decode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, encoder=None, device=None,
-                   verbose=True, overwrite=False):
-    """Latent dataset (.npy [mean, std] or [mean]) -> PNGs of the VAE decoding of the posterior means."""
+def decode_dataset(source, dest, vae=None, max_images=None, batch=8, encoder=None, device=None, verbose=True,
+                   overwrite=False):
+    """Latent dataset (.npy [mean, std] or [mean]) -> PNGs of the VAE decoding of the posterior means, `batch` per
+    VAE call. `vae` None: the VAE the dataset names, else EDM2's. Returns an EasyDict(num_images, label_origin, vae)."""
     import torch # pylint: disable=import-outside-toplevel
     check_dest(dest, overwrite)
-    if encoder is None:
-        require_diffusers()
     src = open_latents(source, max_images)
     if len(src) == 0:
         raise DatasetToolError(f'No .npy latent files found in {source}')
+    if encoder is None:
+        vae = check_vae(vae or src.vae or 'stabilityai/sd-vae-ft-mse')
     device = torch.device(device) if device is not None else _default_device()
     if encoder is None:
-        encoder = make_vae_encoder(model_url, device)
-    labels = []
-    with open_dest(dest, overwrite) as write:
-        for idx in tqdm(range(len(src)), desc='decode', unit='img', disable=not verbose):
-            item = src.read(idx)
-            latents = item.image
-            if latents.ndim != 3 or latents.shape[0] not in (4, 8):
-                raise DatasetToolError(f'{source}/{item.name}: expected latents [8,h,w] (mean, std) or [4,h,w], '
-                                       f'got {list(latents.shape)}')
-            # Decode the posterior mean deterministically: map it into network space with the encoder's affine
-            # constants, which `decode` undoes before running the VAE decoder.
-            mean = torch.from_numpy(np.asarray(latents[:4], dtype=np.float32)).unsqueeze(0).to(device)
-            scale = torch.as_tensor(encoder.scale, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-            bias = torch.as_tensor(encoder.bias, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-            pixels = encoder.decode(mean * scale + bias)[0].permute(1, 2, 0).cpu().numpy()
-            name = output_name(idx)
-            write(name, png_bytes(pixels))
-            labels.append([name, item.label])
+        encoder = make_vae_encoder(vae, device, batch)
+    # Decode the posterior mean deterministically: map it into network space with the encoder's affine constants,
+    # which `decode` undoes before running the VAE decoder.
+    scale = torch.as_tensor(encoder.scale, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    bias = torch.as_tensor(encoder.bias, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    labels, shape = [], None
+    with open_dest(dest, overwrite) as write, \
+            tqdm(total=len(src), desc='decode', unit='img', disable=not verbose) as progress:
+        for indices in _batches(len(src), batch):
+            items = [src.read(idx) for idx in indices]
+            for item in items:
+                latents = item.image
+                if latents.ndim != 3 or latents.shape[0] not in (4, 8):
+                    raise DatasetToolError(f'{source}/{item.name}: expected latents [8,h,w] (mean, std) or [4,h,w], '
+                                           f'got {list(latents.shape)}')
+                if shape is None:
+                    shape = latents.shape[1:]
+                if latents.shape[1:] != shape:
+                    raise DatasetToolError(f'{source}/{item.name}: latents of size {list(latents.shape[1:])}, the '
+                                           f'first ones {list(shape)}: all must have one size')
+            mean = torch.from_numpy(np.stack([np.asarray(item.image[:4], dtype=np.float32) for item in items]))
+            mean = mean.to(device)
+            pixels = _run_vae(lambda: encoder.decode(mean * scale + bias), 'decode', [item.name for item in items])
+            for idx, item, image in zip(indices, items, pixels.permute(0, 2, 3, 1).cpu().numpy()):
+                name = output_name(idx)
+                write(name, png_bytes(image))
+                labels.append([name, item.label])
+            progress.update(len(items))
+            progress.set_postfix_str(_peak_memory(device), refresh=False)
         write('dataset.json', dataset_json_bytes(labels))
-    return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin)
+    return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin, vae=vae)
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -671,8 +742,10 @@ def cmdline():
       python dataset_tool.py convert --source=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --dest=datasets/fashion-mnist-test-32.zip --resolution=32x32
     ImageNet 64x64 (ADM's preprocessing):
       python dataset_tool.py convert --source=ILSVRC/Data/CLS-LOC/train --dest=datasets/img64.zip --resolution=64x64 --transform=center-crop-dhariwal
-    ImageNet 512x512 latents (needs diffusers; a GPU advised):
+    ImageNet 512x512 latents (needs diffusers: pip install -e .[latent]; a GPU advised):
       python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    The same without internet access, with a VAE folder written by diffusers' save_pretrained:
+      python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip --vae=vae/sd-vae-ft-mse
     """
     cli.refuse_torchrun('dataset_tool.py')
 
@@ -699,37 +772,55 @@ def convert(source, dest, transform, resolution, max_images, num_classes, overwr
     labels = f'labels: {r.label_origin}' if r.has_labels else 'no labels'
     click.echo(f'Wrote {r.num_images} images of shape {"x".join(map(str, r.shape))} (CHW){skipped} to {dest}; {labels}')
 
+_VAE_HELP = ('VAE: a folder written by diffusers\' save_pretrained (no network access), or a Hugging Face hub name '
+             '(local cache first)')
+
+def _vae_option(default, help_text):
+    # --model-url is EDM2's name for this option; it still works.
+    return click.option('--vae', '--model-url', 'vae', help=help_text, metavar='PATH|NAME', type=str, default=default,
+                        show_default=default is not None)
+
 @cmdline.command()
 # Main options.
-@click.option('--model-url',   help='Diffusers VAE to use', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
 @click.option('--source',      help='Input RGB dataset: folder, zip or IDX file', metavar='PATH', type=str, required=True)
 @click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
-# Limits.
+@_vae_option('stabilityai/sd-vae-ft-mse', _VAE_HELP)
+# Performance and limits.
+@click.option('--batch',       help='Images per VAE call (1: each image alone, as EDM2 does)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--max-images',  help='Use only the first N input images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
-def encode(model_url, source, dest, max_images, overwrite):
+def encode(vae, source, dest, batch, max_images, overwrite):
     """Encode RGB images to Stable Diffusion VAE latents.
 
-    Writes the posterior [mean, std] of each image as an 8-channel .npy file. Needs diffusers (a GPU advised).
+    Writes the posterior [mean, std] of each image as an 8-channel .npy file (EDM2's layout) and names the VAE in
+    dataset.json. Needs diffusers (pip install -e .[latent]); a GPU is much faster. The progress bar shows images/s
+    and peak memory.
+
+    \b
+    python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip --vae=vae/sd-vae-ft-mse
     """
-    r = _run(encode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images, overwrite=overwrite)
-    click.echo(f'Wrote {r.num_images} latent files to {dest}')
+    r = _run(encode_dataset, source=source, dest=dest, vae=vae, batch=batch, max_images=max_images, overwrite=overwrite)
+    speed = f', {r.images_per_second:.1f} images/s' if r.images_per_second is not None else ''
+    click.echo(f'Wrote {r.num_images} latent files of shape {"x".join(map(str, r.shape))} to {dest}{speed}; '
+               f'peak memory {r.peak_memory}')
 
 @cmdline.command()
 # Main options.
-@click.option('--model-url',   help='Diffusers VAE to use', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
 @click.option('--source',      help='Input latent dataset (.npy files): folder or zip', metavar='PATH', type=str, required=True)
 @click.option('--dest',        help='Output: .zip or an empty/new folder', metavar='PATH', type=str, required=True)
-# Limits.
+@_vae_option(None, _VAE_HELP + '  [default: the VAE the dataset names, else stabilityai/sd-vae-ft-mse]')
+# Performance and limits.
+@click.option('--batch',       help='Images per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--max-images',  help='Use only the first N inputs', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
-def decode(model_url, source, dest, max_images, overwrite):
+def decode(vae, source, dest, batch, max_images, overwrite):
     """Decode VAE latents back to PNG images.
 
-    Decodes the posterior mean of each .npy file of a latent dataset. Needs diffusers (a GPU advised).
+    Decodes the posterior mean of each .npy file of a latent dataset. Needs diffusers (pip install -e .[latent]).
     """
-    r = _run(decode_dataset, source=source, dest=dest, model_url=model_url, max_images=max_images, overwrite=overwrite)
-    click.echo(f'Wrote {r.num_images} images to {dest}')
+    r = _run(decode_dataset, source=source, dest=dest, vae=vae, batch=batch, max_images=max_images, overwrite=overwrite)
+    click.echo(f'Wrote {r.num_images} images to {dest} (VAE {r.vae})')
 
 #----------------------------------------------------------------------------
 

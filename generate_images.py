@@ -20,6 +20,7 @@ from torch_utils import misc
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
 from sampling.generate import MissingPackageError, require_decoder
+from training.encoders import VAEError, vae_location
 from sampling.sampler import edm_sampler  # noqa: F401
 
 #----------------------------------------------------------------------------
@@ -72,6 +73,10 @@ def resolve_options(opts):
 @click.option('--edm2-exact', 'edm2_exact', help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images, but slower than the default fast path", is_flag=True)
 @click.option('--compile',           help='torch.compile the networks (CUDA graphs on a GPU); slow start, for many images', is_flag=True)
 
+# Latent networks (ImageNet-512).
+@click.option('--vae',               help="VAE for latent networks: a folder written by diffusers' save_pretrained (no network access) or a hub name  [default: the one the network names]", metavar='PATH|NAME', type=str, default=None)
+@click.option('--vae-batch', 'encoder_batch_size', help='Images per VAE decoder call (memory vs. speed)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+
 # I/O.
 @click.option('--outdir',            help='Where to save the output images', metavar='DIR',              type=str, required=True)
 @click.option('--subdirs',           help='Create subdirectory for every 1000 seeds',                    is_flag=True)
@@ -86,6 +91,7 @@ def cmdline(**opts):
     python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
     torchrun --standalone --nproc_per_node=8 generate_images.py \\
         --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
+    python generate_images.py --net=edm2-img512-xs-2147483-0.135.pkl --vae=vae/sd-vae-ft-mse --outdir=out
 
     Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust, or
     convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
@@ -98,10 +104,15 @@ def cmdline(**opts):
         path = opts[key]
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'--{key}={path}: no such network file')
+    net_option = f'--preset={preset_net}' if preset_net else f'--net={opts.net}'
     try:
-        require_decoder(opts.net, f'--preset={preset_net}' if preset_net else f'--net={opts.net}')
+        if opts.vae is not None:
+            vae_location(opts.vae)
+        require_decoder(opts.net, net_option)
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
+    except VAEError as e:
+        raise click.ClickException(f'--vae={opts.vae}: {e.reason}') from None
     # Outputs before any work: the images may land in an existing folder (as in EDM2), the grid replaces a file
     # only when asked to.
     cli.check_output_dir(opts.outdir)
@@ -114,6 +125,9 @@ def cmdline(**opts):
             image_iter = generate_images(**opts)
         except (ValueError, pickle.UnpicklingError, MissingPackageError) as e:
             raise click.ClickException(str(e)) from None
+        except VAEError as e:
+            where = f'--vae={opts.vae}' if opts.vae is not None else f'{net_option}: the VAE it names, {e.name}'
+            raise click.ClickException(f'{where}: {e.reason}') from None
         for _ in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
             pass
 

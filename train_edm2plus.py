@@ -36,7 +36,8 @@ from training import training_loop
 # The options' fixed defaults, one place for the command line and for programmatic callers (None: the preset's).
 OPTION_DEFAULTS = dict(cond=True, preset='edm2-img512-s', channel_mult=None, num_blocks=None, attn=None, rampup=None,
                        ema_stds=[0.050, 0.100], batch_gpu=0, fp16=True, bf16=False, ls=1, bench=True, compile=False,
-                       workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False)
+                       workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False,
+                       vae=None)
 D = OPTION_DEFAULTS
 
 # The options that change the network's shape, and their names on the command line: a resumed run must keep them.
@@ -44,15 +45,42 @@ ARCHITECTURE_OPTIONS = dict(block='--block', model_channels='--channels', expans
                             channel_mult='--channel-mult', num_blocks='--num-blocks', attn_resolutions='--attn')
 
 def probe_dataset(dataset_kwargs):
-    """EasyDict(num_channels, resolution, label_dim, has_labels) of the dataset, after decoding one image (so that a
-    corrupt dataset fails here, with its file named). Raises click.ClickException."""
+    """EasyDict(num_channels, resolution, label_dim, has_labels, vae) of the dataset, after decoding one image (so
+    that a corrupt dataset fails here, with its file named); `vae` is the VAE a latent dataset's dataset.json names
+    (dataset_tool.py encode writes it), or None. Raises click.ClickException."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         dataset_obj[0]
         return dnnlib.EasyDict(num_channels=dataset_obj.num_channels, resolution=dataset_obj.resolution,
-                               label_dim=dataset_obj.label_dim, has_labels=dataset_obj.has_labels)
+                               label_dim=dataset_obj.label_dim, has_labels=dataset_obj.has_labels,
+                               vae=_recorded_vae(dataset_obj))
     except (IOError, OSError, ValueError) as e:
         raise click.ClickException(f'--data: {e}')
+
+def _recorded_vae(dataset_obj):
+    # pylint: disable=protected-access  (the dataset reads its own files; labels were parsed from it already)
+    if 'dataset.json' not in getattr(dataset_obj, '_all_fnames', ()):
+        return None
+    doc = json.loads(dataset_obj._read_bytes('dataset.json'))
+    vae = doc.get('vae') if isinstance(doc, dict) else None
+    return vae if isinstance(vae, str) else None
+
+def latent_encoder_kwargs(vae, info):
+    """encoder_kwargs of a latent dataset: the VAE that the snapshots will decode with is --vae (checked: a folder,
+    stored as an absolute path, or a hub name), else the one the dataset names, else EDM2's default, which is left
+    implicit as in EDM2's configuration."""
+    from training import encoders  # pylint: disable=import-outside-toplevel
+    name = info.vae
+    if vae is not None:
+        try:
+            kind, where = encoders.vae_location(vae)
+        except encoders.VAEError as e:
+            raise click.ClickException(f'--vae={vae}: {e.reason}') from None
+        name = where if kind == 'folder' else vae
+    kwargs = dict(class_name='training.encoders.StabilityVAEEncoder')
+    if name is not None and name != encoders.DEFAULT_VAE:
+        kwargs['vae_name'] = name
+    return kwargs
 
 def network_interface(info):
     """img_resolution, img_channels and label_dim of the network that trains on a dataset (probe_dataset): the VAE
@@ -109,9 +137,12 @@ def setup_training_config(opts, world_size=1):
     if opts.cond and not info.has_labels:
         raise click.ClickException('--cond=True, but no labels found in the dataset')
     if info.num_channels == 3:
+        if opts.vae is not None:
+            raise click.ClickException(f'--vae={opts.vae}: the dataset holds RGB pixels (3 channels); a VAE belongs '
+                                       'to latent datasets (8 channels, made by dataset_tool.py encode)')
         encoder_kwargs = dict(class_name='training.encoders.StandardRGBEncoder')
     elif info.num_channels == 8:
-        encoder_kwargs = dict(class_name='training.encoders.StabilityVAEEncoder')
+        encoder_kwargs = latent_encoder_kwargs(opts.vae, info)
     else:
         raise click.ClickException(f'--data: Unsupported channel count {info.num_channels}')
 
@@ -198,6 +229,7 @@ def print_training_config(c, opts, world_size):
 @click.option('--data',             help='Path to the dataset', metavar='ZIP|DIR',                      type=str, required=True)
 @click.option('--cond',             help='Train class-conditional model', metavar='BOOL',               type=bool, default=D['cond'], show_default=True)
 @click.option('--preset',           help='Configuration preset', metavar='STR',                         type=str, default=D['preset'], show_default=True)
+@click.option('--vae',              help="Latent data: the VAE the snapshots decode with, a save_pretrained folder or a hub name  [default: the one the dataset names]", metavar='PATH|NAME', type=str, default=None)
 
 # Hyperparameters (default: the preset's).
 @click.option('--duration',         help='Training duration', metavar='NIMG',                           type=cli.Nimg(min=1), default=None)

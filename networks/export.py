@@ -62,7 +62,14 @@ def _describe_encoder(encoder):
     if class_name not in loading.ALLOWED_CLASSES['encoder'] or getattr(encoder, '_init_kwargs', None) is None:
         raise ValueError(f'cannot export the encoder {type(encoder).__name__}: not one of ours, or it did not record '
                          'its constructor arguments')
-    return dict(class_name=class_name, init_args=list(encoder._init_args or []), init_kwargs=dict(encoder._init_kwargs))  # pylint: disable=protected-access
+    init_args, init_kwargs = list(encoder._init_args or []), dict(encoder._init_kwargs)  # pylint: disable=protected-access
+    vae_name = getattr(encoder, 'vae_name', None)
+    if isinstance(vae_name, str):  # the VAE it decodes with now, also when set after construction
+        if init_args:
+            init_args[0] = vae_name  # StabilityVAEEncoder's first parameter, in EDM2 too
+        else:
+            init_kwargs['vae_name'] = vae_name
+    return dict(class_name=class_name, init_args=init_args, init_kwargs=init_kwargs)
 
 def _describe_loss(loss_fn):
     if loss_fn is None or type(loss_fn).__name__ != 'EDM2Loss':

@@ -10,7 +10,9 @@ Two formats, told apart by the file's first bytes (not by its name):
 A `Precond` that is not ours (EDM2's class, executed from the source embedded in its pickle, or ours from an older
 version of networks/edm2plus.py) is by default rebuilt as the current `networks.edm2plus.Precond` from its recorded
 constructor arguments, with the same weights (`load_state_dict(strict=True)`), so that every tool gets our fast
-paths; `native=False` keeps the module exactly as unpickled.
+paths; likewise a foreign encoder becomes the current class of its name with the same attributes (`vae_name`, the
+affine constants, ...), so that its VAE is loaded by our code (local folders, offline machines, one-line errors).
+`native=False` keeps everything exactly as unpickled.
 """
 
 import importlib
@@ -87,6 +89,8 @@ def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True, fin
         check_finite(data.ema, name)
     if native:
         data.ema = to_native(data.ema, name=name)
+        if data.get('encoder') is not None:
+            data.encoder = native_encoder(data.encoder, name=name)
     return data
 
 def load_network(path_or_url, device=None, dtype=None, native=True, verbose=True, finite=True):
@@ -163,6 +167,24 @@ def to_native(net, name=None, verify=False):
         warnings.warn(f'{where}{type(net).__module__}.Precond cannot be rebuilt as networks.edm2plus.Precond '
                       f'({type(e).__name__}: {e}); it is used as it was pickled')
         return net
+    return native
+
+def native_encoder(encoder, name=None):
+    """A foreign encoder (EDM2's StabilityVAEEncoder or StandardRGBEncoder run from the source in its pickle, or ours
+    from older source text) as an instance of the current class of the same name with the same attributes: an
+    encoder is nothing but its attributes (docs/compatibility.md §3). Returned unchanged, with a warning, if it lacks
+    an attribute the current class has; an encoder of any other class is returned as it is."""
+    cls = _allowed_class('encoder', f'training.encoders.{type(encoder).__name__}')
+    if cls is None or isinstance(encoder, cls) or not hasattr(encoder, '__dict__'):
+        return encoder
+    state = dict(vars(encoder))
+    missing = [key for key in vars(cls()) if not key.startswith('_') and key not in state]
+    if missing:
+        where = f'{name}: ' if name is not None else ''
+        warnings.warn(f'{where}the encoder lacks {", ".join(missing)}; it is used as it was pickled')
+        return encoder
+    native = cls.__new__(cls)
+    native.__dict__.update(state)
     return native
 
 #----------------------------------------------------------------------------

@@ -7,7 +7,6 @@ which seeds are computed together.
 """
 
 import contextlib
-import importlib.util
 import math
 import os
 import pickletools
@@ -24,7 +23,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils.cli import parse_int_list  # noqa: F401 (EDM2's generate_images.parse_int_list)
 from networks import loading
-from training.encoders import StandardRGBEncoder
+from training import encoders
 from sampling.sampler import edm_sampler
 
 #----------------------------------------------------------------------------
@@ -139,18 +138,17 @@ from figures.grids import grid_layout, make_grid  # noqa: E402  pylint: disable=
 # Latent networks (EDM2's ImageNet-512 models) decode their samples with the Stable Diffusion VAE, which needs the
 # diffusers package. Whether a network does is decided before anything is loaded: by the file name of EDM2's
 # published models, or by the class name of the encoder stored in the file, read without running the file's code.
-
-DIFFUSERS_INSTALL = 'pip install diffusers==0.26.3 accelerate==0.27.2'
+# A missing diffusers and one that is installed but does not import get different messages (encoders.diffusers_problem).
 
 class MissingPackageError(ImportError):
-    """The work asked for needs a package that is not installed; the message is one line with the install command."""
+    """The work asked for needs a package that is not installed or does not import; the message is one line with the
+    install command."""
 
-def _vae_error(name):
-    return MissingPackageError(f'{name}: its samples are Stable Diffusion VAE latents, and decoding them needs the '
-                               f'diffusers package: {DIFFUSERS_INSTALL}')
+def _vae_error(name, problem):
+    return MissingPackageError(f'{name}: its samples are Stable Diffusion VAE latents, and decoding them {problem}')
 
-def _diffusers_missing():
-    return importlib.util.find_spec('diffusers') is None
+def _diffusers_problem():
+    return encoders.diffusers_problem()
 
 _STRING_OPS = ('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE')
 
@@ -191,18 +189,19 @@ def stored_encoder_name(path):
 
 def require_decoder(net, name=None):
     """Raise MissingPackageError (naming `name`, default the path) if the network at `net` (path or URL) makes
-    latents that only the Stable Diffusion VAE decodes and diffusers is not installed. A file is read only up to
+    latents that only the Stable Diffusion VAE decodes and diffusers is missing or broken. A file is read only up to
     its encoder (stored first in snapshots); a module, or a file that does not tell, is checked by generate_images
     once its encoder is known, before the encoder is set up."""
-    if not isinstance(net, (str, os.PathLike)) or not _diffusers_missing():
+    if not isinstance(net, (str, os.PathLike)):
         return
     net = os.fspath(net)
     if dnnlib.util.is_url(net):
         latent = os.path.basename(net).startswith('edm2-img512-')
     else:
         latent = os.path.isfile(net) and stored_encoder_name(net) == 'StabilityVAEEncoder'
-    if latent:
-        raise _vae_error(name or net)
+    problem = _diffusers_problem() if latent else None  # only then: importing diffusers takes a second or two
+    if problem is not None:
+        raise _vae_error(name or net, problem)
 
 #----------------------------------------------------------------------------
 # The generator.
@@ -247,7 +246,7 @@ def _edm2_ops(*nets):
     return stack
 
 def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, seeds=range(16, 24), class_idx=None,
-                    max_batch_size=32, encoder_batch_size=4, verbose=True, device=None, grid=None,
+                    max_batch_size=32, encoder_batch_size=4, verbose=True, device=None, grid=None, vae=None,
                     sampler_fn=edm_sampler, edm2_exact=False, compile=False, **sampler_kwargs):
     """Return an iterable of EasyDict(images, labels, noise, batch_idx, num_batches, indices, seeds), one per batch.
 
@@ -257,7 +256,11 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     outdir, subdirs:    write <outdir>/[<thousands>/]<seed:06d>.png; None writes nothing.
     seeds:              one image per seed (list, range or text such as '0-63').
     class_idx:          None = a random class per seed; an int = that class; a list = its classes in turn.
-    max_batch_size:     largest batch of one process; encoder_batch_size: batch of the encoder's decoder, if any.
+    max_batch_size:     largest batch of one process; encoder_batch_size: images per call of the encoder's decoder
+                        (the VAE), if it has one. Every call gets that many (the last one padded), so an image
+                        is the same whatever max_batch_size.
+    vae:                the VAE that decodes a latent network's samples (local folder or hub name) instead of the
+                        one its snapshot names; ignored for pixel-space networks.
     verbose:            status lines (rank 0 only).
     device:             None = the device of `net`, else CUDA when available, else CPU.
     grid:               path of one PNG with every image (rows by class when several are given), written by rank 0.
@@ -296,15 +299,22 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     if encoder is None and snapshot is not None:
         encoder = snapshot.get('encoder', None)
     if encoder is None:
-        encoder = StandardRGBEncoder()
-    if type(encoder).__name__ == 'StabilityVAEEncoder' and _diffusers_missing():
-        raise _vae_error(net_name)  # before init() would fail on the import
+        encoder = encoders.StandardRGBEncoder()
+    if vae is not None and hasattr(encoder, 'vae_name'):
+        encoder.vae_name, encoder._vae = vae, None  # pylint: disable=protected-access  (loaded anew by init)
+    elif vae is not None and verbose:
+        print(f'Note: the network works in pixel space ({type(encoder).__name__}); --vae is not used')
+    if type(encoder).__name__ == 'StabilityVAEEncoder':
+        problem = _diffusers_problem()
+        if problem is not None:
+            raise _vae_error(net_name, problem)  # before init() would fail on the import
     if verbose:
-        print(f'Setting up {type(encoder).__name__}...')
-    if hasattr(encoder, 'init'):
-        encoder.init(device)
+        with_vae = f' with VAE {encoder.vae_name}' if hasattr(encoder, 'vae_name') else ''
+        print(f'Setting up {type(encoder).__name__}{with_vae}...')
     if hasattr(encoder, 'batch_size'):
         encoder.batch_size = encoder_batch_size
+    if hasattr(encoder, 'init'):
+        _rank0_first(lambda: encoder.init(device))  # a hub VAE is downloaded once, then read from the cache
 
     # Classes: checked here, so a wrong option fails before any work is done.
     label_dim = getattr(net, 'label_dim', 0)

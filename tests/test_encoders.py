@@ -114,3 +114,44 @@ def test_pickles_load_from_embedded_source_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split('\n')[:2] == ['True', f'[191] 2 {float(np.float32(0.11990407))}']
+
+#----------------------------------------------------------------------------
+# VAE calls of a fixed size, and where a VAE comes from (no diffusers needed for either).
+
+class _RecordingVAE(_FakeVAE):
+    def __init__(self):
+        self.calls = []
+    def decode(self, z):
+        self.calls.append(z.shape[0])
+        return {'sample': z[:, :3] + z.shape[0]}  # depends on the call's batch size, like real kernels' rounding
+
+def test_vae_calls_always_get_batch_size_images():
+    enc = StabilityVAEEncoder(batch_size=4)
+    enc._vae = _RecordingVAE()
+    x = torch.full([6, 4, 1, 1], 0.0)
+    out = enc.decode(x)
+    # 6 images in calls of 4: the last call padded with 2 zero images, whose results are dropped.
+    assert enc._vae.calls == [4, 4] and out.shape == (6, 3, 1, 1)
+    # So every image decodes alike whatever batch it came in (here: raw latent + 4, clamped to 1 -> 255).
+    assert out.unique().tolist() == [255]
+    one = enc.decode(x[:1])
+    assert enc._vae.calls == [4, 4, 4] and torch.equal(one, out[:1])
+
+def test_vae_location(tmp_path, monkeypatch):
+    from training.encoders import VAEError, vae_location
+    folder = tmp_path / 'vae'
+    folder.mkdir()
+    with pytest.raises(VAEError, match='not a diffusers VAE folder'):
+        vae_location(str(folder))
+    (folder / 'config.json').write_text('{}')
+    monkeypatch.chdir(tmp_path)
+    assert vae_location('vae') == ('folder', str(folder))  # a folder here beats a hub name of the same spelling
+    assert vae_location('stabilityai/sd-vae-ft-mse') == ('hub', 'stabilityai/sd-vae-ft-mse')
+    assert vae_location('sd-vae') == ('hub', 'sd-vae')
+    for missing in ['./none', str(tmp_path / 'none'), 'a/b/c', '~/none-such-vae', 'no such']:
+        with pytest.raises(VAEError) as info:
+            vae_location(missing)
+        assert str(info.value) == f'VAE {missing}: no such folder' and info.value.reason == 'no such folder'
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(VAEError, match=r'^VAE file: not a folder \(a VAE is a folder written by AutoencoderKL'):
+        vae_location('file')

@@ -18,6 +18,7 @@ import generate_images as cli
 from conftest import count_fast_path, make_tiny_net, randomize_weights, snapshot_dict
 from figures.grids import grid_layout
 from sampling.generate import StackedRandomGenerator, config_presets, generate_images, image_path, parse_int_list
+from training.encoders import DIFFUSERS_INSTALL as INSTALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = dict(num_steps=6)  # 11 evaluations per batch: enough to exercise the sampler, fast on CPU.
@@ -298,13 +299,13 @@ def test_cli_edm2_exact(tiny_pkl, tmp_path, monkeypatch):
 # Latent (ImageNet-512) networks need diffusers for their decoder: without it, one line with the install command,
 # before any network is loaded.
 
-INSTALL = 'pip install diffusers==0.26.3 accelerate==0.27.2'
 
 def test_latent_networks_without_diffusers(tiny_net, tiny_pkl, tmp_path, monkeypatch):
     import sampling.generate as generate
     from networks import export, loading
     from training.encoders import StabilityVAEEncoder
-    monkeypatch.setattr(generate, '_diffusers_missing', lambda: True)  # as on this machine, wherever the test runs
+    monkeypatch.setattr(generate, '_diffusers_problem',  # as without diffusers, wherever the test runs
+                        lambda: f'needs the diffusers package, which is not installed: {INSTALL}')
     latent_pkl, latent_pt = tmp_path / 'latent.pkl', tmp_path / 'latent.pt'
     snapshot = dnnlib.EasyDict(encoder=StabilityVAEEncoder(), dataset_kwargs=dnnlib.EasyDict(), loss_fn=None,
                                ema=copy.deepcopy(tiny_net).half())
@@ -324,7 +325,7 @@ def test_latent_networks_without_diffusers(tiny_net, tiny_pkl, tmp_path, monkeyp
         result = run_cli(args + ['--outdir', str(tmp_path / 'out')])
         assert result.exit_code == 1
         assert result.output == (f'Error: {name}: its samples are Stable Diffusion VAE latents, and decoding them '
-                                 f'needs the diffusers package: {INSTALL}\n')
+                                 f'needs the diffusers package, which is not installed: {INSTALL}\n')
     assert not os.path.exists(tmp_path / 'out')
     # Pixel-space networks need no VAE.
     generate.require_decoder(tiny_pkl)

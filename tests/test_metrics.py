@@ -401,14 +401,16 @@ def test_gen_edm2_exact_and_latent_networks(image_folder, standins, tmp_path, mo
     fid_line(runner.invoke(calculate_metrics.cmdline, args))
     assert len(calls) > 0  # the default is the fast path
     # A latent network without diffusers: one line with the install command, before the reference is read.
-    monkeypatch.setattr(sampling.generate, '_diffusers_missing', lambda: True)
+    from training.encoders import DIFFUSERS_INSTALL
+    monkeypatch.setattr(sampling.generate, '_diffusers_problem',
+                        lambda: f'needs the diffusers package, which is not installed: {DIFFUSERS_INSTALL}')
     latent = str(tmp_path / 'latent.pkl')
     with open(latent, 'wb') as f:
         pickle.dump(dnnlib.EasyDict(encoder=StabilityVAEEncoder(), ema=net), f)
     result = runner.invoke(calculate_metrics.cmdline, ['gen', f'--net={latent}', f'--ref={tmp_path / "none.pkl"}'])
     assert result.exit_code == 1
     assert result.output == (f'Error: --net={latent}: its samples are Stable Diffusion VAE latents, and decoding them '
-                             'needs the diffusers package: pip install diffusers==0.26.3 accelerate==0.27.2\n')
+                             f'needs the diffusers package, which is not installed: {DIFFUSERS_INSTALL}\n')
 
 #----------------------------------------------------------------------------
 # Detectors: loading order and errors, preprocessing.
