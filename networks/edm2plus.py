@@ -506,6 +506,14 @@ class _MPWeight(torch.autograd.Function):
         grad_gain = (dot * f0).sum() if ctx.has_gain and ctx.needs_input_grad[1] else None
         return grad_w, grad_gain, None
 
+def _gain32(gain, fan_in):
+    """A learned gain in float32, for a folded weight factor. MPConv.forward rounds gain / sqrt(fan_in) in the
+    gain's own dtype: float16 for a loaded snapshot, whose sampling (EDM2's generate_images keeps autograd on, so it
+    runs this path) then keeps that rounding, up to 2^-11 of the output layer's gain. Float32 gains pass unchanged."""
+    if gain.dtype == torch.float32:
+        return gain
+    return (gain / np.sqrt(fan_in)).to(torch.float32) * np.sqrt(fan_in)
+
 def _train_weight(conv, dtype, gain=1, scale=1):
     """normalize(weight) * gain * scale / sqrt(fan_in), with forced weight normalisation in training mode, as
     MPConv.forward computes it (there the stored weight is normalised and then normalised again, which the
@@ -513,7 +521,7 @@ def _train_weight(conv, dtype, gain=1, scale=1):
     unit = _unit_weights.get(conv)
     if unit is not None:  # normalised already, with the network's other weights (see _unit_weight_table)
         if isinstance(gain, torch.Tensor):
-            w = unit * (gain.to(torch.float32) * scale)
+            w = unit * (_gain32(gain, conv.weight[0].numel()) * scale)
         else:
             w = unit if gain * scale == 1 else unit * (gain * scale)
         w = w.to(dtype)
@@ -527,7 +535,7 @@ def _train_weight(conv, dtype, gain=1, scale=1):
             else:
                 conv.weight.copy_(normalize(w32))
     if isinstance(gain, torch.Tensor):
-        w = _MPWeight.apply(w32, gain.to(torch.float32), scale)
+        w = _MPWeight.apply(w32, _gain32(gain, w32[0].numel()), scale)
     else:
         w = _MPWeight.apply(w32, None, scale * gain)
     w = w.to(dtype)

@@ -288,7 +288,7 @@ CASES = [
     Case('toy-train-outdir-is-file', 'toytrain', ['--outdir={A}/afile'], 1, r'afile: exists and is not a directory'),
     Case('toy-train-outdir-read-only', 'toytrain', ['--outdir=/sys/edm2plus-toy'], 1, r'/sys/edm2plus-toy: cannot write there'),
     Case('toy-train-layers-0',       'toytrain', ['--layers=0'], 2, r"'--layers': 0 is not in the range x>=1"),
-    Case('toy-plot-save-not-png',    'toyplot', ['--save={T}/figure.jpg'], 1, r'--save=.*figure\.jpg: give a \.png file name'),
+    Case('toy-plot-save-not-png',    'toyplot', ['--save={T}/figure.jpg'], 1, r'--save=.*figure\.jpg: give a \.png or \.pdf file name'),
     Case('toy-plot-save-is-dir',     'toyplot', ['--save={A}/empty.png'], 1, r'empty\.png: is a directory'),
     Case('toy-plot-save-under-file', 'toyplot', ['--save={A}/afile/figure.png'], 1, r'figure\.png: .*afile is not a directory'),
     Case('toy-plot-net-missing',     'toyplot', ['--net={T}/none.pkl', '--save={T}/figure.png'], 1, r'--net=.*none\.pkl: cannot load a toy model'),

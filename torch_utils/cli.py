@@ -126,6 +126,10 @@ class FloatRange(click.FloatRange):
         super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
         self.allow_inf = allow_inf
 
+    def _describe_range(self):
+        # click writes 'x<=None' for a range with neither bound; an unbounded option has no range to show.
+        return '' if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value, param, ctx):
         x = super().convert(value, param, ctx)
         if math.isnan(x) or (math.isinf(x) and not self.allow_inf):
