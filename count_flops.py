@@ -84,6 +84,9 @@ def _build(kwargs):
         return flops.build_meta(**kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
+    except RuntimeError as e:  # sizes beyond what a tensor can describe, e.g. --channels=1000000000
+        raise click.ClickException(f'--channels={kwargs.get("model_channels")}: cannot build the network '
+                                   f'({cli.one_line(e)})') from None
 
 #----------------------------------------------------------------------------
 
