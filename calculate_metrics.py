@@ -155,7 +155,7 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 
 @cmdline.command()
 # Main options.
-@click.option('--net', help='Network pickle', metavar='PATH|URL', type=str, required=True)
+@click.option('--net', help='Network pickle or weights-only .pt', metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
 @metrics_options
 # Hyperparameters.
@@ -164,7 +164,12 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
 def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size):
-    """Calculate metrics for a network's samples, generated on the fly."""
+    """Calculate metrics for a network's samples, generated on the fly.
+
+    Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust, or
+    convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
+    tool accepts and which never runs code.
+    """
     from sampling.generate import require_decoder
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
     for option, path in (('--net', net), ('--gnet', gnet)):

@@ -396,7 +396,12 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, 
     Writes <outdir>/results.jsonl (one line per run, EMA length and metric), <outdir>/sweep.png (the first metric
     against sigma_rel, best length marked; sweep-<metric>.png for the others) and, while a point is measured, its
     network <outdir>/<run>/<outprefix>-<kimg>-<std>.pkl. Rerun the same command to resume: points already in
-    results.jsonl with the same setting are skipped. Under torchrun, <outdir> must be visible to every process.
+    results.jsonl with the same setting (and the same --ref file) are skipped. Under torchrun, <outdir> must be
+    visible to every process; one sweep at a time may use it.
+
+    The snapshots and --gnet are network pickles, which run the Python code stored inside them when loaded: load
+    only pickles you trust (--gnet also takes the weights-only .pt format of "python -m networks.export", which never
+    runs code).
     """
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
     cli.check_output_dir(outdir)
