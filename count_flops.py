@@ -85,8 +85,8 @@ def _build(kwargs):
     except ValueError as e:
         raise click.ClickException(str(e))
     except RuntimeError as e:  # sizes beyond what a tensor can describe, e.g. --channels=1000000000
-        raise click.ClickException(f'--channels={kwargs.get("model_channels")}: cannot build the network '
-                                   f'({cli.one_line(e)})') from None
+        raise click.ClickException(f'the network cannot be built ({cli.one_line(e)}); check --channels and '
+                                   '--expansion') from None
 
 #----------------------------------------------------------------------------
 

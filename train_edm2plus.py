@@ -193,8 +193,8 @@ def print_training_config(c, opts, world_size):
     try:
         meta_net = flops.build_meta(**kwargs)
     except (RuntimeError, ValueError) as e:  # e.g. --channels=1000000000: sizes beyond what a tensor can describe
-        raise click.ClickException(f'--channels={kwargs.get("model_channels")}: cannot build the network '
-                                   f'({cli.one_line(e)})') from None
+        raise click.ClickException(f'the network cannot be built ({cli.one_line(e)}); check --channels, '
+                                   '--channel-mult and --expansion') from None
     for line in flops.headline(flops.count(meta_net)):
         dist.print0(line)
     dist.print0()
@@ -208,8 +208,9 @@ def check_memory(c, net_kwargs, num_params, world_size):
     images = batch_gpu * net_kwargs['img_channels'] * net_kwargs['img_resolution'] ** 2
     try:
         misc.check_fits_memory(4 * (copies * num_params + images),
-                               f'Training {num_params / 1e6:,.1f} M parameters at {batch_gpu} images per step and '
-                               f'process (--channels, --batch, --batch-gpu)', dist.device())
+                               f'Training {num_params / 1e6:,.1f} M parameters (--channels, --channel-mult, '
+                               f'--expansion) at {batch_gpu} images per step and process (--batch, --batch-gpu)',
+                               dist.device())
     except MemoryError as e:
         raise click.ClickException(str(e)) from None
 

@@ -97,6 +97,12 @@ def load_model_file(path):
     with open(path, 'rb') as f:
         return pickle.load(f)
 
+def _model(obj):
+    """`obj` if it is a model (a torch module, TorchScript included), else TypeError saying what the file holds."""
+    if not isinstance(obj, torch.nn.Module):
+        raise TypeError(f'the file holds a {type(obj).__name__}, not a model')
+    return obj
+
 def _forward_arg_names(module):
     """Argument names of module.forward (TorchScript or Python), used to tell NVIDIA's wrapper from a bare net."""
     if isinstance(module, torch.jit.ScriptModule):
@@ -170,7 +176,7 @@ class InceptionV3Detector(Detector):
             if not os.path.isfile(path):
                 raise DetectorUnavailableError(f'Inception-v3 detector {path}: no such file')
             try:
-                return load_model_file(path), path
+                return _model(load_model_file(path)), path
             except Exception as e:
                 raise DetectorUnavailableError(f'Inception-v3 detector {path}: cannot load it '
                                                f'({one_line(e, with_type=True)})') from None
@@ -185,13 +191,13 @@ class InceptionV3Detector(Detector):
                 tried.append(f'{label} ({why_missing})')
                 continue
             try:
-                return load_model_file(candidate), candidate
+                return _model(load_model_file(candidate)), candidate
             except Exception as e:
                 tried.append(f'{label} {candidate} ({one_line(e, with_type=True)})')
         if allow_download:
             try:
                 with dnnlib.util.open_url(INCEPTION_URL, verbose=verbose) as f:
-                    return pickle.load(f), INCEPTION_URL
+                    return _model(pickle.load(f)), INCEPTION_URL
             except Exception as e:
                 tried.append(f'download of {INCEPTION_URL} failed: {one_line(e, with_type=True)}')
         raise DetectorUnavailableError('no Inception-v3 detector found; tried ' + '; '.join(tried) +

@@ -378,9 +378,13 @@ CASES = [
     Case('generate-batch-huge',            'generate', GEN[:2] + ['--seeds=0-9999999', '--batch=10000000', '--steps=2'], 1, r'A batch of 10000000 images \(--batch\) needs at least .* GiB, more than this machine has'),
     Case('convert-resolution-huge',        'convert', ['--source={A}/images', '--dest={T}/o.zip', '--resolution=65536x65536'], 1, r'--resolution=65536x65536: converting one image needs at least 48\.0 GiB'),
     Case('convert-resolution-not-square',  'convert', ['--source={A}/images', '--dest={T}/o.zip', '--resolution=64x32'], 1, r'required to be square\.  Got 64x32'),
-    Case('train-batch-huge',               'train', TRAIN + ['--batch=1Gi', '--duration=1Gi', '--status=1Gi', '--snapshot=1Gi', '--checkpoint=1Gi'], 1, r'Training 0\.\d M parameters at 1073741824 images per step .* more than this machine has'),
-    Case('train-channels-huge',            'train', TRAIN + ['--channels=1000000000'], 1, r'--channels=1000000000: cannot build the network'),
-    Case('flops-channels-huge',            'flops', ['--channels=1000000000'], 1, r'--channels=1000000000: cannot build the network'),
+    Case('train-batch-huge',               'train', TRAIN + ['--batch=1Gi', '--duration=1Gi', '--status=1Gi', '--snapshot=1Gi', '--checkpoint=1Gi'], 1, r'Training 0\.\d M parameters .* at 1073741824 images per step .* more than this machine has'),
+    Case('train-expansion-huge',           'train', TRAIN + ['--block=G*', '--expansion=1e6'], 1, r'Training [\d,.]+ M parameters \(--channels, --channel-mult, --expansion\) .* more than this machine has'),
+    Case('train-channels-huge',            'train', TRAIN + ['--channels=1000000000'], 1, r'the network cannot be built \(.*\); check --channels, --channel-mult and --expansion'),
+    Case('flops-channels-huge',            'flops', ['--channels=1000000000'], 1, r'the network cannot be built \(.*\); check --channels and --expansion'),
+    Case('plot-results-binary',            'plot', ['--results={T}/bin.json', '--out={T}/p.png'], 1, r'bin\.json: not a text file',
+         prepare=lambda T, A, m: open(f'{T}/bin.json', 'wb').write(bytes(range(128, 256)))),
+    Case('ref-detector-is-a-network',      'ref', ['--data={A}/images', '--dest={T}/r.pkl', '--metrics=fid', '--detector={A}/net.pkl'], 1, r'detector .*net\.pkl: cannot load it \(TypeError: the file holds a EasyDict, not a model\)'),
 ]
 
 #----------------------------------------------------------------------------

@@ -72,7 +72,10 @@ def read_sweep_runs(path, metric=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such results file')
     with open(path, encoding='utf-8') as f:
-        text = f.read()
+        try:
+            text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f'{path}: not a text file (JSON, JSON lines or CSV)') from None
     if path.lower().endswith('.csv'):
         records = list(csv.DictReader(io.StringIO(text)))
     else:
