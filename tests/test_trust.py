@@ -12,7 +12,6 @@ import copy
 import gzip
 import hashlib
 import importlib
-import io
 import json
 import os
 import pickle
@@ -21,7 +20,8 @@ import signal
 import struct
 import subprocess
 import sys
-import zipfile
+import tempfile
+import warnings
 import zlib
 
 import numpy as np
@@ -133,8 +133,8 @@ def assets(tmp_path_factory):
         PIL.Image.fromarray(rng.rand(8, 8).astype(np.float32), 'F').save(f'{A}/float-tiff/{i}.tif')
 
     # The stand-in detector, reference statistics made with it, and broken or hostile statistics.
-    with __import__('warnings').catch_warnings():
-        __import__('warnings').simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated in 2.13
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated in 2.13
         torch.jit.save(torch.jit.script(PooledColours()), f'{A}/pooled.pt')
     batch = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
     save_stats(final_stats(calculate_stats_for_iterable([batch], metrics=['fid'], device='cpu', verbose=False,
@@ -234,7 +234,7 @@ def _no_home(T, A, monkeypatch):
     for var in ('HOME', 'USERPROFILE', 'DNNLIB_CACHE_DIR'):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(os.path, 'expanduser', lambda path: path)
-    monkeypatch.setattr(__import__('tempfile'), 'gettempdir', lambda: f'{T}/tmp')
+    monkeypatch.setattr(tempfile, 'gettempdir', lambda: f'{T}/tmp')
     os.makedirs(f'{T}/tmp')
     _planted_cache(f'{T}/tmp/dnnlib-cache-{os.getuid()}', (0o777, 0o777))(T, A, monkeypatch)
     monkeypatch.delenv('DNNLIB_CACHE_DIR')
@@ -510,7 +510,7 @@ def test_cache_is_made_private_and_never_the_shared_temp_folder(tmp_path, monkey
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(dnnlib.util, '_cache_dir', None)
     monkeypatch.setattr(os.path, 'expanduser', lambda path: path)  # no home in the password database either
-    monkeypatch.setattr(__import__('tempfile'), 'gettempdir', lambda: str(tmp_path))
+    monkeypatch.setattr(tempfile, 'gettempdir', lambda: str(tmp_path))
     old = os.umask(0o002)  # a umask that makes group-writable folders
     try:
         path = dnnlib.util.make_cache_dir_path('downloads', create=True)

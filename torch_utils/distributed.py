@@ -305,16 +305,18 @@ def run_dir_lock(run_dir, name='training.lock', what='training'):
     """`with run_dir_lock(run_dir):` holds the run directory's lock for the block; call it on every rank. Rank 0
     takes the lock (acquire_run_dir) and broadcasts the outcome, so that every rank raises the same
     RunDirBusyError when another process holds it, and none waits for a rank that stopped."""
-    release, message = (lambda: None), None
+    release, error, message = (lambda: None), None, None
     if get_rank() == 0:
         try:
             release = acquire_run_dir(run_dir, name, what)
-        except RunDirBusyError as e:
-            message = str(e)
+        except Exception as e:  # pylint: disable=broad-except  (e.g. an unwritable folder: the others must not wait)
+            error, message = e, str(e)
     if is_distributed():
         box = [message]
         torch.distributed.broadcast_object_list(box, src=0)
         message = box[0]
+    if error is not None:
+        raise error
     if message is not None:
         raise RunDirBusyError(message)
     try:
