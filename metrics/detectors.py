@@ -91,6 +91,11 @@ def load_model_file(path):
         except RuntimeError:
             pass        # a zip that is not TorchScript: torch.save's zip format, handled below
     if os.path.splitext(path)[1].lower() in WEIGHTS_ONLY_SUFFIXES:
+        if not zipfile.is_zipfile(path):
+            with open(path, 'rb') as f:
+                if f.read(1) == b'\x80':
+                    raise misc.CodeRefusedError('refused: a pickle under a .pt name; files named .pt or .pth are '
+                                                'read weights-only and never unpickled: if you trust it, rename it .pkl')
         return misc.load_weights_only(path, path)
     if zipfile.is_zipfile(path):
         return torch.load(path, map_location='cpu', weights_only=False)
