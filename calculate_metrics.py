@@ -23,26 +23,52 @@ from training.encoders import VAEError, vae_location
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
-                           calculate_stats_for_iterable, calculate_stats_for_network, final_stats, load_stats,
-                           parse_metric_list, save_stats)
+                           calculate_stats_for_iterable, calculate_stats_for_network, check_reference, final_stats,
+                           load_stats, parse_metric_list, save_stats)
 
 #----------------------------------------------------------------------------
 # Option helpers.
 
-def load_reference(ref_path):
-    """Rank 0 reads the reference before any features are computed, so that a bad --ref fails early; the other
-    ranks then stop too, quietly."""
+def load_reference(ref_path, metrics, metrics_given=True):
+    """Read and check the reference before any feature is computed: rank 0 first (a bad --ref fails early, once;
+    a URL is downloaded once), then the other ranks (which then stop quietly if rank 0 failed). Returns (ref,
+    metrics to measure): metrics the reference lacks are an error when --metrics names them, and are left out, with
+    a note, when --metrics was left at its default."""
     ref, error = None, None
     if dist.get_rank() == 0:
         try:
             ref = load_stats(ref_path)
+            metrics = metrics_for_reference(ref, ref_path, metrics, metrics_given)
         except MetricsError as e:
             error = e
     if not dist.broadcast_bool(error is None):
         if error is not None:
             raise error
         raise SystemExit(1)
-    return ref
+    if dist.get_rank() != 0:
+        ref = load_stats(ref_path, verbose=False)
+        metrics = metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=False)
+    return ref, metrics
+
+def metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=True):
+    """The metrics of `metrics` that `ref` can be compared in (all of them, or an error, when given explicitly)."""
+    present = [metric for metric in metrics if metric in ref]
+    if metrics_given or not present:
+        check_reference(ref, metrics, ref_path)
+    if verbose and len(present) < len(metrics):
+        print(f'Note: {ref_path} holds no statistics for {", ".join(m for m in metrics if m not in ref)}; '
+              f'measuring {", ".join(present)} only')
+    return present
+
+def metrics_given():
+    """Whether --metrics was given on the command line (else its default applies)."""
+    return click.get_current_context().get_parameter_source('metrics') != click.core.ParameterSource.DEFAULT
+
+def is_read_as_image(path):
+    """Whether a file of this name in a dataset folder would be read as one of its images."""
+    import PIL.Image  # pylint: disable=import-outside-toplevel
+    PIL.Image.init()
+    return os.path.splitext(path)[1].lower() in set(PIL.Image.EXTENSION) | {'.npy'}
 
 def same_on_all_ranks(fn):
     """Run a step whose errors every rank would hit alike (options, file discovery): only rank 0 reports them."""
@@ -63,7 +89,7 @@ def run_command(fn):
     with dist.process_group() as device, cli.os_errors():
         try:
             fn(device)
-        except (MetricsError, NetworkFileError, MissingPackageError) as e:
+        except (MetricsError, NetworkFileError, MissingPackageError, MemoryError, ValueError) as e:
             raise cli.CliError(str(e)) from None
 
 #----------------------------------------------------------------------------
@@ -116,19 +142,21 @@ def cmdline():
               type=click.IntRange(min=0), default=2, show_default=True)
 def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_batch_size, num_workers):
     """Calculate metrics for a set of images."""
+    given = metrics_given()
     def work(device):
-        ref = load_reference(ref_path)
+        ref, measured = load_reference(ref_path, metrics, given)
         stats_iter = same_on_all_ranks(lambda: calculate_stats_for_files(
-            image_path, num_images=num_images, seed=seed, metrics=metrics, max_batch_size=max_batch_size,
-            num_workers=num_workers, device=device, detector_kwargs=detector_kwargs(detector, dinov2)))
-        report(final_stats(stats_iter), ref, metrics)
+            image_path, num_images=num_images, seed=seed, metrics=measured, max_batch_size=max_batch_size,
+            num_workers=num_workers, device=device, detector_kwargs=detector_kwargs(detector, dinov2), ref=ref,
+            ref_name=ref_path))
+        report(final_stats(stats_iter), ref, measured)
     run_command(work)
 
 #----------------------------------------------------------------------------
 
 @cmdline.command()
 # Main options.
-@click.option('--net', help='Network pickle', metavar='PATH|URL', type=str, required=True)
+@click.option('--net', help='Network pickle or weights-only .pt', metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
 @metrics_options
 # Hyperparameters.
@@ -140,7 +168,12 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
               "access) or a hub name  [default: the one the network names]", metavar='PATH|NAME', type=str, default=None)
 def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size,
         vae):
-    """Calculate metrics for a network's samples, generated on the fly."""
+    """Calculate metrics for a network's samples, generated on the fly.
+
+    Network pickles (.pkl) run the Python code stored inside them when loaded: load only pickles you trust, or
+    convert them once with "python -m networks.export IN.pkl OUT.pt" into the weights-only .pt format, which every
+    tool accepts and which never runs code.
+    """
     from sampling.generate import require_decoder
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
     for option, path in (('--net', net), ('--gnet', gnet)):
@@ -155,17 +188,19 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
     except VAEError as e:
         raise click.ClickException(f'--vae={vae}: {e.reason}') from None
 
+    given = metrics_given()
     def work(device):
-        ref = load_reference(ref_path)
+        ref, measured = load_reference(ref_path, metrics, given)
         try:
             stats_iter = same_on_all_ranks(lambda: calculate_stats_for_network(
                 net, seeds, gnet=gnet, guidance=guidance, max_batch_size=max_batch_size, device=device,
-                edm2_exact=edm2_exact, vae=vae, metrics=metrics, detector_kwargs=detector_kwargs(detector, dinov2)))
+                edm2_exact=edm2_exact, vae=vae, metrics=measured, detector_kwargs=detector_kwargs(detector, dinov2),
+                ref=ref, ref_name=ref_path))
             stats = final_stats(stats_iter)
         except VAEError as e:
             where = f'--vae={vae}' if vae is not None else f'--net={net}: the VAE it names, {e.name}'
             raise cli.CliError(f'{where}: {e.reason}') from None
-        report(stats, ref, metrics)
+        report(stats, ref, measured)
     run_command(work)
 
 #----------------------------------------------------------------------------
@@ -189,6 +224,10 @@ def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_wor
         raise click.BadParameter('an .npz file holds FID statistics only; add fid to --metrics or write a .pkl',
                                  param_hint='--dest')
     cli.check_output_file(dest_path, overwrite=overwrite)  # before any feature is computed
+    cli.check_not_input(dest_path, {'--data': data_path, '--detector': detector, '--dinov2': dinov2})
+    if os.path.isdir(data_path) and cli.is_inside(dest_path, data_path) and is_read_as_image(dest_path):
+        raise cli.CliError(f'{dest_path}: lies inside --data={data_path} with the name of an image; the statistics '
+                           'would become part of the dataset')
 
     def work(device):
         stats_iter = same_on_all_ranks(lambda: calculate_stats_for_files(

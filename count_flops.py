@@ -84,6 +84,9 @@ def _build(kwargs):
         return flops.build_meta(**kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
+    except RuntimeError as e:  # sizes beyond what a tensor can describe, e.g. --channels=1000000000
+        raise click.ClickException(f'the network cannot be built ({cli.one_line(e)}); check --channels and '
+                                   '--expansion') from None
 
 #----------------------------------------------------------------------------
 

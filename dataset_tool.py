@@ -84,9 +84,13 @@ def _image_extensions():
     return frozenset(PIL.Image.EXTENSION.keys())
 
 def _decode_image(f, where):
-    """Read an image file object with Pillow and return it as uint8 RGB [H,W,3] (grey and palette images too)."""
+    """Read an image file object with Pillow and return it as uint8 RGB [H,W,3] (grey and palette images too;
+    16-bit images scaled to 8 bits with their brightness, as training reads them)."""
     try:
         with PIL.Image.open(f) as img:
+            if img.mode.startswith('I') or img.mode == 'F':  # deeper than 8 bits: Pillow's convert() would clip
+                from training.dataset import pil_to_array # pylint: disable=import-outside-toplevel
+                return np.repeat(pil_to_array(img)[:, :, np.newaxis], 3, axis=2)
             return np.array(img.convert('RGB'))
     except Exception as e: # Any decoder failure means a corrupt or unreadable file.
         raise DatasetToolError(f'{where}: cannot read image ({type(e).__name__}: {e})') from None
@@ -119,23 +123,19 @@ def _labels_for(names, dataset_json, where, num_classes=None):
     return [index[t] for t in top], f'{len(classes)} top-level sub-folders{note}'
 
 def _check_labels(names, labels, json_path, num_classes=None):
-    """One-line errors naming dataset.json and the image for labels that training would refuse or misread."""
+    """One-line errors naming the label source and the image for labels that training would refuse or cannot hold:
+    training.dataset.check_labels's rules (the one home of them), applied before anything is written."""
     missing = [name for name, label in zip(names, labels) if label is None]
     if missing and len(missing) < len(names):
         raise DatasetToolError(f'{json_path}: no label for {len(missing)} of the {len(names)} images (first: '
                                f'{missing[0]}); label every image, or none with "labels": null')
-    for name, label in zip(names, labels):
-        if label is None:
-            continue
-        if isinstance(label, list):
-            if not label or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in label):
-                raise DatasetToolError(f'{json_path}: label {json.dumps(label)} of {name} is not a list of numbers')
-            continue
-        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-            raise DatasetToolError(f'{json_path}: label {json.dumps(label)} of {name} is not a class index '
-                                   f'(an integer, 0 or more)')
-        if num_classes is not None and label >= num_classes:
-            raise DatasetToolError(f'{json_path}: label {label} of {name} is not below --num-classes={num_classes}')
+    if missing or not names:
+        return
+    from training.dataset import check_labels # pylint: disable=import-outside-toplevel
+    try:
+        check_labels(names, labels, json_path, num_classes)
+    except ValueError as e:
+        raise DatasetToolError(str(e)) from None
 
 def open_image_folder(source, max_images=None, num_classes=None):
     names = []
@@ -243,8 +243,8 @@ def open_idx(images_path, max_images=None, num_classes=None):
             raise DatasetToolError(f'{labels_path}: expected {images.shape[0]} integer labels to match '
                                    f'{images_path}, got {labels.dtype} {list(labels.shape)}')
         labels = [int(x) for x in labels]
-        if num_classes is not None and labels and max(labels) >= num_classes:
-            raise DatasetToolError(f'{labels_path}: label {max(labels)} is not below --num-classes={num_classes}')
+        _check_labels([f'{os.path.basename(images_path)}[{i}]' for i in range(len(labels))], labels, labels_path,
+                      num_classes)
         origin = os.path.basename(labels_path)
     else:
         labels = [None] * images.shape[0]
@@ -320,6 +320,21 @@ def center_crop_dhariwal(img, size):
 
 TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
 
+def check_output_size(width, height, transform):
+    """What --resolution asks for, checked before the first image (with EDM2's words where EDM2 checks it only after
+    converting one): a square (center-crop-wide pastes onto a square canvas) whose side is a power of two, and small
+    enough that a few copies of one image fit in memory (65536x65536 would be 12 GiB each)."""
+    if transform != 'center-crop-wide' and width != height:
+        raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  Got {width}x{height}')
+    if width & (width - 1) != 0:
+        raise DatasetToolError(f'Image width/height after scale and crop are required to be power-of-two (got {width}; '
+                               'use --resolution, e.g. --resolution=32x32)')
+    import psutil # pylint: disable=import-outside-toplevel
+    need, have = 4 * 3 * width * width, psutil.virtual_memory().total  # the image, resized, its PNG, the zip buffer
+    if need > have:
+        raise DatasetToolError(f'--resolution={width}x{height}: converting one image needs at least '
+                               f'{need / 2**30:,.1f} GiB, more than this machine has ({have / 2**30:,.1f} GiB)')
+
 def make_transform(transform, width=None, height=None):
     """The function img -> img|None for --transform and --resolution, after checking that they fit together."""
     if transform is None:
@@ -384,10 +399,19 @@ def remove_leftovers(dest):
 def _is_dataset_folder(path):
     return os.path.isfile(os.path.join(path, 'dataset.json'))
 
-def check_dest(dest, overwrite=False):
-    """Refuse a --dest we cannot or must not write, before any work: `Error: <path>: <reason>`."""
+def check_dest(dest, overwrite=False, source=None):
+    """Refuse a --dest we cannot or must not write, before any work: `Error: <path>: <reason>`. That includes
+    --source itself (through any link or spelling), a folder holding it, and a folder inside a source folder."""
     if dest == '':
         raise DatasetToolError('--dest output filename or directory must not be an empty string')
+    if source is not None:
+        inputs = [('--source', source)]
+        if os.path.isfile(source) and _IDX_IMAGE_PATTERN.match(os.path.basename(source)):
+            inputs.append(('--source labels', os.path.join(os.path.dirname(source),
+                                                           os.path.basename(source).replace('images-idx3', 'labels-idx1'))))
+        reason = cli.input_overwrite(dest, inputs, folders=_file_ext(dest) != '.zip')
+        if reason is not None:
+            raise DatasetToolError(f'--dest={reason}')
     if _file_ext(dest) == '.zip':
         if os.path.isdir(dest):
             raise DatasetToolError(f'{dest}: is a directory (a .zip --dest must be a file)')
@@ -491,7 +515,9 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
     """Convert `source` to a PNG dataset at `dest`. Returns an EasyDict(num_images, num_skipped, labels, shape)."""
     width, height = resolution if resolution is not None else (None, None)
     transform_fn = make_transform(transform, width, height)
-    check_dest(dest, overwrite)
+    if resolution is not None:
+        check_output_size(width, height, transform)
+    check_dest(dest, overwrite, source)
     src = open_source(source, max_images, num_classes)
     if len(src) == 0:
         raise DatasetToolError(f'No input images found in {source}')
@@ -595,7 +621,7 @@ def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=Non
     """RGB images -> `img-mean-std-XXXXXXXX.npy` files holding the VAE posterior [mean, std] (8 x H/8 x W/8), `batch`
     images per VAE call. Returns an EasyDict(num_images, label_origin, shape, images_per_second, peak_memory)."""
     import torch # pylint: disable=import-outside-toplevel
-    check_dest(dest, overwrite)
+    check_dest(dest, overwrite, source)
     if encoder is None:
         vae = check_vae(vae) # Before reading the source.
     src = open_source(source, max_images)
@@ -682,7 +708,7 @@ def decode_dataset(source, dest, vae=None, max_images=None, batch=8, encoder=Non
     """Latent dataset (.npy [mean, std] or [mean]) -> PNGs of the VAE decoding of the posterior means, `batch` per
     VAE call. `vae` None: the VAE the dataset names, else EDM2's. Returns an EasyDict(num_images, label_origin, vae)."""
     import torch # pylint: disable=import-outside-toplevel
-    check_dest(dest, overwrite)
+    check_dest(dest, overwrite, source)
     src = open_latents(source, max_images)
     if len(src) == 0:
         raise DatasetToolError(f'No .npy latent files found in {source}')
@@ -758,7 +784,7 @@ def cmdline():
 @click.option('--resolution',  help='Output resolution, e.g. 64x64', metavar='WxH', type=cli.Parsed(parse_resolution, name='WxH'), default=None)
 # Limits and checks.
 @click.option('--max-images',  help='Use only the first N input images (sorted order)', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--num-classes', help='Number of classes: refuse labels outside 0..N-1', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--num-classes', help='Number of classes: refuse labels outside 0..N-1', metavar='INT', type=click.IntRange(min=1, max=1 << 20), default=None)  # training.dataset.MAX_CLASSES
 @click.option('--overwrite',   help='Replace an existing --dest (a zip, or a dataset folder)', is_flag=True)
 def convert(source, dest, transform, resolution, max_images, num_classes, overwrite):
     """Convert images to EDM2's PNG dataset layout.

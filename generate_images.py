@@ -10,6 +10,7 @@ This file is also imported as a module (EDM2's calculate_metrics does so): it re
 
 import os
 import pickle
+import re
 
 import click
 import tqdm
@@ -19,9 +20,9 @@ from torch_utils import cli
 from torch_utils import misc
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
-from sampling.generate import MissingPackageError, require_decoder
+from sampling.generate import MAX_SEED, MissingPackageError, image_path, require_decoder
 from training.encoders import VAEError, vae_location
-from sampling.sampler import edm_sampler  # noqa: F401
+from sampling.sampler import check_sampler_options, edm_sampler  # noqa: F401
 
 #----------------------------------------------------------------------------
 # Option rules: a preset fills net, gnet and guidance only where the command line left them unset;
@@ -45,6 +46,24 @@ def resolve_options(opts):
         raise click.ClickException('Please specify --gnet when using guidance')
     return opts
 
+def check_outputs_apart(opts):
+    """No output overwrites an input network, and the grid is not one of the images: refuse before any work."""
+    inputs = {'--net': opts.net, '--gnet': opts.gnet}
+    outputs = [('--grid', opts.grid)] if opts.grid is not None else []
+    for path in inputs.values():  # an input that lies where an image would be written
+        if path is not None and not dnnlib.util.is_url(path) and os.path.isfile(path):
+            name = os.path.basename(path)
+            if re.fullmatch(r'\d{6,}\.png', name) and int(name[:-4]) in set(opts.seeds):
+                outputs.append(('--outdir', image_path(opts.outdir, int(name[:-4]), opts.subdirs)))
+    for option, output in outputs:
+        cli.check_not_input(output, inputs)
+    if opts.grid is not None:
+        name = os.path.basename(opts.grid)
+        if re.fullmatch(r'\d{6,}\.png', name) and int(name[:-4]) in set(opts.seeds) and \
+                cli.same_file(opts.grid, image_path(opts.outdir, int(name[:-4]), opts.subdirs)):
+            raise cli.CliError(f'{opts.grid}: --grid is also the image of seed {int(name[:-4])} in --outdir; '
+                               'choose another name')
+
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -53,7 +72,7 @@ def resolve_options(opts):
 @click.option('--preset',            help='Configuration preset', metavar='STR',                         type=str, default=None)
 @click.option('--net',               help='Network pickle or weights-only .pt (filename or URL)', metavar='PATH|URL', type=str, default=None)
 @click.option('--gnet',              help='Guiding network pickle or weights-only .pt (filename or URL)', metavar='PATH|URL', type=str, default=None)
-@click.option('--seeds',             help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST',        type=cli.IntList(min_len=1), default='16-19', show_default=True)
+@click.option('--seeds',             help='List of random seeds (e.g. 1,2,5-10), each once', metavar='LIST', type=cli.IntList(min=0, max=MAX_SEED, min_len=1, unique=True), default='16-19', show_default=True)
 @click.option('--class', 'class_idx',help='Class label(s); several are used in turn  [default: random]', metavar='INT|LIST', type=cli.IntList(min=0, min_len=1), default=None)
 
 # Hyperparameters.
@@ -66,7 +85,7 @@ def resolve_options(opts):
 @click.option('--S_churn', 'S_churn',help='Stochasticity strength', metavar='FLOAT',                     type=cli.FloatRange(min=0), default=0, show_default=True)
 @click.option('--S_min', 'S_min',    help='Stochastic min noise level', metavar='FLOAT',                 type=cli.FloatRange(min=0), default=0, show_default=True)
 @click.option('--S_max', 'S_max',    help='Stochastic max noise level', metavar='FLOAT',                 type=cli.FloatRange(min=0, allow_inf=True), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',help='Stochastic noise inflation', metavar='FLOAT',                 type=cli.FloatRange(), default=1, show_default=True)
+@click.option('--S_noise', 'S_noise',help='Stochastic noise inflation', metavar='FLOAT',                 type=cli.FloatRange(min=0), default=1, show_default=True)
 
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',       type=click.IntRange(min=1), default=32, show_default=True)
@@ -100,6 +119,10 @@ def cmdline(**opts):
     preset_net = opts['preset'] if opts['net'] is None else None
     overwrite = opts.pop('overwrite')
     opts = resolve_options(dnnlib.EasyDict(opts))
+    try:
+        check_sampler_options(**opts)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     for key in ['net', 'gnet']:
         path = opts[key]
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
@@ -118,18 +141,23 @@ def cmdline(**opts):
     cli.check_output_dir(opts.outdir)
     if opts.grid is not None:
         cli.check_output_file(opts.grid, overwrite=overwrite)
+    check_outputs_apart(opts)
 
     # Validation is done; only now start the process group.
     with dist.process_group(), cli.os_errors():
         try:
             image_iter = generate_images(**opts)
-        except (ValueError, pickle.UnpicklingError, MissingPackageError) as e:
+            for _ in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
+                pass
+        except (ValueError, pickle.UnpicklingError, MissingPackageError, MemoryError) as e:
+            if dist.get_rank() != 0:
+                raise SystemExit(1) from None  # every rank stops alike; rank 0 says why
             raise click.ClickException(str(e)) from None
         except VAEError as e:
+            if dist.get_rank() != 0:
+                raise SystemExit(1) from None
             where = f'--vae={opts.vae}' if opts.vae is not None else f'{net_option}: the VAE it names, {e.name}'
             raise click.ClickException(f'{where}: {e.reason}') from None
-        for _ in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
-            pass
 
 #----------------------------------------------------------------------------
 

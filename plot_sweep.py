@@ -46,6 +46,7 @@ def main(results, out, metric, title, higher_is_better, logy, overwrite):
     except (ValueError, FileNotFoundError) as e:
         raise cli.CliError(str(e)) from None
     cli.check_output_file(out, overwrite=overwrite, make_folders=False)
+    cli.check_not_input(out, [('--results', path) for path in results])
     with cli.os_errors(out):
         best = sweep_plot(out, sweeps, metric=metric or 'metric', title=title, lower_is_better=not higher_is_better,
                           logy=logy)

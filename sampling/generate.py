@@ -20,11 +20,12 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import cli
 from torch_utils import misc
 from torch_utils.cli import parse_int_list  # noqa: F401 (EDM2's generate_images.parse_int_list)
 from networks import loading
 from training import encoders
-from sampling.sampler import edm_sampler
+from sampling.sampler import check_sampler_options, edm_sampler, euler_sampler
 
 #----------------------------------------------------------------------------
 # EDM2's published post-hoc EMA reconstructions. The files are downloaded (and cached) on first use;
@@ -235,6 +236,28 @@ def _load(path, role, device, verbose):
     snapshot = _rank0_first(lambda: loading.load_snapshot(path, verbose=(verbose and dnnlib.util.is_url(path))))
     return snapshot.ema.to(device), snapshot
 
+# Each seed's generator is seeded with seed mod 2^32 (as in EDM2), so seeds beyond this repeat smaller ones: the
+# command-line tools take seeds 0..MAX_SEED only.
+MAX_SEED = 2**32 - 1
+
+def check_seeds(seeds):
+    """Seeds name the output files: refuse a seed given twice (its image would be written, or measured, twice)."""
+    twice = cli.first_duplicate(seeds)
+    if twice is not None:
+        raise ValueError(f'seed {twice} is given twice; every seed names one image')
+
+def check_guide(net, gnet, name):
+    """A guiding network must take the main network's inputs: same resolution and channels, and the same labels or
+    none (classifier-free guidance by an unconditional network). NetworkFileError naming `name` otherwise."""
+    for attr, what in (('img_resolution', 'resolution'), ('img_channels', 'channel count')):
+        if getattr(gnet, attr, None) != getattr(net, attr, None):
+            raise loading.NetworkFileError(f'{name}: the guiding network\'s {what} is {getattr(gnet, attr, None)}, the '
+                                           f'main network\'s {getattr(net, attr, None)}; it cannot guide it')
+    labels, guide_labels = getattr(net, 'label_dim', 0), getattr(gnet, 'label_dim', 0)
+    if guide_labels not in (0, labels):
+        raise loading.NetworkFileError(f'{name}: the guiding network has {guide_labels} classes, the main network '
+                                       f'{labels}; a guide needs the same classes or none')
+
 def _edm2_ops(*nets):
     """Context in which the given networks run EDM2's exact op sequence: the `reference_mode()` of each network's
     module (networks.edm2plus has one; a network without a faster path needs none)."""
@@ -275,8 +298,11 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     rank, world = dist.get_rank(), dist.get_world_size()
     verbose = verbose and rank == 0
     seeds = parse_int_list(seeds)
+    check_seeds(seeds)
     if max_batch_size < 1:
         raise ValueError(f'max_batch_size must be at least 1, got {max_batch_size}')
+    if sampler_fn in (edm_sampler, euler_sampler):
+        check_sampler_options(**sampler_kwargs)  # before any network is loaded
     net_name = os.fspath(net) if isinstance(net, (str, os.PathLike)) else 'the network'
     if encoder is None:
         require_decoder(net)
@@ -288,9 +314,11 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     net, snapshot = _load(net, 'main', device, verbose)
     if sampler_kwargs.get('guidance', 1) == 1:
         gnet = None
+    gnet_name = os.fspath(gnet) if isinstance(gnet, (str, os.PathLike)) else 'the guiding network'
     gnet, _ = _load(gnet, 'guiding', device, verbose)
     if gnet is None:
         gnet = net
+    check_guide(net, gnet, gnet_name)
     run_net, run_gnet = net, gnet
     if compile:
         mode = 'reduce-overhead' if device.type == 'cuda' else None
@@ -334,6 +362,13 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     # the same number of batches (some possibly empty).
     num_batches = max(math.ceil(len(seeds) / (max_batch_size * world)), 1) * world
     rank_batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world]
+    # Requests that cannot fit, refused before the first batch: a batch holds at least the noise, the sample and
+    # the Heun step's three other tensors of the same size; the grid all images at once.
+    batch = max((len(b) for b in rank_batches), default=0)
+    image_bytes = 4 * net.img_channels * net.img_resolution ** 2
+    misc.check_fits_memory(batch * image_bytes * 5, f'A batch of {batch} images (--batch)', device)
+    if grid is not None and rank == 0:
+        misc.check_fits_memory(len(seeds) * image_bytes // 4 * 2, f'A grid of {len(seeds)} images (--grid)')
     if verbose:
         print(f'Generating {len(seeds)} images...')
 
@@ -354,7 +389,14 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
                 with torch.no_grad(), (_edm2_ops(net, gnet) if edm2_exact else contextlib.nullcontext()):
                     latents = sampler_fn(net=run_net, noise=r.noise, labels=r.labels, gnet=run_gnet,
                                          randn_like=rnd.randn_like, **sampler_kwargs)
-                    r.images = encoder.decode(latents)
+                    finite = torch.isfinite(latents.flatten(1)).all(dim=1).cpu()
+                    r.images = encoder.decode(latents) if finite.all() else None
+            else:
+                finite = torch.ones([0], dtype=torch.bool)
+            # Every rank learns whether any sample anywhere is NaN/Inf (instead of a barrier), so all stop together
+            # before such an image is written or measured: it would be saved as a black PNG without a word.
+            _stop_on_non_finite(finite, [seeds[i] for i in indices], net_name)
+            if len(indices) > 0:
                 if outdir is not None or grid is not None:
                     images = r.images.cpu().numpy()
                     for seed, idx, image in zip(r.seeds, indices, images):
@@ -362,12 +404,25 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
                             save_png(image_path(outdir, seed, subdirs), image)
                         if grid is not None:
                             grid_images[int(idx)] = image
-            dist.barrier()
             yield r
         if grid is not None:
             _write_grid(grid, grid_images, grid_layout(len(seeds), classes))
 
     return misc.SizedIterable(run(), len(rank_batches))
+
+def _stop_on_non_finite(finite, seeds, net_name):
+    """ValueError on every rank if any rank's batch holds a sample with a NaN or infinite value (naming the first
+    such seed of all ranks); also the per-batch meeting point of the ranks."""
+    bad = [seed for seed, ok in zip(seeds, finite.tolist()) if not ok]
+    first_bad = torch.tensor([min(bad) if bad else MAX_SEED + 1], dtype=torch.int64)
+    if dist.is_distributed():
+        if torch.distributed.get_backend() == 'nccl':
+            first_bad = first_bad.cuda()
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    first_bad = int(first_bad.item())
+    if first_bad <= MAX_SEED:
+        raise ValueError(f'{net_name}: the sampler produced NaN or infinite values for seed {first_bad}; nothing of '
+                         'that batch was written (check the network and the sampler options)')
 
 def _write_grid(path, grid_images, rows):
     """Collect every rank's images on rank 0 and write the grid there."""

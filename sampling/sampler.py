@@ -34,6 +34,62 @@ def edm_time_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, dtype=tor
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 #----------------------------------------------------------------------------
+# Settings that cannot give a sensible schedule are refused before any network is loaded: a schedule must run
+# from σ_max down to σ_min through finite, strictly decreasing levels, and churn or a guidance interval that no
+# level of the schedule reaches would silently do nothing.
+
+MAX_STEPS = 1_000_000
+_OPTION_NAMES = dict(num_steps='--steps', guidance_interval='--guidance-interval')
+
+def _option(name, value):
+    text = f'{value:.10g}' if isinstance(value, float) else f'{value}'
+    return f'{_OPTION_NAMES.get(name, "--" + name)}={text}'
+
+def check_sampler_options(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, guidance=1, guidance_interval=None,
+                          S_churn=0, S_min=0, S_max=math.inf, S_noise=1, **_other):
+    """Raise ValueError, one line naming the option (as generate_images.py spells it), unless the settings give a
+    schedule of finite, strictly decreasing noise levels in which churn and the guidance interval take effect."""
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f'{_option("num_steps", num_steps)}: give 1 to {MAX_STEPS} steps')
+    numbers = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guidance=guidance, S_churn=S_churn,
+                   S_min=S_min, S_noise=S_noise)
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            raise ValueError(f'{_option(name, value)}: not a finite number')
+    for name in ('sigma_min', 'rho'):
+        if not numbers[name] > 0:
+            raise ValueError(f'{_option(name, numbers[name])}: must be positive')
+    for name in ('S_churn', 'S_min', 'S_noise'):
+        if numbers[name] < 0:
+            raise ValueError(f'{_option(name, numbers[name])}: must not be negative')
+    if not sigma_min < sigma_max:
+        raise ValueError(f'{_option("sigma_min", sigma_min)} must be below {_option("sigma_max", sigma_max)}')
+    try:
+        levels = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float32)  # as the samplers do
+    except OverflowError:
+        levels = torch.tensor([math.inf])
+    if not torch.isfinite(levels.square()).all():
+        raise ValueError(f'{_option("sigma_max", sigma_max)} with {_option("rho", rho)}: the noise levels overflow '
+                         'single precision')
+    if not (levels[1:] < levels[:-1]).all() or not (levels[:-1] > 0).all():
+        raise ValueError(f'{_option("sigma_min", sigma_min)}, {_option("sigma_max", sigma_max)}, '
+                         f'{_option("rho", rho)}: the noise levels are not strictly decreasing')
+    evaluated = levels[:-1].tolist()  # every level a network is evaluated at, before churn
+    if S_churn > 0:
+        if not S_min <= S_max:
+            raise ValueError(f'{_option("S_min", S_min)} must not exceed {_option("S_max", S_max)}')
+        if not any(S_min <= sigma <= S_max for sigma in evaluated):
+            raise ValueError(f'{_option("S_churn", S_churn)} has no effect: no noise level of the schedule '
+                             f'({evaluated[-1]:g} to {evaluated[0]:g}) lies in [S_min, S_max] = [{S_min:g}, {S_max:g}]')
+    if guidance_interval is not None and guidance != 1:
+        lo, hi = map(float, guidance_interval)
+        if not 0 <= lo <= hi:
+            raise ValueError(f'--guidance-interval={lo:g},{hi:g}: must satisfy 0 <= LO <= HI')
+        if not any(lo <= sigma <= hi for sigma in evaluated):
+            raise ValueError(f'--guidance-interval={lo:g},{hi:g} has no effect: no noise level of the schedule '
+                             f'({evaluated[-1]:g} to {evaluated[0]:g}) lies in it')
+
+#----------------------------------------------------------------------------
 # Guidance (autoguidance, Karras et al. 2024, eq. 1; the same formula gives classifier-free guidance): D = D_guide + w·(D_main − D_guide), i.e. lerp(D_guide, D_main, w). The guide is never
 # evaluated when w = 1. Beyond EDM2: with `guidance_interval=(lo, hi)` the guide is only used for lo ≤ σ ≤ hi
 # (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"); elsewhere D = D_main.

@@ -151,12 +151,12 @@ def test_zip_without_dataset_json_labels_by_top_level_folder(tmp_path):
 
 @pytest.mark.parametrize('labels, message', [
     ([['a.png', 1]], 'no label for 1 of the 2 images (first: b.png)'),
-    ([['a.png', -1], ['b.png', 0]], 'label -1 of a.png is not a class index'),
-    ([['a.png', 'cat'], ['b.png', 0]], 'label "cat" of a.png is not a class index'),
-    ([['a.png', 1.5], ['b.png', 0]], 'label 1.5 of a.png is not a class index'),
-    ([['a.png', True], ['b.png', 0]], 'label true of a.png is not a class index'),
-    ([['a.png', ['x']], ['b.png', [1.0]]], 'label ["x"] of a.png is not a list of numbers'),
-    ([['a.png', 2000], ['b.png', 0]], 'label 2000 of a.png is not below --num-classes=10'),
+    ([['a.png', -1], ['b.png', 0]], 'invalid labels (the label of a.png is -1; class labels must not be negative)'),
+    ([['a.png', 'cat'], ['b.png', 0]], 'invalid labels (the label of a.png is "cat"; labels must be class indices or vectors of numbers)'),
+    ([['a.png', 1.5], ['b.png', 0]], 'invalid labels (the label of a.png is 1.5; labels must be class indices or vectors of numbers)'),
+    ([['a.png', True], ['b.png', 0]], 'invalid labels (the label of a.png is true; labels must be class indices or vectors of numbers)'),
+    ([['a.png', ['x']], ['b.png', [1.0]]], 'invalid labels (the label of a.png is ["x"]; labels must be class indices or vectors of numbers)'),
+    ([['a.png', 2000], ['b.png', 0]], 'invalid labels (the label of a.png is 2000; class labels must be 0..9)'),
 ])
 def test_bad_labels_are_refused_before_any_work(tmp_path, labels, message):
     src = tmp_path / 'src'

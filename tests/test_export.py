@@ -163,7 +163,7 @@ def test_export_cli_errors(edm2, tmp_path):
     same = tmp_path / 'same.pkl'
     same.write_bytes((edm2 / 'guide-uncond.pkl').read_bytes())
     result = runner.invoke(export.main, [str(same), str(same)])
-    assert result.exit_code == 1 and 'must not overwrite the input' in result.output
+    assert result.exit_code == 1 and 'must not overwrite an input' in result.output
     assert same.read_bytes() == (edm2 / 'guide-uncond.pkl').read_bytes()
     # A foreign network that our Precond cannot rebuild is not exported.
     snap = loading.load_snapshot(edm2 / 'guide-uncond.pkl', native=False, verbose=False)

@@ -303,10 +303,17 @@ def test_ref_roundtrip_and_edm2_layouts(image_folder, standins, tmp_path, monkey
     with np.load(npz) as data:
         assert sorted(data.files) == ['mu', 'sigma']
         np.testing.assert_array_equal(data['sigma'], direct['fid']['sigma'])
+    # --metrics named fd_dinov2, which the .npz lacks: refused before any image is read. Left at its default,
+    # --metrics shrinks to what the reference holds, with a note.
     result = runner.invoke(calculate_metrics.cmdline, ['calc', f'--images={folder}', f'--ref={npz}', '--num=20',
                                                        '--seed=3'] + args)
+    assert result.exit_code == 1 and f'Error: {npz}: holds no statistics for fd_dinov2 (it has fid)' in result.output
+    assert 'Loading images' not in result.output
+    result = runner.invoke(calculate_metrics.cmdline, ['calc', f'--images={folder}', f'--ref={npz}', '--num=20',
+                                                       '--seed=3'] + args[1:])
     assert result.exit_code == 0, result.output
-    assert 'No statistics computed for fd_dinov2 -- skipping.' in result.output
+    assert f'Note: {npz} holds no statistics for fd_dinov2; measuring fid only' in result.output
+    assert 'Setting up DINOv2Detector' not in result.output
     fid20 = float([line for line in result.output.splitlines() if line.startswith('fid = ')][0].split(' = ')[1])
     assert fid20 > 0     # 20 of the 23 images: a different set, a different mean
 

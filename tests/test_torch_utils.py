@@ -58,8 +58,9 @@ def test_format_time_brief_reference_values():
 def test_cache_dir_search_order(monkeypatch, tmp_path):
     for var in ('DNNLIB_CACHE_DIR', 'HOME', 'USERPROFILE'):
         monkeypatch.delenv(var, raising=False)
-    tmp = os.path.join(__import__('tempfile').gettempdir(), '.cache', 'dnnlib', 'downloads')
-    assert dnnlib.util.make_cache_dir_path('downloads') == tmp
+    # Without HOME: the password database's home, never the shared temporary folder (tests/test_trust.py goes on).
+    home = os.path.expanduser('~')
+    assert dnnlib.util.make_cache_dir_path('downloads') == os.path.join(home, '.cache', 'dnnlib', 'downloads')
     monkeypatch.setenv('USERPROFILE', '/u')
     assert dnnlib.make_cache_dir_path('x') == os.path.join('/u', '.cache', 'dnnlib', 'x')
     monkeypatch.setenv('HOME', '/h')

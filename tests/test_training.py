@@ -170,7 +170,8 @@ def test_cli_end_to_end(tmp_path):
     assert 'Training config:' in proc.stdout and 'Number of GPUs:          1' in proc.stdout
 
     kimgs = ['0000000', '0000001', '0000002']
-    expected = {'training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000001.pt', 'training-state-0000002.pt'}
+    expected = {'training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000001.pt', 'training-state-0000002.pt',
+                'training.lock'}
     expected |= {f'network-snapshot-{k}-{s}.pkl' for k in kimgs for s in ['0.050', '0.100']}
     assert set(os.listdir(outdir)) == expected
 
@@ -307,7 +308,7 @@ def test_time_limit_stops_with_snapshot_and_checkpoint(tmp_path, capsys):
     assert 'Stopped at the time limit' in capsys.readouterr().out
     # Off the snapshot interval, the final snapshots are named so that post-hoc EMA does not take them as inputs;
     # the training state is saved as usual, and the post-hoc EMA inputs are those of EDM2's schedule.
-    assert set(os.listdir(run_dir)) == {'stats.jsonl', 'training-state-0000001.pt', 'network-snapshot-0000000-0.050.pkl',
+    assert set(os.listdir(run_dir)) == {'stats.jsonl', 'training.lock', 'training-state-0000001.pt', 'network-snapshot-0000000-0.050.pkl',
                                         'network-snapshot-0000000-0.100.pkl', 'network-snapshot-0000001-0.050-stop.pkl',
                                         'network-snapshot-0000001-0.100-stop.pkl'}
     assert [p.nimg for p in posthoc.list_input_pickles(run_dir)] == [0, 0]
@@ -353,7 +354,7 @@ def test_non_finite_gradients_are_zeroed(tmp_path, capsys):
         tl.training_loop(run_dir=run_dir, **c)
     assert str(info.value).startswith('the loss was NaN/Inf throughout the tick ending at kimg 0.5; stopped without saving')
     assert '\n' not in str(info.value)
-    assert sorted(os.listdir(run_dir)) == ['stats.jsonl']
+    assert sorted(os.listdir(run_dir)) == ['stats.jsonl', 'training.lock']
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert np.isnan(rows[-1]['Loss/loss']) and rows[-1]['Progress/kimg'] == 0.512
 
@@ -407,9 +408,9 @@ class PoisonedAdam(torch.optim.Adam):
             self.param_groups[0]['params'][0].data.fill_(float('nan'))
 
 def snapshot_files(run_dir):
-    """Contents of every file in run_dir except the appended logs (stats.jsonl, log.txt)."""
+    """Contents of every file in run_dir except the appended logs (stats.jsonl, log.txt) and the lock (who ran last)."""
     return {name: open(os.path.join(run_dir, name), 'rb').read() for name in sorted(os.listdir(run_dir))
-            if name not in ('stats.jsonl', 'log.txt')}
+            if name not in ('stats.jsonl', 'log.txt', 'training.lock')}
 
 def test_non_finite_weights_stop_before_any_save(tmp_path):
     data = make_dataset(tmp_path / 'data')
@@ -483,7 +484,8 @@ def test_no_readable_state_left_is_an_error(tmp_path):
         tl.training_loop(run_dir=str(run_dir), **tiny_config(data))
     assert str(info.value) == (f'{run_dir}: no readable training state left to resume from (set aside: '
                                'training-state-0000001.pt); not starting over in this directory')
-    assert sorted(os.listdir(run_dir)) == ['network-snapshot-0000001-0.050.pkl', 'training-state-0000001.pt.corrupt']
+    assert sorted(os.listdir(run_dir)) == ['network-snapshot-0000001-0.050.pkl', 'training-state-0000001.pt.corrupt',
+                                           'training.lock']
     assert (run_dir / 'network-snapshot-0000001-0.050.pkl').read_bytes() == b'an earlier snapshot'
     assert (run_dir / 'training-state-0000001.pt.corrupt').read_bytes() == b'PK\x03\x04 cut short'
 
@@ -542,7 +544,7 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'Number of GPUs:          2' in proc.stdout
     assert set(os.listdir(outdir)) == {'training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000001.pt',
-                                       'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+                                       'training.lock', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
                                        'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl'}
     rows = [json.loads(line) for line in open(os.path.join(outdir, 'stats.jsonl'))]
     assert [r['Progress/kimg'] for r in rows] == [0, 0.512, 1.024] and np.isfinite(rows[-1]['Loss/loss'])

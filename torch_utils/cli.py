@@ -103,6 +103,53 @@ def check_output_dir(path):
     check_writable_folder(_nearest_existing(path), path)
 
 #----------------------------------------------------------------------------
+# No tool writes over one of its own inputs, through any alias (a symlink, a hard link, another spelling of the
+# path), and no output folder that is replaced or filled contains an input or lies inside one.
+
+def same_file(a, b):
+    """Whether the paths `a` and `b` name one file or folder: the same inode where both exist (hard links, bind
+    mounts, symlinks), else the same real path."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+def is_inside(path, folder):
+    """Whether `path` lies somewhere below the folder `folder` (through symlinks too); False for the folder itself."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    parent = os.path.dirname(path)
+    while parent != path:
+        if parent == folder or (os.path.exists(parent) and os.path.exists(folder) and same_file(parent, folder)):
+            return True
+        path, parent = parent, os.path.dirname(parent)
+    return False
+
+def input_overwrite(output, inputs, folders=False):
+    """Why writing `output` would damage one of `inputs` ({option: path} or [(option, path)]; None and URLs are
+    skipped), as a one-line message starting with `output`, or None. With `folders`, `output` is a folder that is
+    written into or replaced as a whole, so an input inside it, or it inside an input folder, counts too."""
+    for option, path in (inputs.items() if isinstance(inputs, dict) else inputs):
+        if path is None or '://' in str(path):
+            continue
+        path = os.fspath(path)
+        if same_file(output, path):
+            return f'{output}: is the input {option}={path} (the same file, through a link or another spelling); ' \
+                   'an output must not overwrite an input'
+        if folders and is_inside(path, output):
+            return f'{output}: contains the input {option}={path}; an output must not overwrite an input'
+        if folders and os.path.isdir(path) and is_inside(output, path):
+            return f'{output}: lies inside the input {option}={path}; an output must not be written into an input'
+    return None
+
+def check_not_input(output, inputs, folders=False):
+    """CliError (see input_overwrite) if writing `output` would damage one of `inputs`."""
+    reason = input_overwrite(output, inputs, folders)
+    if reason is not None:
+        raise CliError(reason)
+
+#----------------------------------------------------------------------------
 # Option types. Each accepts its own output type as well (defaults, programmatic calls), and fails with a message
 # that gives the allowed form or range.
 
@@ -136,9 +183,12 @@ class FloatRange(click.FloatRange):
             self.fail(f'{value!r} is not a finite number.', param, ctx)
         return x
 
+MAX_LIST_LENGTH = 10_000_000  # values in one list option: 10 M seeds already take ~400 MB as Python integers
+
 def parse_int_list(text):
     """Integers from a comma list where `a-b` stands for a..b inclusive, e.g. '1,2,5-10' (lists, tuples and ranges
-    pass through as lists). Raises ValueError naming the part that is neither."""
+    pass through as lists). Raises ValueError naming the part that is neither, or a list longer than
+    MAX_LIST_LENGTH (before it is built, so that 0-999999999999 is an error rather than a full memory)."""
     if isinstance(text, (list, tuple, range)):
         return [int(x) for x in text]
     values = []
@@ -149,6 +199,8 @@ def parse_int_list(text):
             lo, hi = int(bounds.group(1)), int(bounds.group(2))
             if lo > hi:
                 raise ValueError(f'range "{part}" is empty (start > end)')
+            if len(values) + (hi - lo + 1) > MAX_LIST_LENGTH:
+                raise ValueError(f'"{part}" makes the list longer than {MAX_LIST_LENGTH:,} values')
             values.extend(range(lo, hi + 1))
             continue
         try:
@@ -159,11 +211,11 @@ def parse_int_list(text):
 
 class IntList(click.ParamType):
     """A comma list of integers and ranges a-b ('0-63,100'), or '' for none; every value in [min, max]; at least
-    min_len items."""
+    min_len items; with `unique`, no value twice (e.g. seeds, which name output files)."""
     name = 'list'
 
-    def __init__(self, min=None, max=None, min_len=0):  # pylint: disable=redefined-builtin
-        self.min, self.max, self.min_len = min, max, min_len
+    def __init__(self, min=None, max=None, min_len=0, unique=False):  # pylint: disable=redefined-builtin
+        self.min, self.max, self.min_len, self.unique = min, max, min_len, unique
 
     def convert(self, value, param, ctx):
         try:
@@ -175,7 +227,20 @@ class IntList(click.ParamType):
         bad = [x for x in values if _out_of_range(x, self.min, self.max)]
         if bad:
             self.fail(f'{bad[0]} is not in the range {_range_text(self.min, self.max)}.', param, ctx)
+        if self.unique:
+            twice = first_duplicate(values)
+            if twice is not None:
+                self.fail(f'{twice} is given twice.', param, ctx)
         return values
+
+def first_duplicate(values):
+    """The first value of `values` that appeared before, or None."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
 
 class FloatList(click.ParamType):
     """A comma list of finite floats ('0.05,0.1'), each within the given bounds; at least min_len items."""

@@ -7,6 +7,8 @@ The backend is nccl when CUDA is available, else gloo.
 
 import contextlib
 import datetime
+import functools
+import inspect
 import os
 import re
 import socket
@@ -14,6 +16,7 @@ import socket
 import torch
 
 import dnnlib
+from . import misc
 from . import training_stats
 
 #----------------------------------------------------------------------------
@@ -156,7 +159,7 @@ def print0(*args, **kwargs):
 #----------------------------------------------------------------------------
 # Checkpoints: one torch.save'd dict with an entry per named object.
 # We store plain dicts and tensors only, so that torch.load(weights_only=True) (the default since PyTorch 2.6)
-# can read them without executing code; states written by EDM2 also hold an EasyDict, which is allowed by name.
+# can read them without executing code; states written by EDM2 also hold an EasyDict, which is read as a dict.
 
 def _object_state(obj):
     if obj is None:
@@ -170,18 +173,10 @@ def _object_state(obj):
     return obj.__dict__
 
 def load_checkpoint_file(path):
-    """torch.load a training state onto the CPU, safely where possible."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
-        if 'EasyDict' not in str(e):
-            raise
-    # Written by EDM2: allow its attribute dict, still without arbitrary code execution.
-    try:
-        with torch.serialization.safe_globals([dnnlib.util.EasyDict]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:  # pylint: disable=broad-except
-        return torch.load(path, map_location='cpu', weights_only=False)
+    """torch.load a training state onto the CPU without running code from it, whatever it holds: torch's
+    weights-only unpickler (tensors and plain containers), with EDM2's attribute dicts (dnnlib.util.EasyDict) read
+    as plain dicts. A state that needs anything else raises misc.CodeRefusedError; it is never unpickled with code."""
+    return misc.load_weights_only(path, os.path.basename(path), allow=[(dict, 'dnnlib.util.EasyDict')])
 
 class CheckpointIO:
     """Saves and restores a fixed set of named objects (dicts, modules, optimizers, EMA trackers)."""
@@ -202,7 +197,12 @@ class CheckpointIO:
     def load(self, path, verbose=True):
         if verbose:
             print0(f'Loading {path} ... ', end='', flush=True)
-        data = load_checkpoint_file(path)
+        try:
+            data = load_checkpoint_file(path)
+        except BaseException:
+            if verbose:
+                print0('failed')  # the error that follows starts a line of its own
+            raise
         for name, obj in self._objs.items():
             state = data[name]
             if obj is None:
@@ -239,5 +239,100 @@ def find_latest(run_dir, pattern=r'training-state-(\d+).pt'):
             if best_num is None or num > best_num:
                 best, best_num = entry.path, num
     return best
+
+#----------------------------------------------------------------------------
+# Run-directory lock: one writer per run directory. Not part of EDM2.
+#
+# Two trainings in one --outdir (a job requeued while the first still runs) would interleave their training states,
+# snapshots and stats.jsonl. The first one holds an exclusive flock() on <run_dir>/<name> for as long as it runs;
+# the operating system drops the lock when the process ends, however it ends (SIGKILL, a lost node's NFS lease), so
+# a dead run never blocks its own resumption and nobody has to delete anything. The file itself stays and says who
+# held it last. Under torchrun, rank 0 holds the lock and tells the other ranks whether it got it.
+
+class RunDirBusyError(RuntimeError):
+    """Another live process holds the run directory; the message is one line naming it (PID, host, start time)."""
+
+_held_locks = {}  # real path of the lock file -> [file descriptor, number of holders in this process]
+
+def _lock_file_holder(fd):
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 4096).decode('utf-8', 'replace').strip()
+    except OSError:
+        text = ''
+    return text or 'a process that has not written its name yet'
+
+def acquire_run_dir(run_dir, name='training.lock', what='training'):
+    """Take the lock on `run_dir` in this process (re-entrant: a process may take its own lock again). Returns a
+    function that releases it. Raises RunDirBusyError while another process holds it. On a file system without
+    locks (flock fails with ENOLCK or EOPNOTSUPP) it prints a warning and goes on unlocked."""
+    import fcntl  # pylint: disable=import-outside-toplevel  (POSIX)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(run_dir, name))
+    if path in _held_locks:
+        _held_locks[path][1] += 1
+        return lambda: _release(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_file_holder(fd)
+        os.close(fd)
+        raise RunDirBusyError(f'{run_dir}: in use by another {what} ({holder}); two runs in one directory would '
+                              f'overwrite each other\'s files: wait for it to end or stop it, or choose another '
+                              f'directory') from None
+    except OSError as e:
+        os.close(fd)
+        print(f'Warning: {path}: cannot lock the run directory ({e.strerror}); make sure that no other {what} uses it')
+        return lambda: None
+    started = datetime.datetime.now().isoformat(timespec='seconds')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'PID {os.getpid()} on host {socket.gethostname()}, started {started}\n'.encode(), 0)
+    _held_locks[path] = [fd, 1]
+    return lambda: _release(path)
+
+def _release(path):
+    entry = _held_locks.get(path)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held_locks[path]
+        os.close(entry[0])  # drops the flock
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir, name='training.lock', what='training'):
+    """`with run_dir_lock(run_dir):` holds the run directory's lock for the block; call it on every rank. Rank 0
+    takes the lock (acquire_run_dir) and broadcasts the outcome, so that every rank raises the same
+    RunDirBusyError when another process holds it, and none waits for a rank that stopped."""
+    release, error, message = (lambda: None), None, None
+    if get_rank() == 0:
+        try:
+            release = acquire_run_dir(run_dir, name, what)
+        except Exception as e:  # pylint: disable=broad-except  (e.g. an unwritable folder: the others must not wait)
+            error, message = e, str(e)
+    if is_distributed():
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunDirBusyError(message)
+    try:
+        yield
+    finally:
+        release()
+
+def holds_run_dir(fn):
+    """Decorator: fn(..., run_dir=...) runs inside run_dir_lock(run_dir) (for a training loop called from Python)."""
+    signature = inspect.signature(fn)
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with run_dir_lock(bound.arguments['run_dir']):
+            return fn(*args, **kwargs)
+    return locked
 
 #----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -372,3 +373,62 @@ def release_freed_cpu_memory():
     libc.malloc_trim(0)
     _allocator_tuned = False
     return ok
+
+#----------------------------------------------------------------------------
+# Loading torch files without running code from them. Not part of EDM2.
+
+class CodeRefusedError(pickle.UnpicklingError):
+    """A file that would need code to load (it names a class or function outside the allow-list); the message is
+    one line that names the file and what it asked for."""
+
+def _what_was_refused(error):
+    """What the file asked for, from torch's weights-only refusal (a page of text, with advice we do not give)."""
+    text = str(error)
+    named = re.search(r'GLOBAL ([\w.]+)', text)
+    if named is not None:
+        return f'it names {named.group(1)}'
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith(('Unsupported', 'Can only', 'Trying to'))), None)
+    return detail.rstrip('.') if detail is not None else 'it is not in the weights-only format'
+
+def load_weights_only(file, name, allow=()):
+    """torch.load `file` (path or file object) onto the CPU with torch's weights-only unpickler, which rebuilds only
+    tensors and plain containers and never runs code from the file, whatever its bytes or the environment say
+    (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD yields to an explicit weights_only=True). `allow` lists extra names the file
+    may use, as (stand-in, 'module.Name') pairs: the name is rebuilt as the stand-in, e.g. (dict,
+    'dnnlib.util.EasyDict') reads EDM2's attribute dicts as plain dicts. A file that needs anything else raises
+    CodeRefusedError naming `name`; other failures (truncated or corrupt files) raise torch's own errors."""
+    try:
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            # A plain pickle (not torch's format) makes torch warn about its protocol before refusing it.
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(file, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' not in str(e).lower() and 'weightsunpickler' not in str(e).lower():
+            raise
+        reason = _what_was_refused(e)
+        error = CodeRefusedError(f'{name}: refused: loading it would run code from the file ({reason})')
+        error.reason = reason
+        raise error from None
+
+#----------------------------------------------------------------------------
+# Memory: a lower bound of what a request needs, checked before the work starts. Not part of EDM2.
+
+def memory_limit(device=None):
+    """Bytes of memory the device has: the CUDA device's total memory, or the machine's RAM for the CPU."""
+    device = torch.device(device) if device is not None else torch.device('cpu')
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil  # pylint: disable=import-outside-toplevel
+    return psutil.virtual_memory().total
+
+def check_fits_memory(nbytes, what, device=None):
+    """Raise MemoryError with one line unless `nbytes` (a lower bound of what `what` needs) fits the device's memory.
+    Only requests that cannot possibly fit are refused; a request that passes may still run out of memory."""
+    limit = memory_limit(device)
+    if nbytes > limit:
+        where = 'GPU' if torch.device(device or 'cpu').type == 'cuda' else 'machine'
+        raise MemoryError(f'{what} needs at least {nbytes / 2**30:,.1f} GiB, more than this {where} has '
+                          f'({limit / 2**30:,.1f} GiB)')
+
+#----------------------------------------------------------------------------

@@ -171,24 +171,51 @@ class Dataset(torch.utils.data.Dataset):
 def _ext(fname):
     return os.path.splitext(fname)[1].lower()
 
+def to_uint8(array):
+    """16-bit pixels -> 8 bits with their brightness: round(x * 255 / 65535), so that 8-bit values stored as 16
+    bits (x * 257) come back exactly. 8-bit arrays pass through."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype in (np.uint16, np.dtype('>u2'), np.dtype('<u2')):
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    raise ValueError(f'{array.dtype} pixels: only 8- and 16-bit images are read')
+
+def pil_to_array(image):
+    """A Pillow image -> uint8 HW or HWC array of what it shows: palette and bilevel images as their colours (not
+    palette indices), 16-bit grey scaled to 8 bits (not clipped or wrapped); other deep formats are refused."""
+    if image.mode in ('P', 'PA'):
+        image = image.convert('RGBA' if image.mode == 'PA' or 'transparency' in image.info else 'RGB')
+    elif image.mode in ('1', 'CMYK', 'YCbCr', 'LAB', 'HSV'):
+        image = image.convert('L' if image.mode == '1' else 'RGB')
+    elif image.mode.startswith('I;16') or (image.mode == 'I' and image.format == 'PNG'):
+        return to_uint8(np.array(image).astype(np.uint16))  # a PNG's 16-bit grey (mode I in older Pillows)
+    elif image.mode in ('I', 'F'):
+        raise ValueError(f'{"32-bit integer" if image.mode == "I" else "floating-point"} pixels have no known '
+                         'brightness scale; convert the image to 8 or 16 bits')
+    return np.array(image)
+
 def decode_array(fname, data):
-    """The bytes of file `fname` -> CHW ndarray: latents as stored ([-1, H, W]), images HW(C) -> CHW."""
+    """The bytes of file `fname` -> CHW ndarray: latents as stored ([-1, H, W]), images HW(C) -> CHW uint8
+    (pil_to_array: palette images as colours, 16-bit images scaled to 8 bits)."""
     if _ext(fname) == '.npy':
         array = np.load(io.BytesIO(data))
         return array.reshape(-1, *array.shape[-2:])
     if _ext(fname) == '.png' and _pyspng is not None:
-        array = _pyspng.load(data)
+        array = to_uint8(_pyspng.load(data))
     else:
-        array = np.array(PIL.Image.open(io.BytesIO(data)))
+        array = pil_to_array(PIL.Image.open(io.BytesIO(data)))
     if array.ndim == 2:  # Grey: one channel.
         array = array[:, :, np.newaxis]
     return array.transpose(2, 0, 1)
 
+# The most classes (or label vector entries) a dataset may have: every training image carries a label vector of this
+# length, and the network a label embedding as wide; 10**12 (a typo) would fail only deep inside training.
+MAX_CLASSES = 1 << 20
+
 def parse_labels(text, keys, where):
     """dataset.json content -> (int64 [N] class labels, float32 [N, D] vectors, or None; stated class count or None).
 
-    `keys` are the images' '/'-separated names. Every image needs a label; class labels are non-negative integers,
-    below `num_classes` when the file states it.
+    `keys` are the images' '/'-separated names. Every image needs a label; the labels are checked by check_labels.
     """
     try:
         doc = json.loads(text)
@@ -203,34 +230,51 @@ def parse_labels(text, keys, where):
     if missing:
         more = f' (and {len(missing) - 1} more of {len(keys)} images)' if len(missing) > 1 else ''
         raise ValueError(f'{where}: no label for {missing[0]}{more}')
-    values = [mapping[key] for key in keys]
-    def invalid(key, rule):
-        return ValueError(f'{where}: invalid labels (the label of {key} is {json.dumps(mapping[key])}; {rule})')
+    return check_labels(keys, [mapping[key] for key in keys], where, num_classes)
+
+def _finite32(number):
+    try:
+        return abs(float(number)) <= float(np.finfo(np.float32).max)  # False for NaN; huge ints overflow float()
+    except OverflowError:
+        return False
+
+def check_labels(keys, values, where, num_classes=None):
+    """The labels `values` of the images `keys` -> (int64 [N] class labels or float32 [N, D] vectors, num_classes).
+    Class labels are integers 0..num_classes-1 (below MAX_CLASSES when no count is stated); vectors are lists of
+    finite numbers, all of one length (1 to MAX_CLASSES); one kind for all images. ValueError naming `where` and the
+    first image at fault otherwise. dataset_tool.py applies the same rules when it writes a dataset."""
+    def invalid(key, value, rule):
+        return ValueError(f'{where}: invalid labels (the label of {key} is {json.dumps(value)}; {rule})')
 
     is_index = [type(value) is int for value in values]  # pylint: disable=unidiomatic-typecheck  (bool is no label)
     if all(is_index):
-        if num_classes is not None and (type(num_classes) is not int or num_classes <= 0):  # pylint: disable=unidiomatic-typecheck
-            raise ValueError(f'{where}: num_classes must be a positive integer, got {json.dumps(num_classes)}')
-        too_large = next((key for key, value in zip(keys, values) if abs(value) >= 1 << 62), None)
-        if too_large is not None:
-            raise invalid(too_large, 'not a usable class label')
-        labels = np.array(values, dtype=np.int64)
-        upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
-        bad = np.flatnonzero((labels < 0) | (labels >= upper))
-        if bad.size:
-            rule = f'class labels must be 0..{num_classes - 1}' if num_classes is not None else 'class labels must not be negative'
-            raise invalid(keys[bad[0]], rule)
-        return labels, num_classes
+        if num_classes is not None and (type(num_classes) is not int or not 0 < num_classes <= MAX_CLASSES):  # pylint: disable=unidiomatic-typecheck
+            raise ValueError(f'{where}: num_classes must be a positive integer up to {MAX_CLASSES}, got '
+                             f'{json.dumps(num_classes)}')
+        for key, value in zip(keys, values):
+            if value < 0:
+                raise invalid(key, value, 'class labels must not be negative')
+            if num_classes is not None and value >= num_classes:
+                raise invalid(key, value, f'class labels must be 0..{num_classes - 1}')
+            if value >= MAX_CLASSES:
+                raise invalid(key, value, f'not a usable class label: training takes at most {MAX_CLASSES} classes')
+        return np.array(values, dtype=np.int64), num_classes
 
     rule = 'labels must be class indices or vectors of numbers'
     if is_index[0]:  # Class labels, as the first one is: name the first that is not.
-        raise invalid(keys[is_index.index(False)], rule)
-    # Otherwise: vectors of numbers, all of one length.
+        bad = is_index.index(False)
+        raise invalid(keys[bad], values[bad], rule)
+    # Otherwise: vectors of finite numbers, all of one length.
     width = len(values[0]) if isinstance(values[0], list) else None
     for key, value in zip(keys, values):
-        if not (isinstance(value, list) and len(value) == width and all(type(v) in (int, float) for v in value)):  # pylint: disable=unidiomatic-typecheck
-            raise invalid(key, rule + (
-                f' of one length ({width})' if isinstance(value, list) and width is not None and len(value) != width else ''))
+        if not isinstance(value, list) or not all(type(v) in (int, float) for v in value):  # pylint: disable=unidiomatic-typecheck
+            raise invalid(key, value, rule)
+        if len(value) != width:
+            raise invalid(key, value, rule + f' of one length ({width})')
+        if not 0 < width <= MAX_CLASSES:
+            raise invalid(key, value, f'label vectors must have 1 to {MAX_CLASSES} entries')
+        if not all(_finite32(v) for v in value):
+            raise invalid(key, value, 'label vectors must hold finite single-precision numbers')
     return np.array(values).astype(np.float32), None
 
 class ImageFolderDataset(Dataset):

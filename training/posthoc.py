@@ -16,6 +16,7 @@ import torch
 
 import dnnlib
 from networks.loading import count_non_finite, load_snapshot
+from torch_utils import cli
 from torch_utils import misc
 from training.phema import solve_posthoc_coefficients
 
@@ -123,7 +124,25 @@ def parse_std_list(text):
     for value in values:
         if not 0 < value < MAX_STD:  # also rejects NaN
             raise ValueError(f'Relative standard deviation must be positive and less than {MAX_STD}')
-    return sorted(set(values))
+    values = sorted(set(values))
+    # File names hold three decimals: two lengths that round alike would be written to one file, the second
+    # replacing the first (and records of a sweep would merge them).
+    for a, b in zip(values, values[1:]):
+        if f'{a:.3f}' == f'{b:.3f}':
+            raise ValueError(f'{a:g} and {b:g} are the same EMA length at the three decimals that file names hold '
+                             f'({a:.3f}); give lengths that differ in the first three decimals')
+    return values
+
+def check_outputs_not_inputs(in_pkls, out_dir, out_prefix, out_nimg, out_std):
+    """ValueError if a reconstruction would be written over one of its input snapshots (e.g. --outdir=--indir with
+    --outprefix=network-snapshot): the input would be lost, and read back in place of the reconstruction."""
+    if out_dir is None:
+        return
+    inputs = [('--indir', p.path) for p in in_pkls]
+    for std in parse_std_list(out_std):
+        reason = cli.input_overwrite(output_path(out_dir, out_prefix, out_nimg, std), inputs)
+        if reason is not None:
+            raise ValueError(reason + '; choose another --outdir or --outprefix')
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reconstruction (EDM2 paper Appendix C.2).
@@ -168,6 +187,7 @@ def reconstruct_phema(in_pkls, out_std, out_nimg=None, out_dir=None, out_prefix=
 
     # Outputs, split into near-equal batches.
     out_std = parse_std_list(out_std)
+    check_outputs_not_inputs(in_pkls, out_dir, out_prefix, out_nimg, out_std)
     if skip_existing and out_dir is not None:
         out_std = [s for s in out_std if not os.path.isfile(output_path(out_dir, out_prefix, out_nimg, s))]
     num_batches = math.ceil(len(out_std) / max_batch_size)

@@ -51,6 +51,15 @@ def _is_number(v):
         return False
 
 
+def _add_point(points, std, value, where):
+    """points[std] = value, unless another entry already gave that EMA length (e.g. "0.05" and "0.050", or two rows
+    of one std): which of the two values is meant cannot be told."""
+    if std in points:
+        raise ValueError(f'{where}: σ_rel {std:g} appears twice in the results (values {points[std]:g} and '
+                         f'{value:g}); keep one')
+    points[std] = value
+
+
 def read_sweep_runs(path, metric=None):
     """{run label: {std: value}} from a results file; every value and std must be a finite number.
 
@@ -63,7 +72,10 @@ def read_sweep_runs(path, metric=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such results file')
     with open(path, encoding='utf-8') as f:
-        text = f.read()
+        try:
+            text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f'{path}: not a text file (JSON, JSON lines or CSV)') from None
     if path.lower().endswith('.csv'):
         records = list(csv.DictReader(io.StringIO(text)))
     else:
@@ -76,8 +88,10 @@ def read_sweep_runs(path, metric=None):
                 raise ValueError(f'{path}: neither JSON, JSON lines nor CSV ({e})') from None
     runs = {}
     if isinstance(records, dict):
-        runs[''] = {_std_of(key): _pick_metric(value, metric, f'{path}: {key}') if isinstance(value, dict)
-                    else _number(value, f'{path}: {key}') for key, value in records.items()}
+        runs[''] = {}
+        for key, value in records.items():
+            _add_point(runs[''], _std_of(key), _pick_metric(value, metric, f'{path}: {key}') if isinstance(value, dict)
+                       else _number(value, f'{path}: {key}'), f'{path}: {key}')
     else:
         if not isinstance(records, list):
             raise ValueError(f'{path}: expected a JSON object or a list of records')
@@ -98,7 +112,11 @@ def read_sweep_runs(path, metric=None):
             if key is None:
                 raise ValueError(f'{where} has no "std" (or "net") field')
             value = _number(record['value'], where) if long else _pick_metric(record, metric, where)
-            runs.setdefault(str(record.get('run', '')) if long else '', {})[_std_of(key)] = value
+            points = runs.setdefault(str(record.get('run', '')) if long else '', {})
+            if long:
+                points[_std_of(key)] = value  # a point measured again: its last record counts
+            else:
+                _add_point(points, _std_of(key), value, where)
     if not any(runs.values()):
         raise ValueError(f'{path}: no results found')
     # NaN or inf would be drawn as a gap and could be reported as the best point: refuse them with the point named.

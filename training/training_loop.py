@@ -306,6 +306,7 @@ DEFAULT_PARTS = dict(
                                pin_memory=True),
 )
 
+@dist.holds_run_dir  # one training per run directory (train_edm2plus.py already holds the lock)
 def training_loop(
     # What to build (ema_kwargs=None: no EMA, raw snapshots).
     dataset_kwargs=DEFAULT_PARTS['dataset_kwargs'], encoder_kwargs=DEFAULT_PARTS['encoder_kwargs'],
