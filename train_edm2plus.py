@@ -70,11 +70,12 @@ def check_resume(outdir, network_kwargs):
             before = json.load(f)['network_kwargs']
     except (OSError, ValueError, KeyError, TypeError):
         return  # nothing to compare with; the training loop checks the state itself
-    def effective(kwargs, key):  # None expansion/kernel: the variant's own (BLOCK_VARIANTS)
-        value = kwargs.get(key)
-        if value is None and key in ('expansion', 'kernel') and kwargs.get('block', 'A') in BLOCK_VARIANTS:
-            value = BLOCK_VARIANTS[kwargs.get('block', 'A')][1 if key == 'expansion' else 2]
-        return value
+    def effective(kwargs, key):  # None expansion/kernel: the variant's own (its BLOCK_VARIANTS record)
+        variant = BLOCK_VARIANTS.get(kwargs.get('block', 'A'))
+        if variant is None or key not in ('expansion', 'kernel'):
+            return kwargs.get(key)
+        e, k = variant.resolve(kwargs.get('expansion'), kwargs.get('kernel'))
+        return e if key == 'expansion' else k
     for key, option in ARCHITECTURE_OPTIONS.items():
         old, new = effective(before, key), effective(network_kwargs, key)
         if old != new:

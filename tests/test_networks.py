@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from networks import edm2plus, flops, presets
-from networks.edm2plus import BLOCK_VARIANTS, Precond, mp_cat, mp_silu, mp_sum, normalize
+from networks.edm2plus import BLOCK_VARIANTS, Precond, Variant, mp_cat, mp_silu, mp_sum, normalize
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=64, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[8])
@@ -79,7 +79,7 @@ def test_variant_layers_follow_recipes():
     assert tuple(k7.unet.enc['64x64_block0'].conv_res1.weight.shape) == (1152, 1, 7, 7)
 
 def test_new_variant_is_a_line_of_data(monkeypatch):
-    monkeypatch.setitem(BLOCK_VARIANTS, 'H', ('silu pw:in>E silu drop pw:E>out mod:out', 2, 3))
+    monkeypatch.setitem(BLOCK_VARIANTS, 'H', Variant('silu pw:in>E silu drop pw:E>out mod:out', 2))
     net = tiny('H')
     assert tuple(net.unet.enc['16x16_block0'].conv_res0.weight.shape) == (128, 64, 1, 1)
     assert net(torch.randn(1, 3, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
