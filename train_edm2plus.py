@@ -28,6 +28,7 @@ from torch_utils import misc
 from torch_utils import distributed as dist
 from networks import flops, presets
 from networks.edm2plus import BLOCK_VARIANTS
+from networks.fastpaths import TRAINING_PATHS
 from training import training_loop
 
 #----------------------------------------------------------------------------
@@ -36,7 +37,7 @@ from training import training_loop
 # The options' fixed defaults, one place for the command line and for programmatic callers (None: the preset's).
 OPTION_DEFAULTS = dict(cond=True, preset='edm2-img512-s', channel_mult=None, num_blocks=None, attn=None, rampup=None,
                        ema_stds=[0.050, 0.100], batch_gpu=0, fp16=True, bf16=False, ls=1, bench=True, compile=False,
-                       workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False)
+                       train_path='auto', workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False)
 D = OPTION_DEFAULTS
 
 # The options that change the network's shape, and their names on the command line: a resumed run must keep them.
@@ -153,6 +154,7 @@ def setup_training_config(opts, world_size=1):
         checkpoint_nimg     = opts.checkpoint or None,
         seed                = opts.seed,
         compile             = opts.compile,
+        train_path          = opts.train_path,
     )
 
     # Sizes must fit together; say which option is wrong.
@@ -225,6 +227,7 @@ def print_training_config(c, opts, world_size):
 @click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=cli.FloatRange(min=0, min_open=True), default=D['ls'], show_default=True)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=D['bench'], show_default=True)
 @click.option('--compile',          help='torch.compile the network (slow start): BOOL, or a mode, e.g. reduce-overhead (CUDA graphs)', metavar='BOOL|MODE', type=cli.Parsed(training_loop.parse_compile, 'mode'), default=D['compile'], show_default=True)
+@click.option('--train-path',       help="Network path in training: fast (the training path), reference (EDM2's op sequence), auto (fast on CPU, reference on CUDA)", metavar='auto|fast|reference', type=click.Choice(TRAINING_PATHS), default=D['train_path'], show_default=True)
 @click.option('--workers',          help='Data loader processes [default: 2 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0), default=None)
 
 # I/O-related.

@@ -10,13 +10,17 @@ below what a wrong formula or a different dropout mask gives (order 1e-2 to 1).
 import contextlib
 import gzip
 import os
+import types
+
+import click.testing
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_dataset
 from networks import edm2plus, fastpaths, presets
-from networks.edm2plus import Precond
+from networks.edm2plus import MPConv, Precond
 from training.loss import EDM2Loss
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
@@ -228,3 +232,66 @@ def test_unit_weight_table_matches_per_layer_normalisation(monkeypatch):
         w.grad = None
         (edm2plus.normalize(w) / 6 * up).sum().backward()  # fan-in 36
         assert torch.allclose(grad, w.grad, rtol=1e-4, atol=1e-6)
+
+#----------------------------------------------------------------------------
+# Which path training takes: the training path where it has run (the CPU), the reference path elsewhere (CUDA,
+# until tests/test_cuda.py and benchmarks/gpu_suite.sh have vouched for it there); each is one option away.
+
+def test_training_path_default_per_device():
+    assert fastpaths.training_path_for('cpu') == 'fast' and fastpaths.training_path_for('cuda') == 'reference'
+    assert fastpaths.training_path_for('cuda', 'fast') == 'fast'
+    assert fastpaths.training_path_for('cpu', 'reference') == 'reference'
+    for bad in ('turbo', None):
+        with pytest.raises(ValueError, match='unknown training path'):
+            fastpaths.training_path_for('cpu', bad)
+        with pytest.raises(ValueError, match='unknown training path'):
+            fastpaths.training_path(bad).__enter__()
+
+def test_path_of_a_call_on_cuda_without_a_gpu():
+    """choose_path reads only the input's device type, so a stand-in input 'on CUDA' shows what a GPU run takes."""
+    conv = MPConv(4, 4, kernel=[])  # training mode
+    on_cuda, on_cpu = types.SimpleNamespace(device=torch.device('cuda')), torch.zeros(1, 4)
+    assert fastpaths.choose_path(conv, on_cuda) == 'reference' and fastpaths.choose_path(conv, on_cpu) == 'train'
+    with fastpaths.training_path('fast'):
+        assert fastpaths.choose_path(conv, on_cuda) == 'train'
+    with fastpaths.training_path('reference'):
+        assert fastpaths.choose_path(conv, on_cpu) == 'reference'
+    assert fastpaths.choose_path(conv, on_cpu) == 'train'  # the context restores the default
+    with torch.no_grad():  # sampling and metrics: the inference path on every device
+        assert fastpaths.choose_path(conv.eval(), on_cuda) == 'infer'
+
+def test_reference_choice_trains_with_edm2s_op_sequence():
+    net = perturbed('G*', 0.1)
+    loss_ref, grads_ref, weights_ref = training_step(net, reference=True)
+    with fastpaths.training_path('reference'):
+        loss, grads, weights = training_step(net, reference=False)
+    assert loss == loss_ref and all(torch.equal(grads[n], grads_ref[n]) for n in grads_ref)
+    _, grads_fast, _ = training_step(net, reference=False)
+    assert not all(torch.equal(grads_fast[n], grads_ref[n]) for n in grads_ref)  # the training path rounds otherwise
+
+def test_training_loop_and_cli_take_the_choice(tmp_path, monkeypatch):
+    import train_edm2plus
+    from training import training_loop
+    images = [np.full([8, 8, 3], 40 * i, dtype=np.uint8) for i in range(4)]
+    data = write_dataset(tmp_path / 'data', images, [0, 1, 2, 0])
+    seen, real = [], fastpaths.training_path
+    monkeypatch.setattr(fastpaths, 'training_path', lambda choice: seen.append(choice) or real(choice))
+    config = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True),
+                  network_kwargs=dict(class_name='networks.edm2plus.Precond', model_channels=8, channel_mult=[1],
+                                      num_blocks=1, attn_resolutions=[], block='G*'),
+                  data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0), ema_kwargs=None,
+                  batch_size=2, total_nimg=4, status_nimg=None, snapshot_nimg=None, checkpoint_nimg=None,
+                  device='cpu', progress=False)
+    assert training_loop.training_loop(run_dir=str(tmp_path / 'run'), train_path='reference', **config) == 4
+    assert seen == ['reference', 'reference']  # every step's forward pass
+    with pytest.raises(ValueError, match='unknown training path "turbo"'):
+        training_loop.training_loop(run_dir=str(tmp_path / 'bad'), train_path='turbo', **config)
+    assert not os.path.exists(tmp_path / 'bad')  # refused before anything was written
+    runner = click.testing.CliRunner()
+    base = [f'--outdir={tmp_path / "cli"}', f'--data={data}', '--preset=demo', '--dry-run']
+    result = runner.invoke(train_edm2plus.cmdline, base + ['--train-path=reference'])
+    assert result.exit_code == 0 and '"train_path": "reference"' in result.output, result.output
+    result = runner.invoke(train_edm2plus.cmdline, base)
+    assert result.exit_code == 0 and '"train_path": "auto"' in result.output
+    result = runner.invoke(train_edm2plus.cmdline, base + ['--train-path=turbo'])
+    assert result.exit_code == 2 and "'turbo' is not one of 'auto', 'fast', 'reference'" in result.output
