@@ -2,17 +2,13 @@
 
 CONFIG A is EDM2's network (same state_dict keys, shapes, parameter order and outputs). The other variants change
 only the residual branch of each block; a variant is a recipe (data, see BLOCK_VARIANTS), built by one Block class.
+This file is the reference network: EDM2's op sequence, bit for bit, which networks/flops.py counts and torch.compile
+traces. Reading order: the magnitude-preserving formulas, the layers, the block variants, Block, UNet, Precond, and
+the hook through which networks/fastpaths.py computes the same function faster (this file never imports it).
 
-This is the reference network: EDM2's op sequence, bit for bit, what networks/flops.py counts and torch.compile
-traces. networks/fastpaths.py computes the same function with fewer passes over memory and plugs in through the
-hook at the end of this file; this file never imports it.
-
-This file is embedded, as source text, in every network pickle we write (torch_utils/persistence.py), and EDM2's
-tools execute it when they load our snapshots: there nothing registers with the hook, so they run the reference
-network, as EDM2 would. It must stay self-contained: it may import only numpy, torch, the standard library,
-torch_utils.persistence, torch_utils.misc and dnnlib.
-
-Reading order: the magnitude-preserving formulas, the layers, the block variants, Block, UNet, Precond, the hook.
+Every network pickle we write embeds this file's source (torch_utils/persistence.py), and EDM2's tools run it when
+they load our snapshots; nothing registers with the hook there, so they run the reference network, as EDM2 would.
+It must stay self-contained: numpy, torch, the standard library, torch_utils.persistence/misc and dnnlib only.
 """
 
 import contextlib
@@ -66,7 +62,7 @@ def mp_sum(a, b, t=0.5):
     return a.lerp(b, t) / np.sqrt(blend_variance(t))
 
 def mp_sum_weights(t):
-    """(weight of a, weight of b) in mp_sum(a, b, t), written as a sum of the two."""
+    """(factor of a, factor of b) in mp_sum(a, b, t) written as factor_a * a + factor_b * b."""
     s = np.sqrt(blend_variance(t))
     return (1 - t) / s, t / s
 
@@ -110,21 +106,18 @@ class MPConv(torch.nn.Module):
         self.groups = groups
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels // groups, *kernel))
 
-    def unit_weight(self):
-        """The float32 weight normalised to unit RMS per output channel. In training mode the stored weight is first
-        projected back onto that sphere (forced weight normalisation, EDM2 paper Sec. 2.3), in place and outside
-        autograd; for a float32 parameter `w32` aliases it, so what is returned normalises the projected weight."""
-        w32 = self.weight.to(torch.float32)
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w32))
-        return normalize(w32)
-
     def forward(self, x, gain=1):
         path = _path(self, x)  # the hook at the end of this file
         if path != 'reference':
             return _faster_forward(path, 'MPConv', self, x, gain)
-        w = self.unit_weight()
+        # In training mode the stored weight is first projected back onto the unit-RMS sphere (forced weight
+        # normalisation, EDM2 paper Sec. 2.3), in place and outside autograd. For a float32 parameter `w32` aliases
+        # it, so `w` normalises the projected weight again, and the gradient goes through that.
+        w32 = self.weight.to(torch.float32)
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(normalize(w32))
+        w = normalize(w32)
         scaled = (w * (gain / np.sqrt(w[0].numel()))).to(x.dtype)  # magnitude-preserving 1/sqrt(fan_in)
         if scaled.ndim == 2:
             return x @ scaled.t()
@@ -157,7 +150,7 @@ def recipe_tokens(recipe, flavor=None):
     """(op, argument) per layer of a recipe; for {'enc', 'dec'} recipes those of `flavor`, or of both if None."""
     if isinstance(recipe, dict):
         recipe = recipe[flavor] if flavor is not None else ' '.join(recipe.values())
-    return [token.partition(':')[::2] for token in recipe.split()]
+    return [(op, arg) for op, _, arg in (token.partition(':') for token in recipe.split())]
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -210,6 +203,7 @@ def parse_recipe(recipe, flavor, in_channels, out_channels, expansion, kernel):
             steps.append((op, f'conv_res{num_convs}', (c_in, c_out) + conv))
             num_convs += 1
     return steps
+
 #----------------------------------------------------------------------------
 # U-Net block: resampling, (encoder) skip projection + pixel norm, the variant's residual branch, MP-sum, optional
 # self-attention, clipping (EDM2 paper Fig. 21; EDM2+ paper Sec. 3: only the residual branch varies).
@@ -441,10 +435,9 @@ class Precond(torch.nn.Module):
         return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 
 #----------------------------------------------------------------------------
-# The hook through which a faster implementation computes this network. A module that computes the same function
-# faster (networks/fastpaths.py, which the `networks` package imports) calls register_faster(); then each call of an
-# MPConv, Block or UNet asks it which path to take. Nothing registers when only this file runs (EDM2's tools loading
-# our pickles): every call is then the reference code above.
+# The hook through which a faster implementation computes this network. networks/fastpaths.py (which importing the
+# `networks` package imports) calls register_faster(); from then on each call of an MPConv, Block or UNet asks it
+# which path to take. Where nothing registered (EDM2's tools running this file alone), every call is the code above.
 
 _faster = None          # what register_faster() installed, or None
 _fast_enabled = True    # False within reference_mode()

@@ -119,11 +119,12 @@ def _mp_cat_fast(a, b, t=0.5):
 # factor of the magnitude-preserving formulas; on a memory-bound device those passes, not the convolutions, set the
 # time (benchmarks/traffic.py counts them). This path computes the same function with fewer passes:
 #   * Constant factors are folded into the weights, which are normalised on every call anyway: MP-SiLU's 1/SILU_STD
-#     and dropout's 1/(1-p) into the next layer, the MP-sum weight t/sqrt((1-t)^2+t^2) into the layer that ends a
-#     branch or the attention; the weight's normalisation and gain become one per-row factor (_MPWeight).
+#     and dropout's 1/(1-p) into the next layer, the branch's MP-sum factor (mp_sum_weights) into the layer that
+#     ends a branch or the attention; the weight's normalisation and gain become one per-row factor (_MPWeight).
 #   * MP-sum is one add with a scalar factor (its branch share is in the branch's last weight); the pixel norm has a
 #     hand-written backward (four passes over the activations instead of about a dozen); mp_cat writes both scaled
-#     halves straight into the output; clipping is skipped, forward and backward, when no value reaches the limit (checked on a CPU).
+#     halves straight into the output; clipping is skipped, forward and backward, when no value reaches the limit
+#     (checked on a CPU).
 #   * Dropout multiplies by a 1-byte mask. bernoulli_ fills a tensor in storage order, so the mask is drawn in NCHW
 #     order and then laid out channels-last: the same elements drop as in the reference layout at the same seed (on
 #     a CPU; CUDA's reference dropout is a fused kernel with its own use of the generator).
@@ -185,9 +186,9 @@ def _train_weight(conv, dtype, gain=1, scale=1):
 
 # Weight table. Normalising each weight on its own (forced normalisation, then normalize(w) / sqrt(fan_in) with its
 # backward) costs about twenty small ops per layer, a noticeable share of a CPU step at small sizes, and more for G*
-# than for A, since G* has more layers. On a CPU the training path therefore normalises all float32 weights of the network before the forward pass, grouped by fan-in (the rows of
-# one group have equal length and stack into one matrix): the same formulas with a few ops per group instead of per
-# layer. Each layer then multiplies its unit weight by its gain and folded scale. On a GPU every layer keeps its own
+# than for A, since G* has more layers. On a CPU the training path therefore normalises all float32 weights of the
+# network before the forward pass, grouped by fan-in (the rows of one group have equal length and stack into one
+# matrix): the same formulas with a few ops per group instead of per layer. Each layer then multiplies its unit weight by its gain and folded scale. On a GPU every layer keeps its own
 # normalisation: there DDP reduces each weight's gradient as soon as backward reaches it, which one node for all
 # weights would hold back to the end of backward.
 
@@ -227,7 +228,7 @@ class _UnitWeights(torch.autograd.Function):
 @contextlib.contextmanager
 def _unit_weight_table(net):
     """Fill _unit_weights for the float32 CPU weights of `net` for one forward pass (see "Weight table"); in
-    training mode the stored weights are first normalised in place, as MPConv.unit_weight does."""
+    training mode the stored weights are first normalised in place, as MPConv.forward does."""
     groups = {}
     for conv in net.modules():
         if isinstance(conv, MPConv) and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu':

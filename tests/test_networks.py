@@ -102,6 +102,16 @@ def test_every_variant_trains_and_round_trips(block):
     copy = pickle.loads(pickle.dumps(net))
     assert torch.equal(copy(x, sigma, labels), net(x, sigma, labels))
 
+def test_pickles_carry_the_reference_network_only():
+    """A pickle embeds the source of networks/edm2plus.py alone (torch_utils/persistence.py): the reference network
+    and its hook, none of the faster paths' code or private torch ops. (tests/test_compat.py runs such a pickle in an
+    EDM2 environment: it computes our reference path bit for bit.)"""
+    data = pickle.dumps(tiny('G*'))
+    assert b'class Precond(torch.nn.Module)' in data and b'def register_faster(' in data
+    for word in (b'mkldnn', b'torch.ops', b'autograd.Function', b'_train_block', b'_infer_block', b'_weight_cache'):
+        assert word not in data, word
+    assert edm2plus._faster is not None  # importing `networks` registered networks/fastpaths.py
+
 #----------------------------------------------------------------------------
 # Primitives (EDM2 paper, Appendix B) and preconditioning (EDM paper, Table 1).
 
