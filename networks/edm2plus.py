@@ -461,6 +461,7 @@ def reference_mode(enabled=True):
         _fast_enabled = previous
 
 def _path(module, x):
+    """'reference' (the code above) or the registered path that computes this call of `module`."""
     return 'reference' if _faster is None or not _fast_enabled else _faster['choose'](module, x)
 
 def _faster_forward(path, class_name, module, *args):

@@ -81,12 +81,11 @@ PRESETS = {
     'edm2plus-img64-l':  Preset(channels=320, duration=2048 * Mi, lr=0.0080, dropout=0.10, **_plus64),
     'edm2plus-img64-xl': Preset(channels=384, duration=640 * Mi,  lr=0.0070, dropout=0.10, **_plus64),
     # Demo: Fashion-MNIST (dataset_tool at 16x16 RGB, 10 classes) on 2 CPU cores in 15 minutes, CONFIG G*.
-    # Sized by FLOPs: 0.64 M parameters, 46 MFLOP per evaluation. On 2 idle cores training runs at ~230 img/s
-    # (15 minutes: ~200K images, ~6000 steps; ~90 img/s on a loaded machine) and sampling (63 evaluations per
-    # image) at ~7 img/s. The time limit ends the run: the duration (1Mi) is only a cap. Small data and a short run
-    # want their own schedule: batch 32 (more steps per image), a high peak lr (0.04 beat 0.02 and 0.01
-    # throughout a 15-minute run) with a 125-step warm-up and 1/sqrt decay after 400 steps, and EDM's CIFAR-10 noise
-    # distribution for small images.
+    # Sized by FLOPs (0.64 M parameters, 46 MFLOP per evaluation) so that 15 minutes train about 200K images (the
+    # README's main job gives the measured speeds). The time limit ends the run: the duration (1Mi) is only a cap.
+    # Small data and a short run want their own schedule: batch 32 (more steps per image), a high peak lr (0.04 beat
+    # 0.02 and 0.01 over a 15-minute run) with a 125-step warm-up and 1/sqrt decay after 400 steps, and EDM's
+    # CIFAR-10 noise distribution for small images.
     'demo': Preset(channels=32, duration=1 * Mi, lr=0.0400, decay=400, batch=32, P_mean=-1.2, P_std=1.2,
                    block='G*', expansion=4, resolution=16, img_channels=3, label_dim=10, channel_mult=(1, 2, 2),
                    num_blocks=1, attn_resolutions=(8,), rampup_Mimg=0.004, status=4 * Ki, snapshot=8 * Ki,

@@ -1,6 +1,9 @@
 """The network family: EDM2 layout of CONFIG A, every variant's structure, MP primitives, preconditioning."""
 
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 from networks import edm2plus, flops, presets
 from networks.edm2plus import BLOCK_VARIANTS, Precond, Variant, mp_cat, mp_silu, mp_sum, normalize
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=64, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[8])
 
@@ -111,6 +115,10 @@ def test_pickles_carry_the_reference_network_only():
     for word in (b'mkldnn', b'torch.ops', b'autograd.Function', b'_train_block', b'_infer_block', b'_weight_cache'):
         assert word not in data, word
     assert edm2plus._faster is not None  # importing `networks` registered networks/fastpaths.py
+    for module in ('networks.edm2plus', 'networks.presets'):  # whatever part of the package a script imports first
+        code = f'import {module}, sys; print(sys.modules["networks.edm2plus"]._faster is not None)'
+        proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip() == 'True', proc.stderr[-2000:]
 
 #----------------------------------------------------------------------------
 # Primitives (EDM2 paper, Appendix B) and preconditioning (EDM paper, Table 1).
