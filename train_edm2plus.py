@@ -28,6 +28,7 @@ from torch_utils import misc
 from torch_utils import distributed as dist
 from networks import flops, presets
 from networks.edm2plus import BLOCK_VARIANTS
+from networks.fastpaths import TRAINING_PATHS
 from training import training_loop
 
 #----------------------------------------------------------------------------
@@ -36,8 +37,8 @@ from training import training_loop
 # The options' fixed defaults, one place for the command line and for programmatic callers (None: the preset's).
 OPTION_DEFAULTS = dict(cond=True, preset='edm2-img512-s', channel_mult=None, num_blocks=None, attn=None, rampup=None,
                        ema_stds=[0.050, 0.100], batch_gpu=0, fp16=True, bf16=False, ls=1, bench=True, compile=False,
-                       workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0, dry_run=False,
-                       vae=None)
+                       train_path='auto', workers=None, status=None, snapshot=None, checkpoint=None, minutes=None, seed=0,
+                       dry_run=False, vae=None)
 D = OPTION_DEFAULTS
 
 # The options that change the network's shape, and their names on the command line: a resumed run must keep them.
@@ -98,11 +99,12 @@ def check_resume(outdir, network_kwargs):
             before = json.load(f)['network_kwargs']
     except (OSError, ValueError, KeyError, TypeError):
         return  # nothing to compare with; the training loop checks the state itself
-    def effective(kwargs, key):  # None expansion/kernel: the variant's own (BLOCK_VARIANTS)
-        value = kwargs.get(key)
-        if value is None and key in ('expansion', 'kernel') and kwargs.get('block', 'A') in BLOCK_VARIANTS:
-            value = BLOCK_VARIANTS[kwargs.get('block', 'A')][1 if key == 'expansion' else 2]
-        return value
+    def effective(kwargs, key):  # None expansion/kernel: the variant's own (its BLOCK_VARIANTS record)
+        variant = BLOCK_VARIANTS.get(kwargs.get('block', 'A'))
+        if variant is None or key not in ('expansion', 'kernel'):
+            return kwargs.get(key)
+        e, k = variant.resolve(kwargs.get('expansion'), kwargs.get('kernel'))
+        return e if key == 'expansion' else k
     for key, option in ARCHITECTURE_OPTIONS.items():
         old, new = effective(before, key), effective(network_kwargs, key)
         if old != new:
@@ -188,6 +190,7 @@ def setup_training_config(opts, world_size=1):
         checkpoint_nimg     = opts.checkpoint or None,
         seed                = opts.seed,
         compile             = opts.compile,
+        train_path          = opts.train_path,
     )
 
     # Sizes must fit together; say which option is wrong.
@@ -281,6 +284,7 @@ def check_memory(c, net_kwargs, num_params, world_size):
 @click.option('--ls',               help='Loss scaling', metavar='FLOAT',                               type=cli.FloatRange(min=0, min_open=True), default=D['ls'], show_default=True)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',                   type=bool, default=D['bench'], show_default=True)
 @click.option('--compile',          help='torch.compile the network (slow start): BOOL, or a mode, e.g. reduce-overhead (CUDA graphs)', metavar='BOOL|MODE', type=cli.Parsed(training_loop.parse_compile, 'mode'), default=D['compile'], show_default=True)
+@click.option('--train-path',       help="Network path in training: fast (the training path), reference (EDM2's op sequence), auto (fast on CPU, reference on CUDA)", metavar='auto|fast|reference', type=click.Choice(TRAINING_PATHS), default=D['train_path'], show_default=True)
 @click.option('--workers',          help='Data loader processes [default: 2 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0), default=None)
 
 # I/O-related.

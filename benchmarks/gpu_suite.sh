@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# CONFIG A (EDM2) vs G* (EDM2+) on one CUDA GPU in at most ~6 minutes, at the S size (64x64, base 192, 1000 classes).
+# CONFIG A (EDM2) vs G* (EDM2+) on one CUDA GPU in at most ~8 minutes, at the S size (64x64, base 192, 1000 classes).
 # Every measurement ends in a line with the ratio G*/A. Run from anywhere: bash benchmarks/gpu_suite.sh
+# It starts with what decides CUDA's default path in training (networks/fastpaths.py): the CUDA tests
+# (tests/test_cuda.py) and the training path's images/s beside the reference path's. CUDA training takes the
+# training path by default only once those tests pass on a GPU and the training path is at least as fast there.
 # Each step has a time limit, so the whole suite stays within its budget even where one step hangs or compiles slowly;
 # a step that fails or runs out of time is reported, the others still run, and the exit status counts the failures.
 #
@@ -57,14 +60,17 @@ fi
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
-echo; echo "== Training, S size, float16: forward + backward + Adam; default (training) path vs reference path"
+echo; echo "== CUDA tests (tests/test_cuda.py; all skipped without a GPU)"
+step "$(limit 240)" 'tail -n 3' $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+
+echo; echo "== Training, S size, float16: forward + backward + Adam; training path vs reference path, side by side"
 for b in $TRAIN_BATCHES; do
     step "$(limit 50)" 'tail -n 8' $PY benchmarks/train_speed.py $TRAIN --batch="$b" --device="$DEV" --fp16=true
 done
 if [ -n "${TRAIN_COMPILE:-}" ]; then
     echo; echo "== Training under torch.compile (mode $TRAIN_COMPILE), batch 64"
     step "$(limit 400)" 'tail -n 5' $PY benchmarks/train_speed.py $TRAIN --batch=64 --device="$DEV" --fp16=true \
-        --impls=default,compiled --compile-mode="$TRAIN_COMPILE"
+        --impls=training,compiled --compile-mode="$TRAIN_COMPILE"
 fi
 
 echo; echo "== Inference, the paper's protocol: batch 32, torch.compile + TF32 (float16 activations)"

@@ -3,7 +3,7 @@
 Batch-1 latency (the paper's CPU column) and batch-32 throughput (its GPU column) of both networks at base width
 192, 64x64, 1000 classes, for each implementation:
   reference   the straightforward implementation: EDM2's op sequence, every weight normalised on every call
-  fast        the inference fast path of networks/edm2plus.py (cached weights, channels-last oneDNN kernels, ...)
+  fast        the inference path of networks/fastpaths.py (cached weights, channels-last oneDNN kernels, ...)
   compiled    (--compile) torch.compile of the reference ops, with inductor's weight freezing
 After a warm-up call of each, the runs are interleaved (A, G*, A, G*, ...) so that a busy machine slows both alike;
 medians are reported. The ratios compare G* with A *within* one implementation; the last lines are those of the
@@ -27,7 +27,7 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from networks import edm2plus                   # noqa: E402
+from networks import edm2plus, fastpaths        # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
 from torch_utils import misc                    # noqa: E402
 import common                                   # noqa: E402  (benchmarks/common.py)
@@ -96,7 +96,7 @@ def cache_mb(net):
         if isinstance(value, tuple):
             return sum(nbytes(v) for v in value)
         return value.numel() * 4 if isinstance(value, torch.Tensor) else 0  # prepacked: float32, ~same size
-    return sum(nbytes(entry) for m in net.modules() for _, entry in edm2plus._weight_cache.get(m, {}).values()) / 2**20
+    return sum(nbytes(entry) for m in net.modules() for _, entry in fastpaths._weight_cache.get(m, {}).values()) / 2**20
 
 #----------------------------------------------------------------------------
 # The networks and the implementations.

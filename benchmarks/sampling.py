@@ -1,7 +1,8 @@
 """Sampling speed: images per second of generate_images (Heun, 32 steps = 63 evaluations) for CONFIG A and G*.
 
 Both variants are built at the same widths (by default the demo's network: base 32, 16x16, 10 classes, so that a
-run takes about a minute on 2 CPU cores) and timed with each implementation of networks/edm2plus.py:
+run takes about a minute on 2 CPU cores) and timed with each implementation of the network (networks/edm2plus.py,
+networks/fastpaths.py):
   reference   EDM2's op sequence, every weight normalised on every one of the 63 evaluations
   fast        the inference fast path (weights normalised once for the whole run, channels-last oneDNN kernels)
   compiled    (--compile) torch.compile of the reference ops with inductor's weight freezing

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from networks import edm2plus, presets          # noqa: E402
+from networks import edm2plus, fastpaths, presets  # noqa: E402
 from training.loss import EDM2Loss              # noqa: E402
 
 SIZES = {  # name -> (Precond keyword arguments without the block, batch)
@@ -73,7 +73,9 @@ def count(size, block, device, reference, training):
     """(bytes per image, Counter of bytes per op name) of one training step or one evaluation."""
     net, images, labels = build(size, block, device)
     counter = ByteCounter()
-    with edm2plus.reference_mode(reference):
+    # 'default': the faster paths, the training path included on every device (it is CUDA's default only once
+    # tests/test_cuda.py and benchmarks/gpu_suite.sh vouch for it there; networks/fastpaths.py).
+    with edm2plus.reference_mode(reference), fastpaths.training_path('fast'):
         if training:
             net.train()
             loss_fn = EDM2Loss(P_mean=-0.4, P_std=1.0)

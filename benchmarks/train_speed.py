@@ -2,8 +2,10 @@
 
 One optimizer step (EDM2 loss, forward + backward + Adam, as the training loop runs it) per variant and path in
 turn, repeated; the median step time gives images per second. The paths: `reference` (EDM2's op sequence,
-reference_mode()), `default` (the training path) and, on request, `compiled` (torch.compile of the network in
---compile-mode, as train_edm2plus.py --compile runs it; 'reduce-overhead' replays CUDA graphs on a GPU). Printed:
+reference_mode()), `training` (the training path of networks/fastpaths.py, on every device) and, on request,
+`compiled` (torch.compile of the network in --compile-mode, as train_edm2plus.py --compile runs it;
+'reduce-overhead' replays CUDA graphs on a GPU). On CUDA the training path becomes the default for training only
+once it is at least as fast as the reference path there (benchmarks/gpu_suite.sh prints both). Printed:
 each variant's ratio to the first variant on the same path, each path's speed-up over the variant's reference
 path, and the ratio of the two variants on the last path. Interleaving means a busy machine slows them all alike,
 so the ratios stay meaningful even when the absolute numbers do not.
@@ -11,7 +13,7 @@ so the ratios stay meaningful even when the absolute numbers do not.
   python benchmarks/train_speed.py                                   # CONFIG A vs G*, 32x32, base 32, CPU
   python benchmarks/train_speed.py --resolution=64 --channels=192 --channel-mult=1,2,3,4 --num-blocks=3 \\
       --attn=16,8 --batch=64 --label-dim=1000                        # EDM2-S vs EDM2+-S (on a GPU)
-  python benchmarks/train_speed.py --impls=default,compiled --compile-mode=reduce-overhead ...   # + CUDA graphs
+  python benchmarks/train_speed.py --impls=training,compiled --compile-mode=reduce-overhead ...  # + CUDA graphs
 """
 
 import os
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from networks import edm2plus, flops          # noqa: E402
+from networks import edm2plus, fastpaths, flops  # noqa: E402
 from networks.edm2plus import Precond          # noqa: E402
 from torch_utils import cli                    # noqa: E402
 from torch_utils import distributed as dist    # noqa: E402
@@ -34,7 +36,7 @@ from training.loss import EDM2Loss             # noqa: E402
 
 #----------------------------------------------------------------------------
 
-PATHS = ('reference', 'default', 'compiled')
+PATHS = ('reference', 'training', 'compiled')
 
 def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=False, compile=False, **net_kwargs):
     """Return (step function, parameter count, GFLOPs per evaluation) for one variant on one path; `compile`: False
@@ -50,7 +52,7 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with edm2plus.reference_mode(reference):
+        with edm2plus.reference_mode(reference), fastpaths.training_path('fast'):
             loss_fn(train_net, images, labels).sum().mul(1 / batch).backward()
         training_loop.apply_gradients(net, optimizer, lr=1e-3, force_finite=True)
         if device.type == 'cuda':
@@ -72,7 +74,7 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
 @click.option('--warmup',       help='Untimed steps per variant first', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--fp16',         help='FP16 activations (CUDA only)', metavar='BOOL',  type=bool, default=True, show_default=True)
 @click.option('--device',       help='cuda or cpu [default: cuda if available]', metavar='STR', type=str, default=None)
-@click.option('--impls',        help='Paths: reference, default, compiled', metavar='LIST', type=str, default='reference,default', show_default=True)
+@click.option('--impls',        help='Paths: reference, training, compiled', metavar='LIST', type=str, default='reference,training', show_default=True)
 @click.option('--compile-mode', help='torch.compile mode of the compiled path', type=click.Choice(training_loop.COMPILE_MODES), default='default', show_default=True)
 def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls, compile_mode):
     """Training images per second of block variants at the same width, run side by side."""

@@ -111,12 +111,9 @@ def describe(network_kwargs):
     """'block C, width 192, e 6, k 3': the architecture that Precond keyword arguments build (None = the variant's)."""
     from networks.edm2plus import BLOCK_VARIANTS
     block = network_kwargs.get('block', 'A')
-    _recipe, default_e, default_k = BLOCK_VARIANTS[block]
-    from networks.presets import variant_uses
-    has_e, has_k = variant_uses(block)
-    e = network_kwargs.get('expansion') if network_kwargs.get('expansion') is not None else default_e
-    k = network_kwargs.get('kernel') if network_kwargs.get('kernel') is not None else default_k
+    variant = BLOCK_VARIANTS[block]
+    e, k = variant.resolve(network_kwargs.get('expansion'), network_kwargs.get('kernel'))
     parts = [f'block {block}', f'width {network_kwargs.get("model_channels", 192)}']
-    parts += [f'e {e:g}'] if has_e else []
-    parts += [f'k {k}'] if has_k else []
+    parts += [f'e {e:g}'] if 'expansion' in variant.options else []
+    parts += [f'k {k}'] if 'kernel' in variant.options else []
     return ', '.join(parts)

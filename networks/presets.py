@@ -8,8 +8,7 @@ Which command reproduces which row of the EDM2+ paper's Tables 1-3 (docs/reprodu
 
 * Tables 1 and 2 (the ablations, CONFIG A to G*): the paper trained every variant "with the identical training
   recipe" of EDM2-S on ImageNet 64x64, so each row is `--preset=edm2-img64-s --block=<CONFIG>`. Naming a variant with
-  --block brings the paper's e, k and base width for it (VARIANT_BASE_WIDTH below; e and k from
-  networks.edm2plus.BLOCK_VARIANTS), e.g. --block=B trains at width 384 and --block=C with e = 6.
+  --block brings the paper's e, k and base width for it (networks.edm2plus.BLOCK_VARIANTS), e.g. --block=B trains at width 384 and --block=C with e = 6.
 * Table 3, EDM2-S/M/L/XL: `--preset=edm2-img64-{s,m,l,xl}` (EDM2's own presets).
 * Table 3, EDM2+-S/L/XL: `--preset=edm2plus-img64-{s,l,xl}` (the recipe of §3.3); their autoguidance row uses
   `edm2plus-img64-xs` as the guiding network.
@@ -82,12 +81,11 @@ PRESETS = {
     'edm2plus-img64-l':  Preset(channels=320, duration=2048 * Mi, lr=0.0080, dropout=0.10, **_plus64),
     'edm2plus-img64-xl': Preset(channels=384, duration=640 * Mi,  lr=0.0070, dropout=0.10, **_plus64),
     # Demo: Fashion-MNIST (dataset_tool at 16x16 RGB, 10 classes) on 2 CPU cores in 15 minutes, CONFIG G*.
-    # Sized by FLOPs: 0.64 M parameters, 46 MFLOP per evaluation. On 2 idle cores training runs at ~230 img/s
-    # (15 minutes: ~200K images, ~6000 steps; ~90 img/s on a loaded machine) and sampling (63 evaluations per
-    # image) at ~7 img/s. The time limit ends the run: the duration (1Mi) is only a cap. Small data and a short run
-    # want their own schedule: batch 32 (more steps per image), a high peak lr (0.04 beat 0.02 and 0.01
-    # throughout a 15-minute run) with a 125-step warm-up and 1/sqrt decay after 400 steps, and EDM's CIFAR-10 noise
-    # distribution for small images.
+    # Sized by FLOPs (0.64 M parameters, 46 MFLOP per evaluation) so that 15 minutes train about 200K images (the
+    # README's main job gives the measured speeds). The time limit ends the run: the duration (1Mi) is only a cap.
+    # Small data and a short run want their own schedule: batch 32 (more steps per image), a high peak lr (0.04 beat
+    # 0.02 and 0.01 over a 15-minute run) with a 125-step warm-up and 1/sqrt decay after 400 steps, and EDM's
+    # CIFAR-10 noise distribution for small images.
     'demo': Preset(channels=32, duration=1 * Mi, lr=0.0400, decay=400, batch=32, P_mean=-1.2, P_std=1.2,
                    block='G*', expansion=4, resolution=16, img_channels=3, label_dim=10, channel_mult=(1, 2, 2),
                    num_blocks=1, attn_resolutions=(8,), rampup_Mimg=0.004, status=4 * Ki, snapshot=8 * Ki,
@@ -101,36 +99,26 @@ def get(name):
     return PRESETS[name]
 
 #----------------------------------------------------------------------------
-# Block variants named on the command line. A variant brings the paper's expansion e and kernel k (the defaults in
-# networks.edm2plus.BLOCK_VARIANTS) and its base width from this table: the width c of its row in Tables 1-2, where
-# EDM2-S's is 192. Only B differs: it replaces both 3x3 convolutions by depthwise ones and doubles the width "to keep a
+# Block variants named on the command line. A variant brings the paper's expansion e, kernel k and base width (its
+# record in networks.edm2plus.BLOCK_VARIANTS; the width is that of its row in Tables 1-2, where EDM2-S's is 192).
+# Only B's width differs: it replaces both 3x3 convolutions by depthwise ones and doubles the width "to keep a
 # reasonable model capacity" (paper §2.2, eq. 3).
 #
-# Width rule for other preset sizes: the preset's width scales by this table's ratio of the new variant to the
-# preset's own variant, i.e. B doubles any A or G* preset's width (XS 128 -> 256, S 192 -> 384, L 320 -> 640) and
+# Width rule for other preset sizes: the preset's width scales by the ratio of the new variant's base width to the
+# preset's own variant's, i.e. B doubles any A or G* preset's width (XS 128 -> 256, S 192 -> 384, L 320 -> 640) and
 # every other variant keeps it. An explicit --channels wins, as do --expansion and --kernel.
-
-VARIANT_BASE_WIDTH = {'A': 192, 'B': 384, 'C': 192, 'D': 192, 'D*': 192, 'E': 192, 'E-k7': 192, 'F': 192, 'G': 192,
-                      'F*': 192, 'G*': 192}
-assert set(VARIANT_BASE_WIDTH) == set(BLOCK_VARIANTS)
-
-def variant_uses(block):
-    """(has an expansion ratio, has a depthwise kernel) for a variant: which of --expansion, --kernel it reads."""
-    recipe, default_e, _default_k = BLOCK_VARIANTS[block]
-    text = ' '.join(recipe.values()) if isinstance(recipe, dict) else recipe
-    return default_e is not None, 'dw:' in text
 
 def variant_architecture(preset, block=None, channels=None, expansion=None, kernel=None):
     """dict(block, model_channels, expansion, kernel) for a preset (name or record) with the command line's
     --block/--channels/--expansion/--kernel (None = not given). A --block other than None brings the variant's own
-    e, k (None: the network takes BLOCK_VARIANTS's) and width (VARIANT_BASE_WIDTH), unless given explicitly."""
+    e, k (None: the network takes its BLOCK_VARIANTS record's) and base width, unless given explicitly."""
     p = get(preset) if isinstance(preset, str) else preset
     if block is None:
         arch = dict(block=p.block, model_channels=p.channels, expansion=p.expansion, kernel=p.kernel)
     else:
         if block not in BLOCK_VARIANTS:
             raise ValueError(f'--block={block}: choose from {", ".join(BLOCK_VARIANTS)}')
-        width = p.channels * VARIANT_BASE_WIDTH[block] / VARIANT_BASE_WIDTH[p.block]
+        width = p.channels * BLOCK_VARIANTS[block].width / BLOCK_VARIANTS[p.block].width
         arch = dict(block=block, model_channels=int(round(width)), expansion=None, kernel=None)
     arch.update({k: v for k, v in dict(model_channels=channels, expansion=expansion, kernel=kernel).items() if v is not None})
     return arch
@@ -183,14 +171,14 @@ def check_architecture(kwargs, explicit=()):
             raise ValueError(f'--kernel={kernel}: the depthwise kernel size must be odd{where}'
                              + (f' (the smallest feature map is {lowest}x{lowest})' if top is not None else ''))
     block = kwargs.get('block', 'A')
-    has_e, has_k = variant_uses(block)
-    if 'expansion' in explicit and not has_e:
+    options = BLOCK_VARIANTS[block].options
+    if 'expansion' in explicit and 'expansion' not in options:
         raise ValueError(f'--expansion: block {block} has no expansion ratio (only ' +
-                         ', '.join(b for b in BLOCK_VARIANTS if variant_uses(b)[0]) + ' have one)')
-    if 'kernel' in explicit and not has_k:
+                         ', '.join(b for b, v in BLOCK_VARIANTS.items() if 'expansion' in v.options) + ' have one)')
+    if 'kernel' in explicit and 'kernel' not in options:
         raise ValueError(f'--kernel: block {block} has no depthwise convolution (its convolutions are 3x3)')
     smallest = kwargs.get('model_channels', 192) * min(mult)
     expansion = kwargs.get('expansion')
-    if has_e and expansion is not None and int(expansion * smallest) < 1:
+    if 'expansion' in options and expansion is not None and int(expansion * smallest) < 1:
         raise ValueError(f'--expansion={expansion:g}: the widest layer of a {smallest}-channel block would have no '
                          f'channel; give at least {1 / smallest:.3g}')

@@ -1,4 +1,4 @@
-"""Every image is bit-identical whatever the batch it is computed in (networks/edm2plus.py, "Batch invariance").
+"""Every image is bit-identical whatever the batch it is computed in (networks/fastpaths.py, "Batch invariance").
 
 On a CPU, BLAS matrix products with fewer than 4 rows and torch's convolution at batch 1 round differently from
 larger batches; the inference and training paths avoid both. Checked on trained networks (a few optimizer steps, so
@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from networks import edm2plus
+from networks import edm2plus, fastpaths
 from networks.edm2plus import Precond
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
@@ -64,7 +64,7 @@ def test_inference_chunks_do_not_change_results(monkeypatch):
     x, sigma, labels = inputs()
     with torch.no_grad():
         whole = net(x, sigma, labels)
-        monkeypatch.setattr(edm2plus, '_FAST_CHUNK_PIXELS', 3 * 16 * 16)
+        monkeypatch.setattr(fastpaths, '_FAST_CHUNK_PIXELS', 3 * 16 * 16)
         assert torch.equal(copy.deepcopy(net)(x, sigma, labels), whole)
 
 def test_training_dropout_masks_agree_with_reference_layout():

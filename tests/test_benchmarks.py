@@ -42,8 +42,8 @@ def test_sampling_and_train_speed_print_ratios():
                        '--num-blocks=1', '--attn=4', '--batch=4', '--steps=1', '--warmup=0')
     assert rc == 0, err[-2000:]
     assert re.search(r'G\* trains \d+\.\d+x as many images per second as A', out), out
-    rc, _out, err = run('train_speed.py', '--device=cpu', '--impls=default,turbo')
-    assert rc != 0 and '--impls: unknown path "turbo" (choose from reference, default, compiled)' in err
+    rc, _out, err = run('train_speed.py', '--device=cpu', '--impls=training,turbo')
+    assert rc != 0 and '--impls: unknown path "turbo" (choose from reference, training, compiled)' in err
 
 def test_roofline_prints_rates_and_the_bound():
     rc, out, err = run('roofline.py', '--device=cpu', '--channels=64', '--resolution=8', '--label-dim=10', '--reps=1',
@@ -71,10 +71,11 @@ def test_gpu_suite_runs_every_step():
     assert len(re.findall(r'^throughput ratio G\*/A: \d+\.\d{3}$', out, re.M)) == 1 + 2, out  # protocol, sweep
     assert len(re.findall(r'^fast +images/s G\*/A: \d+\.\d{3}$', out, re.M)) == 1, out
     assert 'FAILED' not in out
+    assert re.search(r'^\d+ (passed|skipped)', out, re.M) and out.index('== CUDA tests') < out.index('== Training'), out
     # A failing step is named with its command, the others still run, and the exit status says so.
     rc, out = run_suite(PYTHON='false')
-    assert rc == 1 and out.rstrip().endswith('6 step(s) failed'), out[-3000:]
-    assert out.count('FAILED (exit 1): false benchmarks/') == 6
+    assert rc == 1 and out.rstrip().endswith('7 step(s) failed'), out[-3000:]
+    assert out.count('FAILED (exit 1): false benchmarks/') == 6 and 'FAILED (exit 1): false -m pytest' in out
 
 @pytest.mark.parametrize('script', ['inference.py', 'sampling.py'])
 def test_bad_options_name_the_option(script):

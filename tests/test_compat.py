@@ -270,6 +270,7 @@ for name in sys.argv[2:]:
     assert type(data) is dnnlib.util.EasyDict and list(data) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema'], list(data)
     ema = data.ema
     assert type(ema).__module__.startswith('_imported_module_') and type(ema).__name__ == 'Precond'
+    assert sys.modules[type(ema).__module__]._faster is None  # no faster path came with the pickle
     key = os.path.basename(name)
     with torch.no_grad():
         D, logvar = ema(exp['x'], exp['sigma'], exp['labels'], return_logvar=True)
@@ -303,7 +304,7 @@ def test_our_snapshots_load_in_edm2_environment(tmp_path):
         assert pickle_globals(path.read_bytes()) <= EDM2_GLOBALS  # e.g. no networks.* or training.* globals
         snap = loading.load_snapshot(path, verbose=False)
         key = path.name
-        with torch.no_grad():
+        with torch.no_grad(), edm2plus.reference_mode():  # EDM2's code runs the reference network alone
             exp[key + ':D'], exp[key + ':logvar'] = outputs(snap.ema, exp)
             torch.manual_seed(1)
             exp[key + ':loss'] = snap.loss_fn(net=snap.ema, images=exp['x'], labels=exp['labels'])

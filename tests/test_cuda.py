@@ -1,9 +1,11 @@
 """The CUDA paths, on a machine with a GPU; skipped elsewhere (CI has none).
 
 float32, float16 and bfloat16 activations through the fast and the reference path against the float64 formulas
-(tests/reference_net.py, computed on the CPU), a training step against the same step on the CPU and, in half
-precision, the training path against the reference path, and sampling on the
-GPU across batch sizes. Tolerances are absolute on outputs of magnitude ~1-4.
+(tests/reference_net.py, computed on the CPU), a training step on either path against the same step on the CPU and,
+in half precision, the training path against the reference path, and sampling on the GPU across batch sizes.
+Tolerances are absolute on outputs of magnitude ~1-4. Until this file has passed on a GPU (and benchmarks/gpu_suite.sh
+has measured the training path at least as fast as the reference path there), CUDA training takes the reference path
+by default (networks/fastpaths.py): `bash benchmarks/gpu_suite.sh` runs this file first.
 """
 
 import copy
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from networks import edm2plus
+from networks import edm2plus, fastpaths
 from reference_net import reference_forward
 from sampling.generate import generate_images
 from test_speed_equivalence import inputs, maxdiff, tiny
@@ -70,14 +72,17 @@ def test_half_precision_activations(block, precision, tol):
     with torch.no_grad():  # force_fp32 gives float32 activations on CUDA as well
         assert maxdiff(net(*on_cuda(x, sigma, labels), force_fp32=True).cpu(), exact) < 1e-4
 
+@pytest.mark.parametrize('path', ['fast', 'reference'])
 @pytest.mark.parametrize('block', ['A', 'G*'])
-def test_training_step_matches_cpu(block):
+def test_training_step_matches_cpu(block, path):
     """Loss and gradients of one training-mode step (forced weight normalisation included) on CUDA in float32 equal
-    the CPU's; with float16 activations they stay finite and close."""
+    the CPU's (training path); with float16 activations they stay finite and close. On CUDA both the training path
+    and the reference path (CUDA's default until this file has passed on a GPU: networks/fastpaths.py)."""
     x, sigma, labels = inputs(3)
     def step(device, force_fp32):
         net = copy.deepcopy(tiny(block)).train().to(device)
-        d, logvar = net(x.to(device), sigma.to(device), labels.to(device), force_fp32=force_fp32, return_logvar=True)
+        with fastpaths.training_path(path if device == CUDA else 'fast'):
+            d, logvar = net(x.to(device), sigma.to(device), labels.to(device), force_fp32=force_fp32, return_logvar=True)
         loss = ((d - x.to(device)) ** 2 / logvar.exp() + logvar).mean()
         loss.backward()
         return loss.item(), {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None}
@@ -96,14 +101,14 @@ def test_training_step_matches_cpu(block):
 @pytest.mark.parametrize('precision, tol', [('fp16', 0.05), ('bf16', 0.15)])
 @pytest.mark.parametrize('block', ['A', 'G*'])
 def test_training_path_matches_reference_in_half_precision(block, precision, tol):
-    """The training path (the default with autograd on) against EDM2's op sequence, both on CUDA with float16 or
-    bfloat16 activations: the same loss within 1% and gradients within `tol` of each tensor's largest entry (the
+    """The training path (forced: CUDA's default is the reference path until this passes on a GPU) against EDM2's
+    op sequence, both on CUDA with float16 or bfloat16 activations: the same loss within 1% and gradients within `tol` of each tensor's largest entry (the
     two round differently in half precision; a wrong formula is off by order 1)."""
     x, sigma, labels = inputs(3)
     base = tiny(block, use_fp16=(precision == 'fp16'), use_bf16=(precision == 'bf16')).train()
     def step(reference):
         net = copy.deepcopy(base).to(CUDA)
-        with edm2plus.reference_mode(reference):
+        with edm2plus.reference_mode(reference), fastpaths.training_path('fast'):
             d, logvar = net(*on_cuda(x, sigma, labels), return_logvar=True)
         loss = ((d - x.to(CUDA)) ** 2 / logvar.exp() + logvar).mean()
         loss.backward()

@@ -1,14 +1,18 @@
 """The network family: EDM2 layout of CONFIG A, every variant's structure, MP primitives, preconditioning."""
 
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from networks import edm2plus, flops, presets
-from networks.edm2plus import BLOCK_VARIANTS, Precond, mp_cat, mp_silu, mp_sum, normalize
+from networks.edm2plus import BLOCK_VARIANTS, Precond, Variant, mp_cat, mp_silu, mp_sum, normalize
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=64, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[8])
 
@@ -79,7 +83,7 @@ def test_variant_layers_follow_recipes():
     assert tuple(k7.unet.enc['64x64_block0'].conv_res1.weight.shape) == (1152, 1, 7, 7)
 
 def test_new_variant_is_a_line_of_data(monkeypatch):
-    monkeypatch.setitem(BLOCK_VARIANTS, 'H', ('silu pw:in>E silu drop pw:E>out mod:out', 2, 3))
+    monkeypatch.setitem(BLOCK_VARIANTS, 'H', Variant('silu pw:in>E silu drop pw:E>out mod:out', 2))
     net = tiny('H')
     assert tuple(net.unet.enc['16x16_block0'].conv_res0.weight.shape) == (128, 64, 1, 1)
     assert net(torch.randn(1, 3, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
@@ -101,6 +105,20 @@ def test_every_variant_trains_and_round_trips(block):
     net.eval()
     copy = pickle.loads(pickle.dumps(net))
     assert torch.equal(copy(x, sigma, labels), net(x, sigma, labels))
+
+def test_pickles_carry_the_reference_network_only():
+    """A pickle embeds the source of networks/edm2plus.py alone (torch_utils/persistence.py): the reference network
+    and its hook, none of the faster paths' code or private torch ops. (tests/test_compat.py runs such a pickle in an
+    EDM2 environment: it computes our reference path bit for bit.)"""
+    data = pickle.dumps(tiny('G*'))
+    assert b'class Precond(torch.nn.Module)' in data and b'def register_faster(' in data
+    for word in (b'mkldnn', b'torch.ops', b'autograd.Function', b'_train_block', b'_infer_block', b'_weight_cache'):
+        assert word not in data, word
+    assert edm2plus._faster is not None  # importing `networks` registered networks/fastpaths.py
+    for module in ('networks.edm2plus', 'networks.presets'):  # whatever part of the package a script imports first
+        code = f'import {module}, sys; print(sys.modules["networks.edm2plus"]._faster is not None)'
+        proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip() == 'True', proc.stderr[-2000:]
 
 #----------------------------------------------------------------------------
 # Primitives (EDM2 paper, Appendix B) and preconditioning (EDM paper, Table 1).

@@ -1,4 +1,4 @@
-"""The inference fast path of networks/edm2plus.py computes the same function as the reference path.
+"""The inference path (networks/fastpaths.py) computes the same function as the reference path.
 
 Three implementations are compared: the fast path (eval mode, no autograd), the reference path (EDM2's op sequence,
 `edm2plus.reference_mode()`), and tests/reference_net.py, an independent float64 transcription of the formulas.
@@ -12,8 +12,8 @@ import pickle
 import pytest
 import torch
 
-from networks import edm2plus, flops
-from networks.edm2plus import BLOCK_VARIANTS, Precond
+from networks import edm2plus, fastpaths, flops
+from networks.edm2plus import BLOCK_VARIANTS, Precond, Variant
 from reference_net import reference_forward
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2], num_blocks=1,
@@ -71,15 +71,15 @@ def test_fast_path_is_used_only_for_frozen_inference():
     net = tiny('G*')
     x, sigma, labels = inputs()
     conv = net.unet.enc['16x16_block0'].conv_res1
-    edm2plus._weight_cache.pop(conv, None)
+    fastpaths._weight_cache.pop(conv, None)
     with torch.no_grad(), edm2plus.reference_mode():
         net(x, sigma, labels)
-    assert conv not in edm2plus._weight_cache
+    assert conv not in fastpaths._weight_cache
     net(x, sigma, labels)  # autograd on: reference path (gradients flow through the normalisation)
-    assert conv not in edm2plus._weight_cache
+    assert conv not in fastpaths._weight_cache
     with torch.no_grad():
         net(x, sigma, labels)
-    assert conv in edm2plus._weight_cache
+    assert conv in fastpaths._weight_cache
     # With autograd on, eval mode gives the reference path's result (the same ops; on a CPU in channels-last
     # memory, which changes only the rounding).
     with edm2plus.reference_mode():
@@ -92,7 +92,7 @@ def test_compilation_traces_the_reference_ops(monkeypatch):
     """While torch.compile traces, the network emits the reference ops (inductor fuses and folds them itself)."""
     net = tiny('G*')
     x, sigma, labels = inputs()
-    monkeypatch.setattr(edm2plus, '_is_compiling', lambda: True)
+    monkeypatch.setattr(fastpaths, '_is_compiling', lambda: True)
     with torch.no_grad():
         traced = net(x, sigma, labels)
         with edm2plus.reference_mode():
@@ -100,7 +100,7 @@ def test_compilation_traces_the_reference_ops(monkeypatch):
 
 def test_custom_recipe_ending_without_convolution(monkeypatch):
     """A recipe whose branch ends with the modulation: the output scale cannot be folded into a weight."""
-    monkeypatch.setitem(BLOCK_VARIANTS, 'H', ('silu pw:in>E silu drop pw:E>out mod:out', 2, 3))
+    monkeypatch.setitem(BLOCK_VARIANTS, 'H', Variant('silu pw:in>E silu drop pw:E>out mod:out', 2))
     net = tiny('H', attn_resolutions=[])
     for batch in (1, 2):
         fast, ref = both(net, *inputs(batch))
@@ -111,7 +111,7 @@ def test_dropout_and_generic_kernels(monkeypatch):
     net = tiny('G*', dropout=0.5)
     fast, ref = both(net, *inputs())
     assert maxdiff(fast, ref) < TOL
-    monkeypatch.setattr(edm2plus, '_onednn', False)
+    monkeypatch.setattr(fastpaths, '_onednn', False)
     for block in ('A', 'G*'):
         for batch in (1, 2):
             net = tiny(block)
@@ -169,7 +169,7 @@ def test_cache_not_pickled_or_shared_by_copies():
     x, sigma, labels = inputs()
     size_before = len(pickle.dumps(net))
     fast, _ = both(net, x, sigma, labels)
-    assert net.unet.out_conv in edm2plus._weight_cache
+    assert net.unet.out_conv in fastpaths._weight_cache
     assert len(pickle.dumps(net)) == size_before
     clone = copy.deepcopy(net)
     with torch.no_grad():
@@ -204,9 +204,9 @@ def test_sdpa_attention_matches_einsum_attention():
 def test_mp_cat_and_resampling_fast_versions():
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(2, 6, 8, 8, generator=g), torch.randn(2, 10, 8, 8, generator=g)
-    assert maxdiff(edm2plus._mp_cat_fast(a, b, t=0.3), edm2plus.mp_cat(a, b, t=0.3)) < 1e-6
+    assert maxdiff(fastpaths._mp_cat_fast(a, b, t=0.3), edm2plus.mp_cat(a, b, t=0.3)) < 1e-6
     for mode in ('down', 'up'):
-        assert maxdiff(edm2plus._resample_fast(a, [1, 1], mode), edm2plus.resample(a, [1, 1], mode)) < 1e-6
+        assert maxdiff(fastpaths._resample_fast(a, [1, 1], mode), edm2plus.resample(a, [1, 1], mode)) < 1e-6
 
 def test_flop_count_is_edm2s_convention_in_any_mode():
     """Counting a real (CPU) net in eval mode sees the reference ops, also for an unpickled copy."""
@@ -230,7 +230,7 @@ def test_sampler_output_unchanged():
 @pytest.mark.parametrize('block', ['A', 'G*'])
 def test_large_batches_in_chunks(block, monkeypatch):
     """Chunked evaluation of a large batch (here 2 images per chunk) with per-image or shared sigma and labels."""
-    monkeypatch.setattr(edm2plus, '_FAST_CHUNK_PIXELS', 2 * 16 * 16)
+    monkeypatch.setattr(fastpaths, '_FAST_CHUNK_PIXELS', 2 * 16 * 16)
     net = tiny(block)
     x, sigma, labels = inputs(5)
     for s, l in [(sigma, labels), (sigma[1], labels), (sigma[1], None), (sigma, labels[:1])]:

@@ -117,7 +117,7 @@ def test_variant_width_rule():
     assert presets.variant_architecture('edm2plus-img64-l', block='A')['model_channels'] == 320
     assert presets.variant_architecture('demo', block='D') == dict(block='D', model_channels=32, expansion=None, kernel=None)
     assert presets.variant_architecture('demo') == dict(block='G*', model_channels=32, expansion=4, kernel=None)
-    assert set(presets.VARIANT_BASE_WIDTH) == set(BLOCK_VARIANTS)
+    assert all(BLOCK_VARIANTS[b].width == (384 if b == "B" else 192) for b in BLOCK_VARIANTS)
 
 #----------------------------------------------------------------------------
 # Option errors at parse time, and the de-duplicated option table.

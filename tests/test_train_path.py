@@ -1,4 +1,4 @@
-"""The training path of networks/edm2plus.py computes the reference path's function, loss and gradients.
+"""The training path (networks/fastpaths.py) computes the reference path's function, loss and gradients.
 
 The training path (the default whenever autograd is on) folds constant factors into the weights and fuses
 elementwise work; the reference path (`edm2plus.reference_mode()`) is EDM2's op sequence. In float32 the two differ
@@ -10,13 +10,17 @@ below what a wrong formula or a different dropout mask gives (order 1e-2 to 1).
 import contextlib
 import gzip
 import os
+import types
+
+import click.testing
 
 import numpy as np
 import pytest
 import torch
 
-from networks import edm2plus, presets
-from networks.edm2plus import Precond
+from conftest import write_dataset
+from networks import edm2plus, fastpaths, presets
+from networks.edm2plus import MPConv, Precond
 from training.loss import EDM2Loss
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
@@ -104,39 +108,39 @@ def test_pixel_norm_backward_matches_autograd():
         x = (torch.randn(shape, generator=g) * 3).requires_grad_()
         x.data[0, ..., 0] = 0  # a zero vector (norm 0) along dim, where the formula divides by the norm
         w = torch.randn(shape, generator=g)
-        (edm2plus._RMSNorm.apply(x, dim) * w).sum().backward()
+        (fastpaths._RMSNorm.apply(x, dim) * w).sum().backward()
         ours = x.grad.clone()
         x.grad = None
         (edm2plus.normalize(x, dim=dim) * w).sum().backward()
         assert torch.allclose(ours, x.grad, rtol=1e-5, atol=1e-6), shape  # float32 rounding
-        assert torch.equal(edm2plus._RMSNorm.apply(x, dim), edm2plus.normalize(x, dim=dim))
+        assert torch.equal(fastpaths._RMSNorm.apply(x, dim), edm2plus.normalize(x, dim=dim))
 
 def test_mp_cat_and_clip_gradients():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 6, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 10, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64)
-    for fn in (edm2plus._train_cat, edm2plus.mp_cat):
+    for fn in (fastpaths._train_cat, edm2plus.mp_cat):
         a.grad = b.grad = None
         (fn(a, b, t=0.3) * w).sum().backward()
-        if fn is edm2plus._train_cat:
+        if fn is fastpaths._train_cat:
             ours = (a.grad.clone(), b.grad.clone())
     assert torch.allclose(ours[0], a.grad) and torch.allclose(ours[1], b.grad)
     # Clipping: skipped when nothing reaches the limit (the same tensor comes back), else clamp with its gradient.
     x = torch.randn(3, 4, generator=g, requires_grad=True)
-    assert edm2plus._clip(x, 256) is x
+    assert fastpaths._clip(x, 256) is x
     y = torch.tensor([-3.0, 0.5, 2.0, 9.0], requires_grad=True)
-    clipped = edm2plus._clip(y, 2.0)
+    clipped = fastpaths._clip(y, 2.0)
     clipped.sum().backward()
     assert clipped.tolist() == [-2.0, 0.5, 2.0, 2.0] and y.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
     # Channels-last activations (the check reads their storage as one vector): every element is seen.
     z = torch.randn(2, 3, 4, 5, generator=g).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
-    assert edm2plus._clip(z, 1.5) is z
+    assert fastpaths._clip(z, 1.5) is z
     for index, value in [((1, 2, 3, 4), 7.0), ((0, 0, 0, 0), -7.0), ((1, 0, 2, 1), 1.6)]:
         high = z.clone()
         high[index] = value
         assert high.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(edm2plus._clip(high, 1.5), high.clamp(-1.5, 1.5)) and edm2plus._clip(high, 1.5)[index].abs() == 1.5
+        assert torch.equal(fastpaths._clip(high, 1.5), high.clamp(-1.5, 1.5)) and fastpaths._clip(high, 1.5)[index].abs() == 1.5
 
 #----------------------------------------------------------------------------
 # 200 steps on Fashion-MNIST: the loss curves of the two paths agree.
@@ -192,7 +196,7 @@ def test_weight_scaling_backward_matches_autograd():
         w = (torch.randn(shape, generator=g) * 2).requires_grad_()
         gain = torch.tensor(0.7, requires_grad=True)
         up = torch.randn(shape, generator=g)
-        (edm2plus._MPWeight.apply(w, gain, 0.3) * up).sum().backward()
+        (fastpaths._MPWeight.apply(w, gain, 0.3) * up).sum().backward()
         ours = (w.grad.clone(), gain.grad.clone())
         w.grad = gain.grad = None
         fan_in = w[0].numel()
@@ -204,12 +208,12 @@ def test_unit_weight_table_matches_per_layer_normalisation(monkeypatch):
     step through the per-layer code (table switched off) gives the same loss, gradients within rounding and
     bit-identical forced-normalised weights; a weight the pass does not use gets no gradient."""
     calls = []
-    table = edm2plus._unit_weight_table
-    monkeypatch.setattr(edm2plus, '_unit_weight_table', lambda net: (calls.append(net), table(net))[1])
+    table = fastpaths._unit_weight_table
+    monkeypatch.setattr(fastpaths, '_unit_weight_table', lambda net: (calls.append(net), table(net))[1])
     net = perturbed('G*', 0.1)
     loss, grads, weights = training_step(net, reference=False)
-    assert len(calls) == 1 and not edm2plus._unit_weights  # used once, and emptied after the pass
-    monkeypatch.setattr(edm2plus, '_unit_weight_table', lambda net: contextlib.nullcontext())
+    assert len(calls) == 1 and not fastpaths._unit_weights  # used once, and emptied after the pass
+    monkeypatch.setattr(fastpaths, '_unit_weight_table', lambda net: contextlib.nullcontext())
     loss_layer, grads_layer, weights_layer = training_step(net, reference=False)
     assert abs(loss - loss_layer) <= LOSS_RTOL * abs(loss_layer)
     assert worst_relative(grads, grads_layer) < GRAD_RTOL
@@ -219,7 +223,7 @@ def test_unit_weight_table_matches_per_layer_normalisation(monkeypatch):
     g = torch.Generator().manual_seed(5)
     ws = [(torch.randn(shape, generator=g) * 2).requires_grad_() for shape in [(6, 4, 3, 3), (5, 36), (3, 36)]]
     ups = [torch.randn(w.shape, generator=g) for w in ws[:2]]
-    outs = edm2plus._UnitWeights.apply(*ws)
+    outs = fastpaths._UnitWeights.apply(*ws)
     assert [o.shape for o in outs] == [w.shape for w in ws]
     sum((o * up).sum() for o, up in zip(outs, ups)).backward()
     ours = [w.grad for w in ws]
@@ -228,3 +232,66 @@ def test_unit_weight_table_matches_per_layer_normalisation(monkeypatch):
         w.grad = None
         (edm2plus.normalize(w) / 6 * up).sum().backward()  # fan-in 36
         assert torch.allclose(grad, w.grad, rtol=1e-4, atol=1e-6)
+
+#----------------------------------------------------------------------------
+# Which path training takes: the training path where it has run (the CPU), the reference path elsewhere (CUDA,
+# until tests/test_cuda.py and benchmarks/gpu_suite.sh have vouched for it there); each is one option away.
+
+def test_training_path_default_per_device():
+    assert fastpaths.training_path_for('cpu') == 'fast' and fastpaths.training_path_for('cuda') == 'reference'
+    assert fastpaths.training_path_for('cuda', 'fast') == 'fast'
+    assert fastpaths.training_path_for('cpu', 'reference') == 'reference'
+    for bad in ('turbo', None):
+        with pytest.raises(ValueError, match='unknown training path'):
+            fastpaths.training_path_for('cpu', bad)
+        with pytest.raises(ValueError, match='unknown training path'):
+            fastpaths.training_path(bad).__enter__()
+
+def test_path_of_a_call_on_cuda_without_a_gpu():
+    """choose_path reads only the input's device type, so a stand-in input 'on CUDA' shows what a GPU run takes."""
+    conv = MPConv(4, 4, kernel=[])  # training mode
+    on_cuda, on_cpu = types.SimpleNamespace(device=torch.device('cuda')), torch.zeros(1, 4)
+    assert fastpaths.choose_path(conv, on_cuda) == 'reference' and fastpaths.choose_path(conv, on_cpu) == 'train'
+    with fastpaths.training_path('fast'):
+        assert fastpaths.choose_path(conv, on_cuda) == 'train'
+    with fastpaths.training_path('reference'):
+        assert fastpaths.choose_path(conv, on_cpu) == 'reference'
+    assert fastpaths.choose_path(conv, on_cpu) == 'train'  # the context restores the default
+    with torch.no_grad():  # sampling and metrics: the inference path on every device
+        assert fastpaths.choose_path(conv.eval(), on_cuda) == 'infer'
+
+def test_reference_choice_trains_with_edm2s_op_sequence():
+    net = perturbed('G*', 0.1)
+    loss_ref, grads_ref, weights_ref = training_step(net, reference=True)
+    with fastpaths.training_path('reference'):
+        loss, grads, weights = training_step(net, reference=False)
+    assert loss == loss_ref and all(torch.equal(grads[n], grads_ref[n]) for n in grads_ref)
+    _, grads_fast, _ = training_step(net, reference=False)
+    assert not all(torch.equal(grads_fast[n], grads_ref[n]) for n in grads_ref)  # the training path rounds otherwise
+
+def test_training_loop_and_cli_take_the_choice(tmp_path, monkeypatch):
+    import train_edm2plus
+    from training import training_loop
+    images = [np.full([8, 8, 3], 40 * i, dtype=np.uint8) for i in range(4)]
+    data = write_dataset(tmp_path / 'data', images, [0, 1, 2, 0])
+    seen, real = [], fastpaths.training_path
+    monkeypatch.setattr(fastpaths, 'training_path', lambda choice: seen.append(choice) or real(choice))
+    config = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True),
+                  network_kwargs=dict(class_name='networks.edm2plus.Precond', model_channels=8, channel_mult=[1],
+                                      num_blocks=1, attn_resolutions=[], block='G*'),
+                  data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0), ema_kwargs=None,
+                  batch_size=2, total_nimg=4, status_nimg=None, snapshot_nimg=None, checkpoint_nimg=None,
+                  device='cpu', progress=False)
+    assert training_loop.training_loop(run_dir=str(tmp_path / 'run'), train_path='reference', **config) == 4
+    assert seen == ['reference', 'reference']  # every step's forward pass
+    with pytest.raises(ValueError, match='unknown training path "turbo"'):
+        training_loop.training_loop(run_dir=str(tmp_path / 'bad'), train_path='turbo', **config)
+    assert not os.path.exists(tmp_path / 'bad')  # refused before anything was written
+    runner = click.testing.CliRunner()
+    base = [f'--outdir={tmp_path / "cli"}', f'--data={data}', '--preset=demo', '--dry-run']
+    result = runner.invoke(train_edm2plus.cmdline, base + ['--train-path=reference'])
+    assert result.exit_code == 0 and '"train_path": "reference"' in result.output, result.output
+    result = runner.invoke(train_edm2plus.cmdline, base)
+    assert result.exit_code == 0 and '"train_path": "auto"' in result.output
+    result = runner.invoke(train_edm2plus.cmdline, base + ['--train-path=turbo'])
+    assert result.exit_code == 2 and "'turbo' is not one of 'auto', 'fast', 'reference'" in result.output

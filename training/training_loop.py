@@ -25,6 +25,7 @@ import psutil
 import torch
 
 import dnnlib
+from networks import fastpaths
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
@@ -324,8 +325,9 @@ def training_loop(
     # device (None: CUDA when available, else CPU).
     loss_scaling=1, force_finite=True, cudnn_benchmark=True, device=None,
     # Beyond EDM2: wall-clock seconds for this invocation, torch.compile of the network (False, True or one of
-    # COMPILE_MODES), a tqdm progress bar (None: when stdout is a terminal).
-    time_limit=None, compile=False, progress=None,
+    # COMPILE_MODES), a tqdm progress bar (None: when stdout is a terminal), the network's path in training (one of
+    # networks.fastpaths.TRAINING_PATHS; 'auto': the training path on a CPU, the reference path on CUDA).
+    time_limit=None, compile=False, progress=None, train_path='auto',
 ):
     #------------------------------------------------------------------------
     # Initialise.
@@ -345,10 +347,12 @@ def training_loop(
 
     batch_gpu, batch_gpu_total, num_accumulation_rounds = batch_layout(batch_size, batch_gpu, world_size)
     check_intervals(batch_size, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
+    net_path = fastpaths.training_path_for(device.type, train_path)  # 'fast' or 'reference'; checks train_path
 
     dataset_obj, encoder, net = build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device)
     if rank == 0:
         print_summary(net, batch_gpu, device)
+    dist.print0(f'Network path in training: {net_path} (train_path={train_path} on {device.type})')
 
     # Training state. DDP broadcasts rank 0's initial weights; the EMA copies are taken after that.
     dist.print0('Setting up training state...')
@@ -525,7 +529,8 @@ def training_loop(
                         raise TrainingError(f'{data_error_message(e)} (in the step after {kimg_text}; stopped '
                                             f'without saving anything from that step)') from None
                     images = encoder.encode_latents(images.to(device))
-                    loss = loss_fn(net=train_net, images=images, labels=labels.to(device))
+                    with fastpaths.training_path(train_path):
+                        loss = loss_fn(net=train_net, images=images, labels=labels.to(device))
                     training_stats.report('Loss/loss', loss)
                     # Sum over elements, mean over this process's images; DDP averages over processes.
                     loss.sum().mul(loss_scaling / batch_gpu_total).backward()
