@@ -6,9 +6,10 @@ of the paper (CONFIG G*, e = 4; paper §3.3 and Table 3).
 
 Which command reproduces which row of the EDM2+ paper's Tables 1-3 (docs/reproducing.md has the full commands):
 
-* Tables 1 and 2 (the ablations, CONFIG A to G*): the paper trained every variant "with the identical training
-  recipe" of EDM2-S on ImageNet 64x64, so each row is `--preset=edm2-img64-s --block=<CONFIG>`. Naming a variant with
-  --block brings the paper's e, k and base width for it (networks.edm2plus.BLOCK_VARIANTS), e.g. --block=B trains at width 384 and --block=C with e = 6.
+* Tables 1 and 2 (the ablations, CONFIG A to G*): §3.3's recipe at width 192, so each row is
+  `--preset=edm2plus-img64-s --block=<CONFIG>` (docs/reproducing.md explains why §3.3 rather than EDM2-S's schedule,
+  which `--preset=edm2-img64-s --block=<CONFIG>` gives). Naming a variant with --block brings the paper's e, k and
+  base width for it (networks.edm2plus.BLOCK_VARIANTS), e.g. --block=B trains at width 384 and --block=C with e = 6.
 * Table 3, EDM2-S/M/L/XL: `--preset=edm2-img64-{s,m,l,xl}` (EDM2's own presets).
 * Table 3, EDM2+-S/L/XL: `--preset=edm2plus-img64-{s,l,xl}` (the recipe of §3.3); their autoguidance row uses
   `edm2plus-img64-xs` as the guiding network.
