@@ -307,7 +307,14 @@ DEFAULT_PARTS = dict(
                                pin_memory=True),
 )
 
-@dist.holds_run_dir  # one training per run directory (train_edm2plus.py already holds the lock)
+def check_options(batch_size, batch_gpu, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg,
+                  device, train_path, **_):
+    """Refuse inconsistent sizes and an unknown training path (ValueError) before anything is built or written."""
+    batch_layout(batch_size, batch_gpu, dist.get_world_size())
+    check_intervals(batch_size, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
+    fastpaths.training_path_for(torch.device(device).type if device is not None else dist.device().type, train_path)
+
+@dist.holds_run_dir(check=check_options)  # one training per run directory (train_edm2plus.py already holds the lock)
 def training_loop(
     # What to build (ema_kwargs=None: no EMA, raw snapshots).
     dataset_kwargs=DEFAULT_PARTS['dataset_kwargs'], encoder_kwargs=DEFAULT_PARTS['encoder_kwargs'],
