@@ -553,6 +553,27 @@ def test_torchrun_two_processes(tmp_path):
     assert open(os.path.join(outdir, 'log.txt')).read().startswith('Loading dataset...')
 
 #----------------------------------------------------------------------------
+# Set-up reads the dataset once: train_edm2plus.py's probe hands the opened dataset to the training loop.
+
+def test_cli_opens_the_dataset_once(tmp_path, monkeypatch):
+    import train_edm2plus
+    from training.dataset import ImageFolderDataset
+    opened = []
+    real_init = ImageFolderDataset.__init__
+    def counting_init(self, path, **kwargs):
+        opened.append(path)
+        real_init(self, path, **kwargs)
+    monkeypatch.setattr(ImageFolderDataset, '__init__', counting_init)
+    data = make_dataset(tmp_path / 'data', num_images=4)
+    outdir = str(tmp_path / 'run')
+    result = click.testing.CliRunner().invoke(train_edm2plus.cmdline, TINY_CLI + [
+        f'--data={data}', f'--outdir={outdir}', '--batch=32', '--duration=32', '--status=32', '--snapshot=0',
+        '--checkpoint=0'])
+    assert result.exit_code == 0, result.output
+    assert opened == [data]
+    assert [json.loads(line)['Progress/kimg'] for line in open(os.path.join(outdir, 'stats.jsonl'))] == [0, 0.032]
+
+#----------------------------------------------------------------------------
 # Bad input: one-line errors that name the option and the file.
 
 def test_bad_dataset_and_options(tmp_path):
