@@ -385,8 +385,4 @@ def _launch(c, opts, dataset):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    torch.multiprocessing.set_start_method('spawn')  # data loader workers: no fork of a CUDA-initialised process
-    cmdline()  # pylint: disable=no-value-for-parameter
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline, spawn_workers=True)

@@ -321,5 +321,3 @@ def run_dir_lock(run_dir, name='training.lock', what='training'):
         yield
     finally:
         release()
-
-#----------------------------------------------------------------------------
