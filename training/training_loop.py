@@ -598,7 +598,10 @@ def training_loop(
 ):
     """Train until total_nimg (or the end of this slice, or the time limit); return the image count reached.
 
-    Importing this module (it imports `networks`) sets glibc's allocator to keep freed memory
+    The phases, in order: the options are checked (before anything is written), the run directory is locked, the
+    set-up (TrainingRun) builds the parts, resumes and decides where to stop; then report_and_save() (status line,
+    stats.jsonl, snapshots, training state) and step() (one optimizer step) alternate until it is done, and close()
+    cleans up however it ended. Importing this module (it imports `networks`) makes glibc keep freed memory
     (torch_utils.misc.keep_freed_cpu_memory), which training on a CPU needs for its speed."""
     o = dnnlib.EasyDict(locals())  # every argument, by name
     check_options(**o)  # a refused option leaves run_dir untouched
