@@ -14,7 +14,6 @@ import click
 
 import dnnlib
 from torch_utils import cli
-from torch_utils import misc
 from metrics import MetricsError
 from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from networks.loading import NetworkFileError
@@ -239,7 +238,4 @@ def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_wor
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    cmdline()
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline)

@@ -103,7 +103,7 @@ def _build(kwargs):
 # Output.
 @click.option('--paper', help='Print Tables 1-3 of the paper: our counts, the paper\'s and the difference', is_flag=True)
 @click.option('--json', 'as_json', help='Print JSON instead of a table', is_flag=True)
-def main(net, block, channels, expansion, kernel, resolution, img_channels, label_dim, paper, as_json):
+def cmdline(net, block, channels, expansion, kernel, resolution, img_channels, label_dim, paper, as_json):
     """Count parameters and GFLOPs per sample (EDM2's convention: eval mode, batch 1).
 
     NET is a preset name (e.g. edm2plus-img64-s), a network file, or omitted to build one from the options.
@@ -156,5 +156,7 @@ def main(net, block, channels, expansion, kernel, resolution, img_channels, labe
     else:
         print_report(result, out=click.echo)
 
+main = cmdline  # the command's earlier name, for scripts that import it
+
 if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline)

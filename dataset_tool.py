@@ -851,6 +851,4 @@ def decode(vae, source, dest, batch, max_images, overwrite):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    cmdline() # pylint: disable=no-value-for-parameter
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline)

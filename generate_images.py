@@ -17,7 +17,6 @@ import tqdm
 
 import dnnlib
 from torch_utils import cli
-from torch_utils import misc
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
 from sampling.generate import MAX_SEED, MissingPackageError, image_path, require_decoder
@@ -162,7 +161,4 @@ def cmdline(**opts):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    cmdline()
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline)

@@ -12,7 +12,6 @@ import tqdm
 from torch_utils import cli
 from training.posthoc import kimg_to_nimg, list_input_pickles, parse_std_list, reconstruct_phema  # noqa: F401
 
-
 @click.command()
 # Inputs.
 @click.option('--indir', help='Directory with the input snapshots (network-snapshot-*-*.pkl)', metavar='DIR',
@@ -33,7 +32,7 @@ from training.posthoc import kimg_to_nimg, list_input_pickles, parse_std_list, r
 # Performance.
 @click.option('--batch', help='Outputs per pass over the inputs (memory vs. passes)', metavar='INT',
               type=click.IntRange(min=1), default=8, show_default=True)
-def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch):
+def cmdline(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch):
     """Reconstruct post-hoc EMA networks from the snapshots of a training run.
 
     \b
@@ -66,5 +65,7 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
         except ValueError as e:
             raise cli.CliError(str(e)) from None  # Outputs already written stay; the one in progress is not written.
 
+main = cmdline  # the command's earlier name, for scripts that import it
+
 if __name__ == '__main__':
-    main()
+    cli.run(cmdline)

@@ -460,4 +460,4 @@ def plot_cmd(net, gnet, uncond, guidance, cfg_guidance, save, samples):
     click.echo(f'Saved {save}')
 
 if __name__ == '__main__':
-    cmdline()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline)

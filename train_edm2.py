@@ -9,10 +9,9 @@ beyond EDM2's (block variants, CPU training, time limits, ...) keep their defaul
 """
 
 import click
-import torch
 
 import train_edm2plus
-from torch_utils import misc
+from torch_utils import cli
 
 # EDM2's options, in EDM2's order (the names of train_edm2plus.py's click parameters).
 EDM2_OPTIONS = ['outdir', 'data', 'cond', 'preset',
@@ -35,6 +34,4 @@ cmdline = click.Command(
          'Rerunning the same command resumes from the newest training state.')
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # as train_edm2plus.py
-    torch.multiprocessing.set_start_method('spawn')
-    cmdline()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline, spawn_workers=True)

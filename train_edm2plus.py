@@ -46,15 +46,16 @@ ARCHITECTURE_OPTIONS = dict(block='--block', model_channels='--channels', expans
                             channel_mult='--channel-mult', num_blocks='--num-blocks', attn_resolutions='--attn')
 
 def probe_dataset(dataset_kwargs):
-    """EasyDict(num_channels, resolution, label_dim, has_labels, vae) of the dataset, after decoding one image (so
-    that a corrupt dataset fails here, with its file named); `vae` is the VAE a latent dataset's dataset.json names
+    """EasyDict(dataset, num_channels, resolution, label_dim, has_labels, vae) of the dataset, after decoding one
+    image (so that a corrupt dataset fails here, with its file named): `dataset` is the opened dataset, which the
+    training loop then uses rather than opening it again; `vae` is the VAE a latent dataset's dataset.json names
     (dataset_tool.py encode writes it), or None. Raises click.ClickException."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         dataset_obj[0]
-        return dnnlib.EasyDict(num_channels=dataset_obj.num_channels, resolution=dataset_obj.resolution,
-                               label_dim=dataset_obj.label_dim, has_labels=dataset_obj.has_labels,
-                               vae=_recorded_vae(dataset_obj))
+        return dnnlib.EasyDict(dataset=dataset_obj, num_channels=dataset_obj.num_channels,
+                               resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
+                               has_labels=dataset_obj.has_labels, vae=_recorded_vae(dataset_obj))
     except (IOError, OSError, ValueError) as e:
         raise click.ClickException(f'--data: {e}')
 
@@ -115,6 +116,27 @@ def check_resume(outdir, network_kwargs):
 def setup_training_config(opts, world_size=1):
     """Return the training_loop config dict for a dict of CLI options (option names as keyword names; `data` is
     required, missing options take their defaults). Raises click.ClickException."""
+    return configure(opts, world_size)[0]
+
+def configure(opts, world_size=1):
+    """(config, info): setup_training_config's config, and what probe_dataset learned from the dataset (the dataset
+    is opened once, here, and the training loop gets it from info.dataset)."""
+    opts, preset = resolve_options(opts)
+    dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
+    info = probe_dataset(dataset_kwargs)
+    if opts.cond and not info.has_labels:
+        raise click.ClickException('--cond=True, but no labels found in the dataset')
+    c = training_config(opts, dataset_kwargs, encoder_kwargs_for(opts, info), network_kwargs_for(opts, preset, info))
+    try:  # sizes must fit together; say which option is wrong
+        training_loop.batch_layout(c['batch_size'], c['batch_gpu'], world_size)
+        training_loop.check_intervals(c['batch_size'], c['total_nimg'], None, c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
+    except ValueError as e:
+        raise click.ClickException(f'{e} (check --batch, --batch-gpu, --duration, --status, --snapshot, --checkpoint)')
+    return c, info
+
+def resolve_options(opts):
+    """(opts, preset): every option given a value (the command line's, else the preset's, else the fixed default),
+    with --ema-stds checked."""
     opts = dnnlib.EasyDict({**OPTION_DEFAULTS, **{k: v for k, v in opts.items() if v is not None or k not in OPTION_DEFAULTS}})
     try:
         preset = presets.get(opts.preset)
@@ -137,24 +159,22 @@ def setup_training_config(opts, world_size=1):
         twice = cli.first_duplicate(names)
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: two of them are '
                                    f'{twice} at the three decimals that snapshot names hold, and would write one file')
+    return opts, preset
 
-    # The dataset decides the encoder and the network's interface, and must have labels for class-conditional training.
-    dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
-    info = probe_dataset(dataset_kwargs)
-    if opts.cond and not info.has_labels:
-        raise click.ClickException('--cond=True, but no labels found in the dataset')
+def encoder_kwargs_for(opts, info):
+    """The encoder the dataset needs: RGB pixels, or a latent dataset's VAE (latent_encoder_kwargs)."""
     if info.num_channels == 3:
         if opts.vae is not None:
             raise click.ClickException(f'--vae={opts.vae}: the dataset holds RGB pixels (3 channels); a VAE belongs '
                                        'to latent datasets (8 channels, made by dataset_tool.py encode)')
-        encoder_kwargs = dict(class_name='training.encoders.StandardRGBEncoder')
-    elif info.num_channels == 8:
-        encoder_kwargs = latent_encoder_kwargs(opts.vae, info)
-    else:
-        raise click.ClickException(f'--data: Unsupported channel count {info.num_channels}')
+        return dict(class_name='training.encoders.StandardRGBEncoder')
+    if info.num_channels == 8:
+        return latent_encoder_kwargs(opts.vae, info)
+    raise click.ClickException(f'--data: Unsupported channel count {info.num_channels}')
 
-    # Network: the preset's architecture with the command line's overrides (a --block brings its variant's e, k and
-    # width); checked against the data's resolution before anything is built.
+def network_kwargs_for(opts, preset, info):
+    """The preset's architecture with the command line's overrides (a --block brings its variant's e, k and width),
+    checked against the data's resolution and against a run being resumed, before anything is built."""
     network_kwargs = presets.architecture_kwargs(preset, model_channels=opts.get('channels'), dropout=opts.dropout,
                                                  block=opts.get('block'), expansion=opts.get('expansion'),
                                                  kernel=opts.get('kernel'), channel_mult=opts.channel_mult,
@@ -169,8 +189,11 @@ def setup_training_config(opts, world_size=1):
     network_kwargs = dict(class_name='networks.edm2plus.Precond', **network_kwargs, use_fp16=opts.fp16)
     if opts.bf16:
         network_kwargs['use_bf16'] = True
+    return network_kwargs
 
-    c = dict(
+def training_config(opts, dataset_kwargs, encoder_kwargs, network_kwargs):
+    """training_loop's keyword arguments, in EDM2's order (training_options.json keeps it)."""
+    return dict(
         dataset_kwargs      = dataset_kwargs,
         encoder_kwargs      = encoder_kwargs,
         total_nimg          = opts.duration,
@@ -193,17 +216,11 @@ def setup_training_config(opts, world_size=1):
         train_path          = opts.train_path,
     )
 
-    # Sizes must fit together; say which option is wrong.
-    try:
-        training_loop.batch_layout(c['batch_size'], c['batch_gpu'], world_size)
-        training_loop.check_intervals(c['batch_size'], c['total_nimg'], None, c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
-    except ValueError as e:
-        raise click.ClickException(f'{e} (check --batch, --batch-gpu, --duration, --status, --snapshot, --checkpoint)')
-    return c
-
 #----------------------------------------------------------------------------
 
-def print_training_config(c, opts, world_size):
+def print_training_config(c, opts, world_size, info=None):
+    """Print the config, the run's facts and the network's size (`info`: configure()'s; None: the dataset is probed
+    again); refuse (ClickException) a network that cannot be built or cannot fit the device's memory."""
     dist.print0()
     dist.print0('Training config:')
     dist.print0(json.dumps(c, indent=2))
@@ -222,7 +239,7 @@ def print_training_config(c, opts, world_size):
     dist.print0()
     # The network's size, counted as count_flops.py does (on the meta device: no memory, about a second).
     kwargs = {k: v for k, v in c['network_kwargs'].items() if k not in ('class_name', 'use_fp16', 'use_bf16')}
-    kwargs.update(network_interface(probe_dataset(c['dataset_kwargs'])))
+    kwargs.update(network_interface(info if info is not None else probe_dataset(c['dataset_kwargs'])))
     dist.print0(f'Network: {flops.describe(kwargs)}')
     try:
         meta_net = flops.build_meta(**kwargs)
@@ -319,28 +336,29 @@ def cmdline(**opts):
     with (contextlib.nullcontext() if opts.dry_run else dist.process_group()), cli.os_errors():
         world_size = int(os.environ.get('WORLD_SIZE', '1')) if opts.dry_run else dist.get_world_size()
         dist.print0('Setting up training config...')
-        c = setup_training_config(opts, world_size=world_size)
-        print_training_config(c, opts, world_size)
+        c, info = configure(opts, world_size=world_size)
+        print_training_config(c, opts, world_size, info)
         if opts.dry_run:
             dist.print0('Dry run; exiting.')
             return
-        launch(c, opts)
+        launch(c, opts, dataset=info.dataset)
 
-def launch(c, opts):
+def launch(c, opts, dataset=None):
     """Create the output directory and run the training loop, with everything printed also going to log.txt. The
-    run directory is locked first: a second training in it (e.g. a requeued job) stops here, before writing."""
+    run directory is locked first: a second training in it (e.g. a requeued job) stops here, before writing.
+    `dataset`: the dataset c['dataset_kwargs'] describes, if the caller has opened it (probe_dataset)."""
     if dist.get_rank() == 0 and not os.path.isdir(opts.outdir):
         dist.print0('Creating output directory...')
         os.makedirs(opts.outdir)
     try:
         with dist.run_dir_lock(opts.outdir):
-            _launch(c, opts)
+            _launch(c, opts, dataset)
     except dist.RunDirBusyError as e:
         if dist.get_rank() != 0:
             raise SystemExit(1) from None  # rank 0 says why
         raise click.ClickException(f'--outdir={e}') from None
 
-def _launch(c, opts):
+def _launch(c, opts, dataset):
     # training_options.json is written by the first launch only (later ones resume).
     if dist.get_rank() == 0:
         options_path = os.path.join(opts.outdir, 'training_options.json')
@@ -352,7 +370,7 @@ def _launch(c, opts):
     logger = dnnlib.util.Logger(file_name=os.path.join(opts.outdir, 'log.txt'), file_mode='a', should_flush=True)
     try:
         time_limit = opts.minutes * 60 if opts.minutes is not None else None
-        training_loop.training_loop(run_dir=opts.outdir, time_limit=time_limit, **c)
+        training_loop.training_loop(run_dir=opts.outdir, time_limit=time_limit, dataset=dataset, **c)
     except training_loop.TrainingError as e:  # One line (also in log.txt); the last good training state is kept.
         if logger.file is not None:
             logger.file.write(f'Error: {e}\n')
@@ -367,8 +385,4 @@ def _launch(c, opts):
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    torch.multiprocessing.set_start_method('spawn')  # data loader workers: no fork of a CUDA-initialised process
-    cmdline()  # pylint: disable=no-value-for-parameter
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline, spawn_workers=True)

@@ -9,7 +9,7 @@ After a warm-up call of each, the runs are interleaved (A, G*, A, G*, ...) so th
 medians are reported. The ratios compare G* with A *within* one implementation; the last lines are those of the
 fastest implementation measured (least time for A and G* together: at batch 1, or at the large batch with --reps=0).
 
-  python benchmarks/inference.py                       # CPU: about 10 minutes on 2 cores
+  python benchmarks/inference.py                       # CPU (the README's Speed section has its results)
   python benchmarks/inference.py --threads=1 --clock=cpu   # robust when other jobs share the cores
   python benchmarks/inference.py --device=cuda --compile --precision=fp16
 """
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import edm2plus, fastpaths        # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
+from torch_utils import cli                     # noqa: E402
 from torch_utils import misc                    # noqa: E402
 import common                                   # noqa: E402  (benchmarks/common.py)
 
@@ -168,7 +169,7 @@ def measure_memory(impls, args, device):
 @click.option('--precision',        help='CUDA activations (CPU is always fp32)', type=click.Choice(['fp16', 'bf16', 'fp32']), default='fp16', show_default=True)
 @click.option('--warmup',           help='Untimed calls of each first', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--clock',            help='wall, or cpu (process CPU time: robust on a busy machine with --threads=1)', type=click.Choice(['wall', 'cpu']), default='wall', show_default=True)
-def main(device, compile_, reps, throughput_reps, impls, channels, resolution, label_dim, batch, threads, precision, warmup, clock):
+def cmdline(device, compile_, reps, throughput_reps, impls, channels, resolution, label_dim, batch, threads, precision, warmup, clock):
     """Batch-1 latency and batch-32 throughput of CONFIG A vs G*, side by side."""
     device, chosen, name = common.setup(device, impls, threads)
     if not reps and not throughput_reps:
@@ -239,5 +240,4 @@ def main(device, compile_, reps, throughput_reps, impls, channels, resolution, l
         print(f'throughput ratio G*/A: {thr[(best, "A")] / thr[(best, "G*")]:.3f}')
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    main()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline)

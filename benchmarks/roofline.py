@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import flops                      # noqa: E402
-from torch_utils import misc                    # noqa: E402
+from torch_utils import cli                     # noqa: E402
 import common                                   # noqa: E402  (benchmarks/common.py)
 import inference                                # noqa: E402  (benchmarks/inference.py: build, inputs, measure)
 
@@ -64,7 +64,7 @@ def peak_flops(device, size, reps):
 @click.option('--peak-size',        help='Side of the square matrices of the peak measurement', metavar='INT', type=click.IntRange(min=16), default=2048, show_default=True)
 @click.option('--target',           help='G*/A latency ratio to report the needed rate for', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.48, show_default=True)
 @click.option('--threads',          help='CPU threads [default: torch default]', metavar='INT', type=click.IntRange(min=1), default=None)
-def main(device, channels, resolution, label_dim, reps, peak_size, target, threads):
+def cmdline(device, channels, resolution, label_dim, reps, peak_size, target, threads):
     """Matrix-arithmetic rate of A and G* against the device's peak; the G*/A latency that peak allows."""
     device, _, name = common.setup(device, 'fast', threads)
     print(f'Device: {name}; float32; base width {channels}, {resolution}x{resolution}, {label_dim} classes')
@@ -90,5 +90,4 @@ def main(device, channels, resolution, label_dim, reps, peak_size, target, threa
     print(f'lowest latency ratio G*/A at peak: {work["G*"] / peak / lat["A"]:.3f}')
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    main()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import edm2plus, presets          # noqa: E402
 from networks.edm2plus import Precond           # noqa: E402
-from torch_utils import misc                    # noqa: E402
+from torch_utils import cli                     # noqa: E402
 import common                                   # noqa: E402  (benchmarks/common.py)
 from sampling.generate import generate_images   # noqa: E402
 
@@ -74,7 +74,7 @@ class Reference(torch.nn.Module):
 # Performance.
 @click.option('--device',       help='cpu or cuda [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
 @click.option('--threads',      help='CPU threads [default: torch default]', metavar='INT', type=click.IntRange(min=1), default=None)
-def main(preset, num_images, batch, steps, reps, impls, compile_, device, threads):
+def cmdline(preset, num_images, batch, steps, reps, impls, compile_, device, threads):
     """Images per second of generate_images for CONFIG A and G*, side by side."""
     device, chosen, where = common.setup(device, impls, threads)
     p = presets.get(preset)
@@ -121,5 +121,4 @@ def main(preset, num_images, batch, steps, reps, impls, compile_, device, thread
                   f'G* {rate[(impl, "G*")] / rate[("reference", "G*")]:.2f}x images/s')
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    main()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline)

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks import edm2plus, fastpaths, presets  # noqa: E402
+from torch_utils import cli                       # noqa: E402
 from training.loss import EDM2Loss              # noqa: E402
 
 SIZES = {  # name -> (Precond keyword arguments without the block, batch)
@@ -96,7 +97,7 @@ def count(size, block, device, reference, training):
               default='meta', show_default=True)
 @click.option('--top',    help='Also list the N ops that move the most bytes', metavar='INT', type=click.IntRange(min=0),
               default=0, show_default=True)
-def main(sizes, impls, device, top):
+def cmdline(sizes, impls, device, top):
     """Bytes read + written per training image and per evaluation, CONFIG A vs G*."""
     sizes = [s.strip() for s in sizes.split(',') if s.strip()]
     impls = [s.strip() for s in impls.split(',') if s.strip()]
@@ -126,4 +127,4 @@ def main(sizes, impls, device, top):
             print(f'training traffic G*/A ({size}): {g / a:.3f}')
 
 if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+    cli.run(cmdline)

@@ -30,7 +30,6 @@ from networks import edm2plus, fastpaths, flops  # noqa: E402
 from networks.edm2plus import Precond          # noqa: E402
 from torch_utils import cli                    # noqa: E402
 from torch_utils import distributed as dist    # noqa: E402
-from torch_utils import misc                   # noqa: E402
 from training import training_loop            # noqa: E402
 from training.loss import EDM2Loss             # noqa: E402
 
@@ -76,7 +75,7 @@ def make_trainer(block, resolution, label_dim, batch, device, fp16, reference=Fa
 @click.option('--device',       help='cuda or cpu [default: cuda if available]', metavar='STR', type=str, default=None)
 @click.option('--impls',        help='Paths: reference, training, compiled', metavar='LIST', type=str, default='reference,training', show_default=True)
 @click.option('--compile-mode', help='torch.compile mode of the compiled path', type=click.Choice(training_loop.COMPILE_MODES), default='default', show_default=True)
-def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls, compile_mode):
+def cmdline(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim, batch, steps, warmup, fp16, device, impls, compile_mode):
     """Training images per second of block variants at the same width, run side by side."""
     device = torch.device(device) if device is not None else dist.device()
     net_kwargs = dict(model_channels=channels, channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn)
@@ -126,7 +125,4 @@ def main(blocks, resolution, channels, channel_mult, num_blocks, attn, label_dim
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    main()  # pylint: disable=no-value-for-parameter
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline)

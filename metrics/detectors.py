@@ -335,5 +335,3 @@ def get_detector(metric, verbose=True, device=None, **kwargs):
             print(f'Setting up {cls.name}...')
         _detector_cache[key] = cls(device=device, verbose=verbose, **kwargs)
     return _detector_cache[key]
-
-#----------------------------------------------------------------------------

@@ -91,5 +91,3 @@ class ImageBatches:
                 if error:
                     raise ImageReadError(error)
             yield torch.from_numpy(np.stack([image for image, _error in items]))
-
-#----------------------------------------------------------------------------

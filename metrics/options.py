@@ -68,5 +68,3 @@ def seeds_to_measure(num_images, seed, seeds, gnet, guidance):
     if seeds is None and seed + num_images - 1 > MAX_SEED:
         raise click.UsageError(f'--seed={seed} --num={num_images}: the seeds would run past {MAX_SEED}')
     return range(seed, seed + num_images) if seeds is None else seeds
-
-#----------------------------------------------------------------------------

@@ -367,5 +367,3 @@ def calculate_metrics_from_stats(stats, ref, metrics=DEFAULT_METRICS, verbose=Tr
         if verbose:
             print(f'{metric} = {value:g}')
     return results
-
-#----------------------------------------------------------------------------

@@ -113,7 +113,7 @@ path is. {loading.PICKLE_WARNING} Converting reads IN once, so IN must be a file
 @click.argument('in_path', metavar='IN', type=str)
 @click.argument('out_path', metavar='OUT', type=str)
 @click.option('--overwrite', help='Replace OUT if it exists', is_flag=True)
-def main(in_path, out_path, overwrite):
+def cmdline(in_path, out_path, overwrite):
     with cli.os_errors(out_path):
         try:
             _check_not_input(in_path, out_path)
@@ -122,7 +122,7 @@ def main(in_path, out_path, overwrite):
         except ValueError as e:
             raise cli.CliError(str(e)) from None
 
-if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+main = cmdline  # the command's earlier name, for scripts that import it
 
-#----------------------------------------------------------------------------
+if __name__ == '__main__':
+    cli.run(cmdline)

@@ -366,7 +366,6 @@ def _train_unet(unet, x, noise_labels, class_labels):
         emb = unet.embedding(noise_labels, class_labels)
         return unet.trunk(x.contiguous(memory_format=torch.channels_last), emb, cat=_train_cat).contiguous()
 
-
 #----------------------------------------------------------------------------
 # Inference path. What it changes, and why each change keeps the function the same:
 #   * Each weight is normalised once and cached (normalize() reads and writes every parameter on every call, a large

@@ -338,5 +338,3 @@ def _compare_outputs(foreign, native):
     for a, b in zip(want, got):
         if not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5):
             raise ValueError(f'outputs differ by up to {(a.float() - b.float()).abs().max().item():g}')
-
-#----------------------------------------------------------------------------

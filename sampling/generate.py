@@ -432,5 +432,3 @@ def _write_grid(path, grid_images, rows):
         grid_images = {k: v for part in parts for k, v in part.items()}
     if dist.get_rank() == 0 and grid_images:
         save_png(path, make_grid(grid_images, rows))
-
-#----------------------------------------------------------------------------

@@ -189,5 +189,3 @@ def euler_sampler(net, noise, labels=None, gnet=None, num_steps=63, sigma_min=0.
     """Same interface with Euler steps: N evaluations (default 63, the cost of Heun's default 32 steps)."""
     return _run(sample_euler, net, noise, labels, gnet, num_steps, sigma_min, sigma_max, rho, guidance,
                 guidance_interval, S_churn, S_min, S_max, S_noise, dtype, randn_like, callback, progress)
-
-#----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import dnnlib  # noqa: E402
 from torch_utils import misc  # noqa: E402
 
-misc.keep_freed_cpu_memory()  # as every CLI does: large tensors without page faults (Inception, training tests)
+misc.keep_freed_cpu_memory()  # as cli.run does for every tool: large tensors without page faults (Inception too)
 
 #----------------------------------------------------------------------------
 # One torch thread.

@@ -376,7 +376,7 @@ def test_reconstruction_that_overflows_float16_is_not_written(assets, tmp_path, 
     from training import posthoc
     solve = posthoc.solve_posthoc_coefficients
     monkeypatch.setattr(posthoc, 'solve_posthoc_coefficients', lambda *args: solve(*args) * 1e9)
-    result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={assets}/run', f'--outdir={tmp_path}/out',
+    result = CliRunner().invoke(reconstruct_phema.cmdline, [f'--indir={assets}/run', f'--outdir={tmp_path}/out',
                                                          '--outstd=0.07'])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert re.search(r'phema-0000004-0\.070\.pkl: not written: \d+ weight value\(s\) are not finite',

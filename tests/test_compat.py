@@ -190,7 +190,7 @@ def test_count_flops_cli_with_edm2_pickle(edm2):
     import json
     import count_flops
     from networks import flops
-    result = CliRunner().invoke(count_flops.main, [str(edm2 / 'phema-0000008-0.070.pkl'), '--json'])
+    result = CliRunner().invoke(count_flops.cmdline, [str(edm2 / 'phema-0000008-0.070.pkl'), '--json'])
     assert result.exit_code == 0, result.output
     row = json.loads(result.output[result.output.index('['):])[0]
     foreign = loading.load_snapshot(edm2 / 'phema-0000008-0.070.pkl', native=False, verbose=False).ema
@@ -201,7 +201,7 @@ def test_count_flops_cli_with_edm2_pickle(edm2):
 def test_reconstruct_phema_cli_with_edm2_snapshots(edm2, tmp_path):
     import reconstruct_phema
     from training.phema import solve_posthoc_coefficients
-    result = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(edm2 / 'run'), '--outdir', str(tmp_path),
+    result = CliRunner().invoke(reconstruct_phema.cmdline, ['--indir', str(edm2 / 'run'), '--outdir', str(tmp_path),
                                                          '--outstd', '0.070'])
     assert result.exit_code == 0, result.output
     out = loading.load_snapshot(tmp_path / 'phema-0000008-0.070.pkl', verbose=False)
@@ -222,7 +222,7 @@ class PooledColours(torch.nn.Module):
         x = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 2).flatten(1) / 255
         return torch.cat([x, x * x], dim=1)
 
-@pytest.mark.slow  # sampling and three feature passes: 10-30 s on 2 busy cores
+@pytest.mark.slow  # sampling and three feature passes
 def test_calculate_metrics_gen_with_edm2_net_and_gnet(edm2, tmp_path):
     import re
     import calculate_metrics
@@ -381,6 +381,6 @@ def test_help_warns_that_pickles_run_code():
     import count_flops
     import generate_images
     from networks import export
-    for command in (generate_images.cmdline, count_flops.main, export.main):
+    for command in (generate_images.cmdline, count_flops.cmdline, export.cmdline):
         text = ' '.join(CliRunner().invoke(command, ['--help']).output.split())
         assert 'run the Python code stored inside them' in text and 'python -m networks.export' in text, command.name

@@ -27,7 +27,7 @@ def exported(edm2, tmp_path_factory):
     """The EDM2-written reconstruction and unconditional net, converted with the CLI."""
     out = tmp_path_factory.mktemp('exported')
     for name in ('phema-0000008-0.070', 'guide-uncond'):
-        result = CliRunner().invoke(export.main, [str(edm2 / f'{name}.pkl'), str(out / f'{name}.pt')])
+        result = CliRunner().invoke(export.cmdline, [str(edm2 / f'{name}.pkl'), str(out / f'{name}.pt')])
         assert result.exit_code == 0, result.output
     return out
 
@@ -107,7 +107,7 @@ def test_tools_accept_weights_files(edm2, exported, tmp_path):
         assert np.array_equal(a, b)
     counts = []
     for path in (edm2 / 'phema-0000008-0.070.pkl', exported / 'phema-0000008-0.070.pt'):
-        result = runner.invoke(count_flops.main, [str(path), '--json'])
+        result = runner.invoke(count_flops.cmdline, [str(path), '--json'])
         assert result.exit_code == 0, result.output
         row = json.loads(result.output[result.output.index('['):])[0]
         counts.append((row['mparams'], row['gflops']))
@@ -157,12 +157,12 @@ def test_pickles_can_be_refused(tmp_path):
 def test_export_cli_errors(edm2, tmp_path):
     runner = CliRunner()
     (tmp_path / 'stats.pkl').write_bytes(pickle.dumps(dict(fid=dict(mu=0))))
-    result = runner.invoke(export.main, [str(tmp_path / 'stats.pkl'), str(tmp_path / 'out.pt')])
+    result = runner.invoke(export.cmdline, [str(tmp_path / 'stats.pkl'), str(tmp_path / 'out.pt')])
     assert result.exit_code == 1 and 'stats.pkl: not a network snapshot' in result.output
     assert not (tmp_path / 'out.pt').exists()
     same = tmp_path / 'same.pkl'
     same.write_bytes((edm2 / 'guide-uncond.pkl').read_bytes())
-    result = runner.invoke(export.main, [str(same), str(same)])
+    result = runner.invoke(export.cmdline, [str(same), str(same)])
     assert result.exit_code == 1 and 'must not overwrite an input' in result.output
     assert same.read_bytes() == (edm2 / 'guide-uncond.pkl').read_bytes()
     # A foreign network that our Precond cannot rebuild is not exported.

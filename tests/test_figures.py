@@ -14,11 +14,9 @@ import plot_sweep
 from figures import charts, grids
 from training import sweeps
 
-
 def _pixels_of(img, color, tol=40):
     a = np.asarray(img.convert('RGB')).astype(int)
     return np.all(np.abs(a - np.array(color)) < tol, axis=-1)
-
 
 def test_line_plot_draws_series_where_they_are(tmp_path):
     path = tmp_path / 'plot.png'
@@ -42,7 +40,6 @@ def test_line_plot_draws_series_where_they_are(tmp_path):
     assert _pixels_of(legend_img, charts.COLORS[1]).sum() > flat.sum() + 20
     assert sorted(os.listdir(tmp_path)) == ['legend.png', 'plot.png']
 
-
 def test_line_plot_log_axes_and_bad_values(tmp_path):
     x = np.arange(1, 1001)
     y = 1 / x
@@ -58,7 +55,6 @@ def test_line_plot_log_axes_and_bad_values(tmp_path):
         charts.line_plot(tmp_path / 'bad.png', [('bad', [1, 2], [1, 2, 3])])
     assert not os.path.exists(tmp_path / 'bad.png')
 
-
 def test_ticks():
     ticks, labels = charts._linear_ticks(-0.04, 1.04)
     assert labels == ['0.0', '0.2', '0.4', '0.6', '0.8', '1.0']
@@ -66,7 +62,6 @@ def test_ticks():
     assert labels == ['1', '10', '100', '1000']
     ticks, labels = charts._log_ticks(np.log10(2.5), np.log10(60))
     assert labels == ['5', '10', '20', '50']
-
 
 def test_sweep_plot_marks_best(tmp_path):
     stds = np.round(np.arange(0.01, 0.2501, 0.01), 3)
@@ -80,7 +75,6 @@ def test_sweep_plot_marks_best(tmp_path):
     assert best[''][0] == pytest.approx(0.01)
     with pytest.raises(ValueError, match='no finite'):
         charts.sweep_plot(tmp_path / 'nan.png', {0.1: float('nan')})
-
 
 def test_read_sweep_results_formats(tmp_path):
     (tmp_path / 'a.json').write_text(json.dumps({'phema/phema-0002147-0.050.pkl': 3.5, '0.100': 3.1}))
@@ -100,7 +94,6 @@ def test_read_sweep_results_formats(tmp_path):
     with pytest.raises(FileNotFoundError):
         sweeps.read_sweep_results(str(tmp_path / 'missing.json'))
 
-
 def test_plot_sweep_cli(tmp_path):
     (tmp_path / 'xs.csv').write_text('std,fid\n0.05,3.4\n0.10,3.1\n0.15,3.3\n')
     (tmp_path / 's.csv').write_text('std,fid\n0.05,2.9\n0.10,2.8\n0.15,2.6\n')
@@ -113,7 +106,6 @@ def test_plot_sweep_cli(tmp_path):
     result = CliRunner().invoke(plot_sweep.main, ['--results', str(tmp_path / 'nope.csv'), '--out', str(out)])
     assert result.exit_code == 1 and 'nope.csv: no such results file' in result.output
 
-
 def test_training_curves_stack_loss_and_learning_rate(tmp_path):
     records = [{'Progress/kimg': k, 'Loss/loss': 1 / (1 + k), 'Loss/learning_rate': 0.01} for k in range(10)]
     records.append({'Progress/kimg': 10})  # no values: a gap, not an error
@@ -125,7 +117,6 @@ def test_training_curves_stack_loss_and_learning_rate(tmp_path):
         assert _pixels_of(Image.fromarray(part), charts.COLORS[0]).sum() > 100
         assert _pixels_of(Image.fromarray(part), charts.COLORS[1]).sum() > 50
     assert sorted(os.listdir(tmp_path)) == ['curves.png']
-
 
 def test_label_grid(tmp_path):
     rng = np.random.default_rng(0)

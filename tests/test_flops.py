@@ -53,7 +53,7 @@ def test_meta_count_equals_real_forward_count():
     meta = flops.count(flops.build_meta(**kw))
     assert real['flops'] == meta['flops'] and real['params'] == meta['params']
 
-@pytest.mark.slow  # several count_flops.py processes: ~22 s on 2 busy cores
+@pytest.mark.slow  # several count_flops.py processes
 def test_cli_variant_options_and_errors():
     res = run('--block=G*', '--channels=128', '--expansion=6', '--json')
     assert res.returncode == 0, res.stderr
@@ -69,7 +69,7 @@ def test_cli_variant_options_and_errors():
     res = run('missing.pkl')
     assert res.returncode == 1 and 'missing.pkl' in res.stderr and 'Traceback' not in res.stderr
 
-@pytest.mark.slow  # several count_flops.py processes: ~23 s on 2 busy cores
+@pytest.mark.slow  # several count_flops.py processes
 def test_cli_variant_brings_paper_e_k_and_width():
     """--block brings the variant's own e, k and width (Table 1), unless given explicitly."""
     res = run('edm2plus-img64-s', '--block=C', '--json')

@@ -224,7 +224,7 @@ def test_cli_in_process(tiny_pkl, tmp_path):
 #----------------------------------------------------------------------------
 # One process vs. two under torchrun (gloo on CPU): byte-identical PNGs and grid.
 
-@pytest.mark.slow  # a single-process and a torchrun launch: 17-30 s on 2 busy cores
+@pytest.mark.slow  # a single-process and a torchrun launch
 def test_two_processes_match_one(tiny_pkl, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
     env['OMP_NUM_THREADS'] = '1'
@@ -265,7 +265,7 @@ def test_edm2_exact_equals_reference_mode(tiny_net, monkeypatch):
         assert torch.equal(a.images, b.images)
         torch.testing.assert_close(c.images, a.images, rtol=0, atol=1e-4)  # same function, other rounding
 
-@pytest.mark.slow  # torch.compile of two tiny networks: about a minute on 2 cores
+@pytest.mark.slow  # torch.compile of two tiny networks
 def test_compiled_networks_give_the_same_images(tiny_net):
     """compile=True runs the networks through torch.compile (inductor, which traces the reference op sequence);
     the images equal the eager ones up to rounding, guide included, and the networks really were compiled."""
@@ -298,7 +298,6 @@ def test_cli_edm2_exact(tiny_pkl, tmp_path, monkeypatch):
 #----------------------------------------------------------------------------
 # Latent (ImageNet-512) networks need diffusers for their decoder: without it, one line with the install command,
 # before any network is loaded.
-
 
 def test_latent_networks_without_diffusers(tiny_net, tiny_pkl, tmp_path, monkeypatch):
     import sampling.generate as generate
@@ -334,5 +333,3 @@ def test_latent_networks_without_diffusers(tiny_net, tiny_pkl, tmp_path, monkeyp
     monkeypatch.setattr(StabilityVAEEncoder, 'init', no_loading)
     with pytest.raises(generate.MissingPackageError, match=f'the network: .* {INSTALL}$'):
         generate_images(tiny_net, encoder=StabilityVAEEncoder(), device='cpu', verbose=False)
-
-#----------------------------------------------------------------------------

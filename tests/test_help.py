@@ -12,8 +12,9 @@ TOOLS = ['train_edm2plus', 'train_edm2', 'generate_images', 'calculate_metrics',
 def commands(name):
     """(path, command) for the tool's click command and, for a group, each of its subcommands."""
     module = importlib.import_module(name)
-    main = [obj for obj in vars(module).values() if isinstance(obj, click.Command) and obj.callback is not None
-            and getattr(obj.callback, '__module__', None) == name]
+    main = {id(obj): obj for obj in vars(module).values() if isinstance(obj, click.Command)
+            and obj.callback is not None and getattr(obj.callback, '__module__', None) == name}
+    main = list(main.values())  # once each, also under an alias (count_flops.main = cmdline)
     assert len(main) >= 1, f'{name}: no click command found'
     # The top command is the one no other command of the module contains.
     subs = {id(c) for g in main if isinstance(g, click.Group) for c in g.commands.values()}

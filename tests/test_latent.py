@@ -491,7 +491,7 @@ def test_edm2_latent_pickle_loads_and_generates(vaes, edm2_latent_pickle, tmp_pa
 
 #----------------------------------------------------------------------------
 # The real sd-vae-ft-mse architecture (83.7 M parameters, random weights): encode, decode and generate. Builds,
-# saves (335 MB) and loads it three times: 3-6 s on 2 cores.
+# saves (335 MB) and loads it three times.
 
 def test_sd_vae_ft_mse_architecture_end_to_end(images, trained, tmp_path):
     vae = make_vae('sd-vae-ft-mse', seed=0)

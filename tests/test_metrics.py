@@ -171,7 +171,7 @@ def test_stats_independent_of_batch_size(image_folder):
         assert_stats_close(results[0], other, ['fid'])
     assert results[0]['num_images'] == 23
 
-@pytest.mark.slow  # a torchrun launch of two processes: ~9 s on 2 busy cores
+@pytest.mark.slow  # a torchrun launch of two processes
 def test_stats_one_vs_two_processes(image_folder, standins, tmp_path):
     """`ref` under torchrun with 2 gloo processes gives the statistics of a single process."""
     folder, _images = image_folder
@@ -349,7 +349,7 @@ def test_ref_roundtrip_and_edm2_layouts(image_folder, standins, tmp_path, monkey
 #----------------------------------------------------------------------------
 # gen: images streamed from the sampler straight into the statistics.
 
-@pytest.mark.slow  # three generate-and-measure runs: 20-35 s on 2 busy cores
+@pytest.mark.slow  # three generate-and-measure runs
 def test_gen_streams_generated_images(image_folder, standins, tmp_path):
     from sampling.generate import generate_images
     net = make_tiny_net().eval()
@@ -553,7 +553,7 @@ def fashion_mnist_fids():
     return {name: calculate_metrics_from_stats(stats[name], ref, metrics=['fid'], verbose=False)['fid']
             for name in ('half2', 'noisy', 'blurred')}
 
-@pytest.mark.slow      # ~230 s of CPU: 256 Inception-v3 passes at 299x299 and three 2048x2048 matrix square roots
+@pytest.mark.slow  # 256 Inception-v3 passes at 299x299 and three 2048x2048 matrix square roots
 def test_fid_fashion_mnist(fashion_mnist_fids):
     fid = fashion_mnist_fids
     # Two disjoint samples of the same data are close; the same images with strong noise (σ = 64 of 255) or a
@@ -564,5 +564,3 @@ def test_fid_fashion_mnist(fashion_mnist_fids):
     assert fid['half2'] == pytest.approx(120.80, rel=0.02)
     assert fid['noisy'] == pytest.approx(290.92, rel=0.02)
     assert fid['blurred'] == pytest.approx(302.89, rel=0.02)
-
-#----------------------------------------------------------------------------

@@ -15,19 +15,17 @@ from conftest import make_tiny_net, snapshot_dict
 from networks.loading import load_snapshot
 from training import phema, posthoc
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Profile mathematics.
 
 GAMMA_REFERENCE = {0.010: 96.994898, 0.050: 16.972199, 0.100: 6.937204, 0.130: 4.603597, 0.150: 3.557869,
                    0.250: 0.719824}  # verified against EDM2
-
 
 def test_std_to_exp_reference_values():
     stds = np.array(list(GAMMA_REFERENCE))
     exps = phema.std_to_exp(stds)
     assert exps.dtype == np.float64
     np.testing.assert_allclose(exps, list(GAMMA_REFERENCE.values()), atol=1e-6)
-
 
 def test_std_exp_round_trip_preserves_shape():
     stds = np.array([[0.005, 0.05, 0.1], [0.15, 0.2, 0.28]])
@@ -39,11 +37,9 @@ def test_std_exp_round_trip_preserves_shape():
     # σ_rel = 1/sqrt(12) is the uniform average (γ = 0).
     assert abs(phema.std_to_exp(1 / np.sqrt(12))) < 1e-9
 
-
 def test_beta_reference_and_first_step():
     assert abs(phema.power_function_beta(std=0.05, t_next=2048 * 512, t_delta=2048) - 0.965474) < 1e-6
     assert phema.power_function_beta(std=0.10, t_next=2048, t_delta=2048) == 0  # first step: EMA = net
-
 
 def test_correlation_matches_numerical_integral():
     # ⟨f_a, f_b⟩ for unequal times, both orders, against a fine Riemann sum of the two profiles.
@@ -54,7 +50,6 @@ def test_correlation_matches_numerical_integral():
     for (ta, sa), (tb, sb) in [((1000, 0.05), (3000, 0.1)), ((3000, 0.15), (2000, 0.05)), ((2000, 0.1), (2000, 0.1))]:
         numeric = np.sum(f(ta, sa) * f(tb, sb)) * (t[1] - t[0])
         assert abs(phema.power_function_correlation(ta, sa, tb, sb) - numeric) / numeric < 1e-4
-
 
 def test_power_function_response():
     r = phema.power_function_response(ofs=[100, 200], std=[0.05, 0.1], len=300, axis=1)
@@ -67,7 +62,6 @@ def test_power_function_response():
         mean = np.sum(r[k] * t)
         width = np.sqrt(np.sum(r[k] * (t - mean) ** 2)) / ofs
         assert abs(width - std) < 0.01
-
 
 def test_solve_posthoc_coefficients():
     in_nimg = np.repeat(np.arange(1, 9) * 4096, 2)
@@ -85,7 +79,7 @@ def test_solve_posthoc_coefficients():
     err = np.linalg.norm(X[:, 1] @ resp_in - resp_out) / np.linalg.norm(resp_out)
     assert err < 0.05
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Tracking.
 
 class _Tiny(torch.nn.Module):
@@ -93,7 +87,6 @@ class _Tiny(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(3))
         self.register_buffer('b', torch.zeros(2))
-
 
 def test_power_function_ema_tracking():
     net = _Tiny()
@@ -125,7 +118,6 @@ def test_power_function_ema_tracking():
     with pytest.raises(ValueError, match='positive and less than 0.289'):
         phema.PowerFunctionEMA(net, stds=[0.3])
 
-
 def test_traditional_ema():
     net = _Tiny()
     ema = phema.TraditionalEMA(net, halflife_Mimg=0.0005, rampup_ratio=None)
@@ -135,7 +127,7 @@ def test_traditional_ema():
     assert torch.allclose(ema.get()[0][0].w, torch.full([3], 0.5))
     assert ema.get()[0][1] == ''
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Naming and std lists.
 
 def test_kimg_nimg_mapping_and_names():
@@ -153,7 +145,6 @@ def test_kimg_nimg_mapping_and_names():
     assert posthoc.parse_pickle_name('phema-2147483-0.150.pkl').prefix == 'phema'
     for bad in ['network-snapshot-0008388.pkl', 'training-state-0008388.pt', 'x-12-0.05.pkl.tmp', 'x-12-5.pkl']:
         assert posthoc.parse_pickle_name(bad) is None
-
 
 def test_parse_std_list():
     stds = posthoc.parse_std_list('0.010,0.015,...,0.250')
@@ -180,7 +171,7 @@ def test_parse_std_list():
             posthoc.parse_std_list(text)
         assert str(info.value) == message, text
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Reconstruction from snapshots written in the real format.
 
 BATCH = 256
@@ -188,7 +179,6 @@ SNAPSHOT_STEPS = 16          # 4096 images: snapshot times are multiples of 1024
 NUM_STEPS = 128
 TRACKED_STDS = [0.05, 0.075, 0.10]
 DATASET_KWARGS = dict(class_name='training.dataset.ImageFolderDataset', path='data.zip', use_labels=False)
-
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
@@ -213,17 +203,14 @@ def run_dir(tmp_path_factory):
         ema.update(cur_nimg=cur_nimg + BATCH, batch_size=BATCH)
     return run
 
-
 def _max_rel_error(net, ref):
     """max over parameter tensors of max|net − ref| / max|ref|."""
     errs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
             for a, b in zip(net.parameters(), ref.parameters())]
     return max(errs)
 
-
 def _inputs(run_dir, stds=(0.05, 0.1)):
     return posthoc.list_input_pickles(str(run_dir), in_prefix='network-snapshot', in_std=list(stds))
-
 
 def test_list_input_pickles(run_dir):
     pkls = _inputs(run_dir)
@@ -233,7 +220,6 @@ def test_list_input_pickles(run_dir):
     assert len(posthoc.list_input_pickles(str(run_dir))) == 27
     with pytest.raises(FileNotFoundError, match='Input directory does not exist'):
         posthoc.list_input_pickles(str(run_dir / 'missing'))
-
 
 @pytest.mark.parametrize('out_nimg', [None, 16384])
 def test_reconstruction_reproduces_tracked_snapshot(run_dir, out_nimg):
@@ -252,7 +238,6 @@ def test_reconstruction_reproduces_tracked_snapshot(run_dir, out_nimg):
         other = load_snapshot(str(run_dir / f'network-snapshot-{kimg - 4:07d}-{std:.3f}.pkl'), verbose=False).ema
         assert _max_rel_error(other, ref) > 20 * max(err, 1e-4)
 
-
 def test_reconstruct_untracked_std_from_two_tracked(run_dir):
     # 0.075 was tracked directly; reconstruct it from the 0.050 + 0.100 snapshots only.
     ref = load_snapshot(str(run_dir / f'network-snapshot-{NUM_STEPS * BATCH // 1000:07d}-0.075.pkl'), False).ema
@@ -264,12 +249,11 @@ def test_reconstruct_untracked_std_from_two_tracked(run_dir):
     print(f'0.075 reconstruction: max rel error {err:.2e}; 0.050 vs 0.075 tracked differ by {spread:.2e}')
     assert err < 0.1 * spread
 
-
 def test_cli_writes_names_skip_and_batches(run_dir, tmp_path):
     out = tmp_path / 'out'
     args = ['--indir', str(run_dir), '--inprefix', 'network-snapshot', '--instd', '0.050,0.100', '--outdir', str(out),
             '--outstd', '0.06,0.07,...,0.11', '--batch', '4']
-    result = CliRunner().invoke(reconstruct_phema.main, args)
+    result = CliRunner().invoke(reconstruct_phema.cmdline, args)
     assert result.exit_code == 0, result.output
     names = sorted(os.listdir(out))
     assert names == [f'phema-0000032-{s:.3f}.pkl' for s in [0.06, 0.07, 0.08, 0.09, 0.10, 0.11]]
@@ -283,22 +267,21 @@ def test_cli_writes_names_skip_and_batches(run_dir, tmp_path):
     # --skip: existing outputs are left alone, missing ones are made.
     os.remove(out / 'phema-0000032-0.080.pkl')
     before = os.stat(out / 'phema-0000032-0.100.pkl').st_mtime_ns
-    result = CliRunner().invoke(reconstruct_phema.main, args + ['--skip'])
+    result = CliRunner().invoke(reconstruct_phema.cmdline, args + ['--skip'])
     assert result.exit_code == 0, result.output
     assert 'Reconstructing 1 output pickles in 1 batches...' in result.output
     assert os.path.isfile(out / 'phema-0000032-0.080.pkl')
     assert os.stat(out / 'phema-0000032-0.100.pkl').st_mtime_ns == before
 
     # --outkimg and --outprefix.
-    result = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(run_dir), '--outdir', str(out),
+    result = CliRunner().invoke(reconstruct_phema.cmdline, ['--indir', str(run_dir), '--outdir', str(out),
                                 '--outstd', '0.05', '--outkimg', '16', '--outprefix', 'early', '--instd', '0.05,0.1'])
     assert result.exit_code == 0, result.output
     assert os.path.isfile(out / 'early-0000016-0.050.pkl')
 
-
 def test_cli_errors(run_dir, tmp_path, monkeypatch):
     def run(*args):
-        return CliRunner().invoke(reconstruct_phema.main, list(args))
+        return CliRunner().invoke(reconstruct_phema.cmdline, list(args))
     base = ['--outdir', str(tmp_path / 'o')]
     cases = [
         (['--indir', str(tmp_path / 'nope'), '--outstd', '0.1'], 1, 'Input directory does not exist'),
@@ -319,7 +302,6 @@ def test_cli_errors(run_dir, tmp_path, monkeypatch):
     result = run('--indir', str(run_dir), '--outstd', '0.1', *base)
     assert result.exit_code == 1 and 'Distributed execution is not supported' in result.output
 
-
 def test_failed_write_leaves_no_partial_file(run_dir, tmp_path, monkeypatch):
     out = tmp_path / 'out'
     out.mkdir()
@@ -336,22 +318,20 @@ def test_failed_write_leaves_no_partial_file(run_dir, tmp_path, monkeypatch):
     assert os.listdir(out) == ['phema-0000032-0.100.pkl']  # no temporary or partial file left behind
     assert (out / 'phema-0000032-0.100.pkl').read_bytes() == b'previous'
 
-
 def test_corrupt_input_is_a_clear_error(run_dir, tmp_path):
     indir = tmp_path / 'in'
     indir.mkdir()
     for p in _inputs(run_dir)[-4:]:
         (indir / os.path.basename(p.path)).write_bytes(open(p.path, 'rb').read())
     (indir / 'network-snapshot-0000032-0.100.pkl').write_bytes(b'not a pickle')
-    result = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(indir), '--outdir', str(tmp_path / 'o'),
+    result = CliRunner().invoke(reconstruct_phema.cmdline, ['--indir', str(indir), '--outdir', str(tmp_path / 'o'),
                                                          '--outstd', '0.07'])
     assert result.exit_code == 1
     assert 'network-snapshot-0000032-0.100.pkl: not a network' in result.output
     assert not os.path.exists(tmp_path / 'o') or os.listdir(tmp_path / 'o') == []
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # A real (tiny) training run that tracks 0.050, 0.075 and 0.100 directly.
-
 
 def _train_and_reconstruct_075(tmp_path, resolution, network_kwargs, loss_kwargs, lr_kwargs, batch_size, total_nimg):
     """Train with EMAs 0.050/0.075/0.100 tracked directly, snapshots every 1024 images; reconstruct 0.075 from the
@@ -393,7 +373,6 @@ def _train_and_reconstruct_075(tmp_path, resolution, network_kwargs, loss_kwargs
           f'{err_vs_spread:.3f} of the 0.050-0.100 distance')
     return rel_err, err_vs_spread
 
-
 def test_training_run_reconstructs_tracked_075(tmp_path, one_thread):
     # A tiny CONFIG A net at 8x8, 64 steps: a few seconds.
     rel_err, err_vs_spread = _train_and_reconstruct_075(
@@ -404,7 +383,6 @@ def test_training_run_reconstructs_tracked_075(tmp_path, one_thread):
     # Measured on the development machine: 1.2e-3 relative error, 0.047 of the 0.050-0.100 distance.
     assert rel_err < 3e-3
     assert err_vs_spread < 0.15
-
 
 @pytest.mark.slow
 def test_demo_preset_run_reconstructs_tracked_075(tmp_path, one_thread):

@@ -202,5 +202,3 @@ def test_churn_draws_noise_only_inside_its_range_and_only_through_randn_like():
     gen = torch.Generator().manual_seed(5)
     again = edm_sampler(GaussianDenoiser(), noise, num_steps=10, S_churn=40, S_min=S_min, S_max=S_max, randn_like=randn_like)
     assert torch.equal(again, stochastic)
-
-#----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ STDS = [0.06, 0.08, 0.12]
 DATASET_KWARGS = dict(class_name='training.dataset.ImageFolderDataset', path='data.zip', use_labels=False)
 
 # Tiny tensors gain nothing from a second thread, and beside other processes on 2 cores one thread is many times
-# faster (8 images: 2 s against 90 s measured on a busy machine).
+# faster.
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 #----------------------------------------------------------------------------
@@ -47,7 +47,6 @@ class PooledColours(torch.nn.Module):
     def forward(self, img, return_features: bool = False):
         x = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 2).flatten(1) / 255
         return torch.cat([x, x * x], dim=1)
-
 
 def _write_run(folder, seed):
     """Snapshots at 4, 8 and 12 kimg, tracked at σ_rel 0.050 and 0.100, of a network that drifts randomly."""
@@ -64,12 +63,10 @@ def _write_run(folder, seed):
                 pickle.dump(snapshot_dict(ema, DATASET_KWARGS), f)
     return str(folder)
 
-
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     with single_thread():
         return _setup(tmp_path_factory.mktemp('sweep'))
-
 
 def _setup(root):
     detector = str(root / 'pooled.pt')
@@ -84,19 +81,16 @@ def _setup(root):
     return dnnlib.EasyDict(root=root, detector=detector, ref=ref, run_a=_write_run(root / 'runA', 1),
                            run_b=_write_run(root / 'runB', 2))
 
-
 def _args(setup, outdir, *extra, stds=STDS, indirs=None):
     indirs = indirs or [setup.run_a]
     return ([f'--indir={d}' for d in indirs] +
             [f'--outdir={outdir}', f'--outstd={",".join(f"{s:g}" for s in stds)}', f'--ref={setup.ref}',
              '--metrics=fid', f'--detector={setup.detector}', '--num=8', '--seed=5', '--batch=4'] + list(extra))
 
-
 def _sweep(setup, outdir, *extra, **kwargs):
     result = CliRunner().invoke(sweep_phema.main, _args(setup, outdir, *extra, **kwargs))
     assert result.exit_code == 0, result.output
     return result
-
 
 def _records(outdir):
     with open(os.path.join(outdir, 'results.jsonl')) as f:
@@ -112,7 +106,7 @@ def test_point_equals_reconstruct_phema_and_calculate_metrics_gen(setup, tmp_pat
         [('runA', s, 12, 'fid', 8, 5) for s in STDS]
     # The networks: reconstruct_phema.py's file names, and its weights bit for bit.
     phema = str(tmp_path / 'phema')
-    result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={setup.run_a}', f'--outdir={phema}',
+    result = CliRunner().invoke(reconstruct_phema.cmdline, [f'--indir={setup.run_a}', f'--outdir={phema}',
                                                          '--outstd=0.06,0.08,0.12'])
     assert result.exit_code == 0, result.output
     for r in records:
@@ -129,7 +123,6 @@ def test_point_equals_reconstruct_phema_and_calculate_metrics_gen(setup, tmp_pat
         assert r['value'] == pytest.approx(fid, rel=1e-5) and r['value'] > 0
     # Different EMA lengths are different networks with different FIDs.
     assert len({r['value'] for r in records}) == len(STDS)
-
 
 def test_edm2_exact_is_its_own_setting(setup, tmp_path):
     """--edm2-exact measures with EDM2's op sequence, as `calculate_metrics.py gen --edm2-exact` does, and is kept
@@ -148,7 +141,6 @@ def test_edm2_exact_is_its_own_setting(setup, tmp_path):
     records = _records(out)
     assert len(records) == 2 and 'edm2_exact' not in records[1]
     assert records[1]['value'] == pytest.approx(exact['value'], rel=1e-3)  # the same function, other rounding
-
 
 def test_interrupted_sweep_resumes_without_measuring_twice(setup, tmp_path, monkeypatch):
     out = str(tmp_path / 'sweep')
@@ -178,7 +170,6 @@ def test_interrupted_sweep_resumes_without_measuring_twice(setup, tmp_path, monk
     _sweep(setup, out, '--num=9', stds=[0.08])
     assert len(measured) == 4 and len(_records(out)) == 4
 
-
 def test_sigkilled_sweep_resumes(setup, tmp_path, monkeypatch):
     """A real SIGKILL while the sweep runs: the results file stays whole, and the rerun measures each missing point
     once."""
@@ -205,7 +196,6 @@ def test_sigkilled_sweep_resumes(setup, tmp_path, monkeypatch):
     assert sorted(r['std'] for r in after) == stds  # each point exactly once
     assert len(measured) == len(stds) - len(before)
 
-
 def test_results_and_plot_agree(setup, tmp_path):
     out = str(tmp_path / 'sweep')
     result = _sweep(setup, out, indirs=[setup.run_a, setup.run_b])
@@ -227,8 +217,7 @@ def test_results_and_plot_agree(setup, tmp_path):
     for run, (std, value) in best.items():
         assert f'{run}: best metric {value:g} at σ_rel {std:.3f}' in result.output
 
-
-@pytest.mark.slow  # a torchrun launch of two processes: ~16 s on 2 busy cores
+@pytest.mark.slow  # a torchrun launch of two processes
 def test_two_processes_give_the_single_process_numbers(setup, tmp_path):
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
     _sweep(setup, single, stds=[0.06, 0.12])
@@ -244,7 +233,6 @@ def test_two_processes_give_the_single_process_numbers(setup, tmp_path):
     assert [r['std'] for r in b] == [0.06, 0.12]
     for x, y in zip(a, b):
         assert y['value'] == pytest.approx(x['value'], rel=1e-6)
-
 
 def test_bad_options_are_one_line_errors(setup, tmp_path):
     afile = tmp_path / 'afile'
@@ -296,7 +284,6 @@ def test_plot_sweep_refuses_non_finite_data(tmp_path, name, text, message):
     assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
     assert result.output.startswith('Error: ') and message in result.output, result.output
     assert not out.exists()
-
 
 def test_plot_sweep_checks_its_output_first(tmp_path):
     (tmp_path / 'r.csv').write_text('std,fid\n0.05,3.4\n0.10,3.1\n')

@@ -353,8 +353,6 @@ def test_easydict_pickles_by_name():
     assert b'dnnlib.util' in pickle.dumps(dnnlib.EasyDict(a=1))
 
 #----------------------------------------------------------------------------
-
-#----------------------------------------------------------------------------
 # CPU allocator tuning (misc.keep_freed_cpu_memory).
 
 ALLOCATOR_PROBE = r'''
@@ -393,3 +391,24 @@ def test_release_freed_cpu_memory_undoes_it():
     out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ['False', 'True', 'True', 'True', 'False']
+
+# Whoever uses the networks gets the setting too: importing `networks` (or the training loop, which imports it), or
+# running any tool through cli.run. Each case runs in a fresh process whose environment leaves glibc's default.
+HEAP_CHECK = ALLOCATOR_PROBE.split('before = ')[0] + '''
+before = in_heap(torch.empty(big, dtype=torch.uint8).data_ptr())
+{prepare}
+print(before, in_heap(torch.empty(big, dtype=torch.uint8).data_ptr()))
+'''
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+@pytest.mark.parametrize('prepare', [
+    'import networks',
+    'from training import training_loop',
+    'import click, contextlib\nfrom torch_utils import cli\nwith contextlib.suppress(SystemExit):\n    cli.run(click.command()(lambda: None))',
+])
+def test_networks_and_tools_keep_freed_cpu_memory(prepare):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    run = lambda env: subprocess.run([sys.executable, '-c', HEAP_CHECK.format(prepare=prepare)], cwd=ROOT, env=env,
+                                     capture_output=True, text=True).stdout.split()
+    assert run(env) == ['False', 'True']
+    assert run(dict(env, MALLOC_MMAP_MAX_='65536')) == ['False', 'False']  # the documented way out

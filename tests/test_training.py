@@ -160,7 +160,7 @@ STATS_KEYS = ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timin
               'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb']
 NUMBER = r'(-?[0-9.]+(e[-+][0-9]+)?|NaN)'
 
-@pytest.mark.slow  # two train_edm2plus.py processes: ~16 s on 2 busy cores
+@pytest.mark.slow  # two train_edm2plus.py processes
 def test_cli_end_to_end(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -429,7 +429,7 @@ def test_non_finite_weights_stop_before_any_save(tmp_path):
     assert str(info.value).startswith('the weights are no longer finite at kimg 1.5 (net.')
     assert snapshot_files(run_dir) == before  # byte-identical, nothing added
 
-@pytest.mark.slow  # two train_edm2plus.py processes: ~13 s on 2 busy cores
+@pytest.mark.slow  # two train_edm2plus.py processes
 def test_cli_diverging_lr_exits_with_one_line_and_keeps_files(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -531,7 +531,7 @@ def test_corrupt_image_in_zip_during_training(tmp_path, workers):
 #----------------------------------------------------------------------------
 # Two processes under torchrun with gloo.
 
-@pytest.mark.slow  # a torchrun launch of two processes: ~13 s on 2 busy cores
+@pytest.mark.slow  # a torchrun launch of two processes
 def test_torchrun_two_processes(tmp_path):
     data = make_dataset(tmp_path / 'data')
     outdir = str(tmp_path / 'run')
@@ -551,6 +551,27 @@ def test_torchrun_two_processes(tmp_path):
     state = load_state(os.path.join(outdir, 'training-state-0000001.pt'))
     assert state['state']['cur_nimg'] == 1024
     assert open(os.path.join(outdir, 'log.txt')).read().startswith('Loading dataset...')
+
+#----------------------------------------------------------------------------
+# Set-up reads the dataset once: train_edm2plus.py's probe hands the opened dataset to the training loop.
+
+def test_cli_opens_the_dataset_once(tmp_path, monkeypatch):
+    import train_edm2plus
+    from training.dataset import ImageFolderDataset
+    opened = []
+    real_init = ImageFolderDataset.__init__
+    def counting_init(self, path, **kwargs):
+        opened.append(path)
+        real_init(self, path, **kwargs)
+    monkeypatch.setattr(ImageFolderDataset, '__init__', counting_init)
+    data = make_dataset(tmp_path / 'data', num_images=4)
+    outdir = str(tmp_path / 'run')
+    result = click.testing.CliRunner().invoke(train_edm2plus.cmdline, TINY_CLI + [
+        f'--data={data}', f'--outdir={outdir}', '--batch=32', '--duration=32', '--status=32', '--snapshot=0',
+        '--checkpoint=0'])
+    assert result.exit_code == 0, result.output
+    assert opened == [data]
+    assert [json.loads(line)['Progress/kimg'] for line in open(os.path.join(outdir, 'stats.jsonl'))] == [0, 0.032]
 
 #----------------------------------------------------------------------------
 # Bad input: one-line errors that name the option and the file.
@@ -610,7 +631,7 @@ def test_compile_net_passes_the_mode(monkeypatch):
     with pytest.raises(ValueError, match='neither a boolean nor a torch.compile mode'):
         tl.compile_net(net, 'turbo')
 
-@pytest.mark.slow  # torch.compile of a tiny network's forward and backward: about 90 s on one core
+@pytest.mark.slow  # torch.compile of a tiny network's forward and backward
 def test_compiled_training_follows_the_eager_loss_curve(tmp_path):
     """--compile=reduce-overhead (CUDA graphs on a GPU; on a CPU inductor alone) trains the same function: the
     compiled graph is the reference op sequence, fused by inductor, so the losses agree with the eager training
@@ -648,5 +669,3 @@ def test_bad_labels_are_one_line_errors(tmp_path):
         assert result.exit_code == 1
         assert result.stderr == f'Error: --data: {os.path.join(data, "dataset.json")}: {message}\n'
         assert not os.path.exists(outdir)
-
-#----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Plumbing shared by the command-line tools: option types, output-path checks and one-line errors.
+"""Plumbing shared by the command-line tools: how a tool runs, option types, output-path checks and one-line errors.
 
 Every tool reports a problem the user can fix as one line, `Error: <what>: <why>`, with exit code 1 and no
 traceback (click.ClickException). Options are checked when click parses them, and outputs are checked before any
@@ -12,6 +12,22 @@ import re
 import tempfile
 
 import click
+
+#----------------------------------------------------------------------------
+# Running a tool. Every script ends with `if __name__ == '__main__': cli.run(cmdline)`: its click command is named
+# `cmdline`, and this is the one place that prepares a tool's process.
+
+def run(command, spawn_workers=False):
+    """Prepare this process, then run the click command `command` as the program. The CPU allocator keeps freed
+    memory for reuse (misc.keep_freed_cpu_memory; importing `networks` does the same for library users). With
+    spawn_workers, data-loader worker processes start as fresh interpreters instead of forks of this process, which
+    may have initialised CUDA (the training scripts)."""
+    import torch  # pylint: disable=import-outside-toplevel  (the option types above need no torch)
+    from torch_utils import misc  # pylint: disable=import-outside-toplevel
+    misc.keep_freed_cpu_memory()
+    if spawn_workers:
+        torch.multiprocessing.set_start_method('spawn')
+    command()  # pylint: disable=no-value-for-parameter
 
 #----------------------------------------------------------------------------
 # One-line messages.
@@ -313,5 +329,3 @@ class Parsed(click.ParamType):
             return self.parse(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
-
-#----------------------------------------------------------------------------

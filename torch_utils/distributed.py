@@ -7,8 +7,6 @@ The backend is nccl when CUDA is available, else gloo.
 
 import contextlib
 import datetime
-import functools
-import inspect
 import os
 import re
 import socket
@@ -323,21 +321,3 @@ def run_dir_lock(run_dir, name='training.lock', what='training'):
         yield
     finally:
         release()
-
-def holds_run_dir(check=None):
-    """Decorator: fn(..., run_dir=...) runs inside run_dir_lock(run_dir) (for a training loop called from Python).
-    `check(**arguments)`, if given, runs first, so that options it refuses leave the run directory untouched."""
-    def wrap(fn):
-        signature = inspect.signature(fn)
-        @functools.wraps(fn)
-        def locked(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            if check is not None:
-                check(**bound.arguments)
-            with run_dir_lock(bound.arguments['run_dir']):
-                return fn(*args, **kwargs)
-        return locked
-    return wrap
-
-#----------------------------------------------------------------------------

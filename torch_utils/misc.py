@@ -345,10 +345,11 @@ def keep_freed_cpu_memory():
     with a fresh mmap and unmaps them on free, so each such tensor costs a page fault per 4 KiB on first touch, in
     every layer and every step; the same happens when the top of the heap is trimmed. Training at batch 64 on
     32x32 images has many activations of 32 MiB and more, and the page faults cost more time than the arithmetic
-    (G*'s 4x-wide tensors suffer most: benchmarks/train_speed.py measured 27 -> 34 images/s for G*). Serving
-    everything from the heap and never trimming it keeps the pages mapped; the process then holds on to its peak
-    heap size, which it reaches again at the next step anyway. Linux/glibc only; a no-op elsewhere or when the
-    environment already sets MALLOC_MMAP_MAX_ (glibc's own switch for this; set it to keep glibc's default).
+    (G*'s 4x-wide tensors suffer most; the README's Speed section has the numbers). Serving everything from the
+    heap and never trimming it keeps the pages mapped; the process then holds on to its peak heap size, which it
+    reaches again at the next step anyway. Linux/glibc only; a no-op elsewhere or when the environment already sets
+    MALLOC_MMAP_MAX_ (glibc's own switch for this; set it to keep glibc's default). Called once per process, by
+    cli.run for every tool and by importing `networks` for library users; calling it again does nothing.
     """
     global _allocator_tuned  # pylint: disable=global-statement
     if _allocator_tuned:
@@ -430,5 +431,3 @@ def check_fits_memory(nbytes, what, device=None):
         where = 'GPU' if torch.device(device or 'cpu').type == 'cuda' else 'machine'
         raise MemoryError(f'{what} needs at least {nbytes / 2**30:,.1f} GiB, more than this {where} has '
                           f'({limit / 2**30:,.1f} GiB)')
-
-#----------------------------------------------------------------------------

@@ -366,5 +366,3 @@ class ImageFolderDataset(Dataset):
         keys = [fname.replace(os.sep, '/') for fname in self._image_fnames]
         labels, self._num_classes = parse_labels(text, keys, where)
         return labels
-
-#----------------------------------------------------------------------------

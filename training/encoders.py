@@ -233,5 +233,3 @@ def load_stability_vae(vae_name=DEFAULT_VAE, device=torch.device('cpu')):
                 raise VAEError(vae_name, f'not in the local cache {cache_dir}, and the download failed '
                                f'({_first_line(e)}); {advice}') from None
     return vae.eval().requires_grad_(False).to(device)
-
-#----------------------------------------------------------------------------

@@ -32,5 +32,3 @@ class EDM2Loss:
         noisy = images + torch.randn_like(images) * sigma
         denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
         return (denoised - images).square().mul(self.edm_weight(sigma) / logvar.exp()).add(logvar)
-
-#----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import torch
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Profile mathematics (EDM2 paper Sec. 3.1-3.2).
 
 def exp_to_std(exp):
@@ -20,7 +20,6 @@ def exp_to_std(exp):
     """
     exp = np.asarray(exp, dtype=np.float64)
     return np.sqrt((exp + 1) / ((exp + 2) ** 2 * (exp + 3)))
-
 
 def std_to_exp(std):
     """Exponent γ whose profile has relative standard deviation σ_rel = std (inverse of exp_to_std).
@@ -32,7 +31,6 @@ def std_to_exp(std):
     s = 1 / std.ravel() ** 2
     exp = [np.roots([1, 7, 16 - si, 12 - si]).real.max() for si in s]
     return np.asarray(exp, dtype=np.float64).reshape(std.shape)
-
 
 def power_function_response(ofs, std, len, axis=0):
     """Discrete profile of a snapshot taken at time `ofs` with σ_rel `std`, sampled at t = 0 .. len-1.
@@ -51,7 +49,6 @@ def power_function_response(ofs, std, len, axis=0):
     f = np.where(t <= ofs, (exp + 1) / ofs * (t / ofs) ** exp, 0)
     return f / f.sum(axis=axis, keepdims=True)
 
-
 def power_function_correlation(a_ofs, a_std, b_ofs, b_std):
     """Inner product ⟨f_a, f_b⟩ = ∫ f_a(t) f_b(t) dt of two power-function profiles.
 
@@ -68,7 +65,6 @@ def power_function_correlation(a_ofs, a_std, b_ofs, b_std):
     t_max = np.maximum(a_ofs, b_ofs)
     return (a_exp + 1) * (b_exp + 1) * t_ratio ** t_exp / ((a_exp + b_exp + 1) * t_max)
 
-
 def power_function_beta(std, t_next, t_delta):
     """Per-step EMA decay β = (1 − Δ/t)^(γ+1), with t the image count after the step and Δ the batch.
 
@@ -77,7 +73,6 @@ def power_function_beta(std, t_next, t_delta):
     """
     exp = std_to_exp(std)
     return (1 - t_delta / t_next) ** (exp + 1)
-
 
 def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
     """Coefficients X [n_in, n_out] such that output k ≈ Σ_i X[i,k] · input i (EDM2 paper Sec. 3.2).
@@ -95,7 +90,7 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
     X = np.linalg.solve(A, B)
     return X / X.sum(axis=0, keepdims=True)
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # EMA tracking during training (EDM2 paper Sec. 3.1). The trackers hold deep copies of the live network; `update` is
 # called after every optimizer step with the image count after the step, `get` before writing snapshots.
 
@@ -105,7 +100,6 @@ def _check_stds(stds):
         if not 0 < s < 0.289:
             raise ValueError(f'EMA std {s}: relative standard deviation must be positive and less than 0.289')
     return stds
-
 
 class _EMACopies:
     """Averaged copies of `net`: only parameters are averaged; buffers are copied from `net` when read."""
@@ -136,7 +130,6 @@ class _EMACopies:
                 dst.copy_(src)
         return self.emas
 
-
 class PowerFunctionEMA(_EMACopies):
     """One power-function EMA of `net` per relative standard deviation in `stds` (EDM2 paper Sec. 3.1)."""
 
@@ -162,7 +155,6 @@ class PowerFunctionEMA(_EMACopies):
         self.stds = [float(s) for s in state['stds']]
         for ema, ema_state in zip(self.emas, state['emas']):
             ema.load_state_dict(ema_state)
-
 
 class TraditionalEMA(_EMACopies):
     """Exponential moving average with a half-life in millions of images, limited during a ramp-up to

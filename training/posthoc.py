@@ -22,11 +22,10 @@ from training.phema import solve_posthoc_coefficients
 
 MAX_STD = 0.289  # σ_rel limit of the tools; 1/sqrt(12) ≈ 0.2887 corresponds to γ = 0.
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # File naming (docs/compatibility.md §3).
 
 _PKL_NAME = re.compile(r'(.*)-(\d+)-(\d+\.\d+)\.pkl')
-
 
 def kimg_to_nimg(kimg):
     """Image count of a snapshot named with `kimg` = nimg // 1000.
@@ -40,11 +39,9 @@ def kimg_to_nimg(kimg):
         raise ValueError(f'kimg {kimg} does not correspond to a multiple of 1024 images')
     return nimg
 
-
 def output_path(out_dir, out_prefix, out_nimg, std):
     """`<out_dir>/<out_prefix>-{nimg//1000:07d}-{std:.3f}.pkl`."""
     return os.path.join(out_dir, f'{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.pkl')
-
 
 def parse_pickle_name(name):
     """EasyDict(prefix, kimg, std) for a file name matching `<prefix>-<kimg>-<std>.pkl`, else None."""
@@ -52,7 +49,6 @@ def parse_pickle_name(name):
     if m is None:
         return None
     return dnnlib.EasyDict(prefix=m.group(1), kimg=int(m.group(2)), std=float(m.group(3)))
-
 
 def list_input_pickles(in_dir, in_prefix=None, in_std=None):
     """Snapshots in `in_dir` (not recursive) as EasyDict(path, nimg, std), sorted by (nimg, std).
@@ -80,7 +76,7 @@ def list_input_pickles(in_dir, in_prefix=None, in_std=None):
         pkls.append(dnnlib.EasyDict(path=path, nimg=nimg, std=info.std))
     return sorted(pkls, key=lambda p: (p.nimg, p.std))
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Std lists such as '0.010,0.015,...,0.250'.
 
 def parse_std_list(text):
@@ -144,7 +140,7 @@ def check_outputs_not_inputs(in_pkls, out_dir, out_prefix, out_nimg, out_std):
         if reason is not None:
             raise ValueError(reason + '; choose another --outdir or --outprefix')
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Reconstruction (EDM2 paper Appendix C.2).
 
 def _check_finite_output(out):
@@ -156,10 +152,8 @@ def _check_finite_output(out):
         raise ValueError(f'{where}: not written: {count} weight value(s) are not finite in float16, first in '
                          f'{first}; choose inputs and stds closer together')
 
-
 def _param_signature(net):
     return [(name, tuple(p.shape)) for name, p in net.named_parameters()]
-
 
 def reconstruct_phema(in_pkls, out_std, out_nimg=None, out_dir=None, out_prefix='phema', skip_existing=False,
                       max_batch_size=8, verbose=True):
@@ -205,7 +199,6 @@ def reconstruct_phema(in_pkls, out_std, out_nimg=None, out_dir=None, out_prefix=
 
     num_steps = len(batches) * len(in_pkls)
     return misc.SizedIterable(_reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps), num_steps)
-
 
 @torch.no_grad()
 def _reconstruct(in_pkls, batches, out_nimg, out_dir, out_prefix, num_steps):

@@ -218,12 +218,28 @@ def resume_newest(checkpoint, run_dir, rank):
     return None
 
 #----------------------------------------------------------------------------
-# Pieces of the loop's set-up and of one optimizer step.
+# The parts that training builds, and how they are prepared.
 
-def build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device):
-    """(dataset, encoder, network), each built from its kwargs."""
+def training_device(device):
+    """torch.device to train on: `device`, else CUDA when available, else the CPU; a CUDA device with its index."""
+    device = torch.device(device) if device is not None else dist.device()
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    return device
+
+def use_exact_float32(cudnn_benchmark):
+    """Float32 arithmetic as EDM2 trains with it: no TF32, no reduced-precision float16 reductions."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+def build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device, dataset=None):
+    """(dataset, encoder, network), each built from its kwargs; `dataset`, if given, is the dataset that
+    dataset_kwargs describe, already opened by the caller (train_edm2plus.py probes it), and is not opened again."""
     dist.print0('Loading dataset...')
-    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    if dataset is None:
+        dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     dist.print0('Setting up encoder...')
     encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
     dist.print0('Constructing network...')
@@ -250,8 +266,7 @@ def print_summary(net, batch_gpu, device):
 def make_optimizer(params, optimizer_kwargs):
     """The optimizer that optimizer_kwargs describe. torch's Adam and AdamW get their fused implementation (one
     kernel for all parameters, on CPU and CUDA) unless the kwargs choose one: their default on a CPU loops over the
-    parameters in Python, about 4 ms of a 150 ms step at the demo size, and it computes the same update (up to
-    float rounding; tested)."""
+    parameters in Python, and the fused kernel computes the same update (up to float rounding; tested)."""
     kwargs = dict(optimizer_kwargs)
     params = list(params)
     if kwargs.get('class_name') in ('torch.optim.Adam', 'torch.optim.AdamW') and 'fused' not in kwargs and \
@@ -279,6 +294,37 @@ def compile_net(net, compile):
     mode = parse_compile(compile) if compile else False
     return torch.compile(net, mode=mode) if mode else net
 
+def batches(dataset, rank, seed, start_nimg, batch_gpu, data_loader_kwargs, device):
+    """An endless iterator over this process's micro-batches, in the data order that continues at image start_nimg.
+    Options that only mean something with worker processes or CUDA are dropped where they would fail."""
+    kwargs = dict(data_loader_kwargs)
+    if kwargs.get('num_workers', 0) == 0:
+        kwargs.pop('prefetch_factor', None)
+    if device.type != 'cuda':
+        kwargs['pin_memory'] = False
+    sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=dist.get_world_size(), seed=seed,
+                                   start_idx=start_nimg)
+    return iter(dnnlib.util.construct_class_by_name(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **kwargs))
+
+def progress_bar(progress, total, initial):
+    """tqdm bar on rank 0, on the real terminal (never in log.txt); progress=None: when stdout is a terminal."""
+    if progress is None:
+        progress = sys.__stdout__ is not None and sys.__stdout__.isatty()
+    if not progress or dist.get_rank() != 0:
+        return None
+    import tqdm  # pylint: disable=import-outside-toplevel
+    return tqdm.tqdm(total=total, initial=initial, unit='img', unit_scale=True, dynamic_ncols=True,
+                     file=sys.__stderr__, desc='Training', leave=False)
+
+def stop_point(cur_nimg, total_nimg, slice_nimg, batch_size, checkpoint_nimg, snapshot_nimg):
+    """The image count at which this invocation stops: total_nimg, or with slice_nimg the end of the slice, rounded
+    down to the saving interval (at least one step)."""
+    if slice_nimg is None:
+        return total_nimg
+    granularity = next(n for n in (checkpoint_nimg, snapshot_nimg, batch_size) if n is not None)
+    slice_end = (cur_nimg + slice_nimg) // granularity * granularity
+    return min(total_nimg, max(slice_end, cur_nimg + batch_size))
+
 def apply_gradients(net, optimizer, lr, force_finite):
     """Adam step at learning rate `lr`; with `force_finite`, NaN/Inf gradient entries count as 0 (float16 needs it)."""
     for group in optimizer.param_groups:
@@ -290,6 +336,220 @@ def apply_gradients(net, optimizer, lr, force_finite):
         for grad in grads:
             grad.nan_to_num_(nan=0, posinf=0, neginf=0)
     optimizer.step()
+
+def status_fields(state, tick, now, device):
+    """The status line's fields at time `now`, each reported to training_stats (stats.jsonl) as it is formatted.
+    `tick` holds the time and image count where the tick started and the seconds spent in optimizer steps since."""
+    process = psutil.Process(os.getpid())
+    cpu_bytes = sum(p.memory_info().rss for p in [process] + process.children(recursive=True))
+    cuda = device.type == 'cuda'
+    rows = [('kimg', 'Progress/kimg', state.cur_nimg / 1e3, '<9.1f'),
+            ('time', 'Timing/total_sec', state.total_elapsed_time, None),
+            ('sec/tick', 'Timing/sec_per_tick', now - tick.time, '<8.2f'),
+            ('sec/kimg', 'Timing/sec_per_kimg', tick.step_time / max(state.cur_nimg - tick.nimg, 1) * 1e3, '<7.3f'),
+            ('maintenance', 'Timing/maintenance_sec', now - tick.time - tick.step_time, '<7.2f'),
+            ('cpumem', 'Resources/cpu_mem_gb', cpu_bytes / 2**30, '<6.2f'),
+            ('gpumem', 'Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0, '<6.2f'),
+            ('reserved', 'Resources/peak_gpu_mem_reserved_gb',
+             torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0, '<6.2f')]
+    fields = ['Status:']
+    for label, stat, value, spec in rows:
+        value = training_stats.report0(stat, value)
+        fields += [label, f'{dnnlib.util.format_time(value):<12s}' if spec is None else format(value, spec)]
+    return fields
+
+#----------------------------------------------------------------------------
+# One invocation of the training loop, phase by phase. training_loop() below calls them in order.
+
+class TrainingRun:
+    """What one call of training_loop trains, and where it stands. Built by the set-up phase (the constructor);
+    then `report_and_save()` (status, snapshots, training state) and `step()` alternate until report_and_save() says the
+    invocation is done; `close()` cleans up. `o` is training_loop's arguments, by name."""
+
+    def __init__(self, o):
+        self.o = o
+        self.start_time = time.time()
+        self.rank = dist.get_rank()
+        self.device = training_device(o.device)
+        misc.set_random_seed(o.seed, self.rank)
+        use_exact_float32(o.cudnn_benchmark)
+        self.batch_gpu, self.batch_gpu_total, self.rounds = batch_layout(o.batch_size, o.batch_gpu,
+                                                                         dist.get_world_size())
+        net_path = fastpaths.training_path_for(self.device.type, o.train_path)
+        self.dataset, self.encoder, self.net = build_parts(o.dataset_kwargs, o.encoder_kwargs, o.network_kwargs,
+                                                           self.device, o.dataset)
+        if self.rank == 0:
+            print_summary(self.net, self.batch_gpu, self.device)
+        dist.print0(f'Network path in training: {net_path} (train_path={o.train_path} on {self.device.type})')
+        self._set_up_training_state()
+        self._resume()
+        self.stop_at_nimg = stop_point(self.state.cur_nimg, o.total_nimg, o.slice_nimg, o.batch_size,
+                                       o.checkpoint_nimg, o.snapshot_nimg)
+        self.start_nimg = self.state.cur_nimg
+        self.stopped_early = False
+        self.iterator = self.bar = None
+
+    def _set_up_training_state(self):
+        """Optimizer, loss, EMA and the training state that checkpoints hold. DDP broadcasts rank 0's initial
+        weights; the EMA copies are taken after that."""
+        o = self.o
+        dist.print0('Setting up training state...')
+        self.state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0)
+        self.ddp = self.net
+        if dist.is_distributed():
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.device.type == 'cuda' else None)
+        self.train_net = compile_net(self.ddp, o.compile)
+        self.loss_fn = dnnlib.util.construct_class_by_name(**o.loss_kwargs)
+        self.optimizer = make_optimizer(self.net.parameters(), o.optimizer_kwargs)
+        self.ema = dnnlib.util.construct_class_by_name(net=self.net, **o.ema_kwargs) if o.ema_kwargs is not None else None
+        self.checkpoint = dist.CheckpointIO(state=self.state, net=self.net, loss_fn=self.loss_fn,
+                                            optimizer=self.optimizer, ema=self.ema)
+        self.weights = [('net', self.net)] + [(f'ema[{idx}]', ema_net) for idx, ema_net in
+                                              enumerate(getattr(self.ema, 'emas', []))]
+
+    def _resume(self):
+        """Continue from the newest complete training state in run_dir, if any; stats.jsonl is trimmed to it."""
+        run_dir = self.o.run_dir
+        if self.rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            remove_stale_temp_files(run_dir)
+        dist.barrier()
+        resume_newest(self.checkpoint, run_dir, self.rank)
+        dist.barrier()
+        if self.rank == 0:
+            trim_stats(os.path.join(run_dir, 'stats.jsonl'), self.state.cur_nimg)
+
+    def start(self):
+        """Start the clocks, the data and the progress bar; nothing trained yet."""
+        dist.print0(f'Training from {self.state.cur_nimg // 1000} kimg to {self.stop_at_nimg // 1000} kimg:')
+        dist.print0()
+        o = self.o
+        self.iterator = batches(self.dataset, self.rank, o.seed, self.start_nimg, self.batch_gpu,
+                                o.data_loader_kwargs, self.device)
+        self.bar = progress_bar(o.progress, self.stop_at_nimg, self.start_nimg)
+        self.tick = dnnlib.EasyDict(time=self.start_time, nimg=self.start_nimg, step_time=0)
+        self.loop_start_time = time.time()
+
+    # A time limit stops the run at a multiple of lcm(batch, 1024) images, so that the final snapshot and training
+    # state have names that map back to their image count: at the first such point from which the next one would not
+    # be reached in the time left, judged by this invocation's speed so far. Every invocation trains at least once.
+
+    def _time_is_up(self):
+        o, nimg = self.o, self.state.cur_nimg
+        granularity = math.lcm(o.batch_size, 1024)
+        if o.time_limit is None or nimg <= self.start_nimg or nimg % granularity != 0:
+            return False
+        now = time.time()
+        sec_per_img = (now - self.loop_start_time) / (nimg - self.start_nimg)
+        return dist.broadcast_bool(now + sec_per_img * granularity > self.start_time + o.time_limit)
+
+    def report_and_save(self):
+        """Between two steps: the status line and stats.jsonl, the snapshots and the training state, each when it
+        is due; nothing is saved once a weight is NaN/Inf. Returns True when this invocation is done."""
+        o, nimg = self.o, self.state.cur_nimg
+        done = nimg >= self.stop_at_nimg
+        if not done and self._time_is_up():
+            done = self.stopped_early = True
+        on_interval = lambda interval: interval is not None and nimg % interval == 0
+        resumed_here = nimg == self.start_nimg != 0  # the state just loaded was reported and saved by its own run
+        status_due = o.status_nimg is not None and (done or on_interval(o.status_nimg)) and not resumed_here
+        snapshot_due = o.snapshot_nimg is not None and (on_interval(o.snapshot_nimg) or self.stopped_early) and \
+            not resumed_here
+        checkpoint_due = o.checkpoint_nimg is not None and (done or on_interval(o.checkpoint_nimg)) and \
+            nimg != self.start_nimg
+        if not (status_due or snapshot_due or checkpoint_due):
+            return done
+        if self.bar is not None:
+            self.bar.clear()  # printed lines go above the bar
+        where = f'kimg {nimg / 1e3:.1f}'
+        if status_due:
+            done = self._report_status(where) or done
+        bad = first_non_finite(self.weights)  # all ranks hold the same weights, so they all stop here together
+        if bad is not None:
+            raise TrainingError(f'the weights are no longer finite at {where} ({bad} has NaN/Inf); stopped '
+                                f'without saving; check --lr and --ls')
+        if snapshot_due and self.rank == 0:
+            self._save_snapshots(at_stop=not on_interval(o.snapshot_nimg))
+        if checkpoint_due:
+            self.checkpoint.save(os.path.join(o.run_dir, f'training-state-{nimg // 1000:07d}.pt'))
+            misc.check_ddp_consistency(self.net)
+        if self.bar is not None:
+            self.bar.refresh()
+        return done
+
+    def _report_status(self, where):
+        """Print the status line, append the tick's statistics to stats.jsonl (rank 0), start the next tick. Returns
+        True when the cluster asks training to stop (never, here)."""
+        state, tick = self.state, self.tick
+        now = time.time()
+        state.total_elapsed_time += now - tick.time
+        dist.print0(' '.join(status_fields(state, tick, now, self.device)))
+        trained = state.cur_nimg > tick.nimg
+        tick.update(time=now, nimg=state.cur_nimg, step_time=0)
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+        collector = training_stats.default_collector
+        collector.update()  # the means over every rank
+        if self.rank == 0:
+            items = [(name, value.mean) for name, value in collector.as_dict().items()] + [('timestamp', time.time())]
+            append_line(os.path.join(self.o.run_dir, 'stats.jsonl'), format_stats_line(items))
+        if trained and collector.num('Loss/loss') == 0:
+            raise TrainingError(f'the loss was NaN/Inf throughout the tick ending at {where}; stopped without saving '
+                                f'(non-finite gradients are zeroed, so nothing was learned); check the data, --lr and --ls')
+        dist.update_progress(state.cur_nimg // 1000, self.stop_at_nimg // 1000)  # cluster hooks, no-ops as in EDM2
+        if state.cur_nimg == self.stop_at_nimg < self.o.total_nimg:
+            dist.request_suspend()
+        return dist.should_stop() or dist.should_suspend()
+
+    def _save_snapshots(self, at_stop):
+        """One snapshot per tracked EMA (the raw network without EMA); `at_stop` names one off the interval."""
+        pairs = self.ema.get() if self.ema is not None else [(self.net, '')]
+        for ema_net, suffix in pairs:
+            name = snapshot_name(self.state.cur_nimg, suffix, at_stop=at_stop)
+            print(f'Saving {name} ... ', end='', flush=True)
+            save_snapshot(os.path.join(self.o.run_dir, name), self.encoder, self.o.dataset_kwargs, self.loss_fn, ema_net)
+            print('done')
+
+    def step(self):
+        """One optimizer step over batch_size images: gradients summed over the micro-batches of every process,
+        then Adam and the EMA."""
+        o, state = self.o, self.state
+        started = time.time()
+        misc.set_random_seed(o.seed, self.rank, state.cur_nimg)  # noise, dropout: a function of where we are
+        self.optimizer.zero_grad(set_to_none=True)
+        for idx in range(self.rounds):
+            with misc.ddp_sync(self.ddp, sync=idx == self.rounds - 1):
+                self._accumulate(*self._next_batch())
+        lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=o.batch_size, **o.lr_kwargs))
+        training_stats.report('Loss/learning_rate', lr)
+        apply_gradients(self.net, self.optimizer, lr, o.force_finite)
+        state.cur_nimg += o.batch_size
+        if self.ema is not None:
+            self.ema.update(cur_nimg=state.cur_nimg, batch_size=o.batch_size)
+        self.tick.step_time += time.time() - started
+        if self.bar is not None:
+            self.bar.update(o.batch_size)
+
+    def _next_batch(self):
+        try:
+            images, labels = next(self.iterator)
+        except (OSError, ValueError) as e:
+            raise TrainingError(f'{data_error_message(e)} (in the step after kimg {self.state.cur_nimg / 1e3:.1f}; '
+                                f'stopped without saving anything from that step)') from None
+        return self.encoder.encode_latents(images.to(self.device)), labels.to(self.device)
+
+    def _accumulate(self, images, labels):
+        with fastpaths.training_path(self.o.train_path):
+            loss = self.loss_fn(net=self.train_net, images=images, labels=labels)
+        training_stats.report('Loss/loss', loss)
+        # Sum over elements, mean over this process's images; DDP averages over processes.
+        loss.sum().mul(self.o.loss_scaling / self.batch_gpu_total).backward()
+
+    def close(self):
+        """Clean up, however the loop ended: the progress bar goes."""
+        if self.bar is not None:
+            self.bar.close()
 
 #----------------------------------------------------------------------------
 
@@ -314,7 +574,6 @@ def check_options(batch_size, batch_gpu, total_nimg, slice_nimg, status_nimg, sn
     check_intervals(batch_size, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
     fastpaths.training_path_for(torch.device(device).type if device is not None else dist.device().type, train_path)
 
-@dist.holds_run_dir(check=check_options)  # one training per run directory (train_edm2plus.py already holds the lock)
 def training_loop(
     # What to build (ema_kwargs=None: no EMA, raw snapshots).
     dataset_kwargs=DEFAULT_PARTS['dataset_kwargs'], encoder_kwargs=DEFAULT_PARTS['encoder_kwargs'],
@@ -333,234 +592,32 @@ def training_loop(
     loss_scaling=1, force_finite=True, cudnn_benchmark=True, device=None,
     # Beyond EDM2: wall-clock seconds for this invocation, torch.compile of the network (False, True or one of
     # COMPILE_MODES), a tqdm progress bar (None: when stdout is a terminal), the network's path in training (one of
-    # networks.fastpaths.TRAINING_PATHS; 'auto': the training path on a CPU, the reference path on CUDA).
-    time_limit=None, compile=False, progress=None, train_path='auto',
+    # networks.fastpaths.TRAINING_PATHS; 'auto': the training path on a CPU, the reference path on CUDA), and the
+    # dataset that dataset_kwargs describe if the caller has opened it already (it is then not opened again).
+    time_limit=None, compile=False, progress=None, train_path='auto', dataset=None,
 ):
-    #------------------------------------------------------------------------
-    # Initialise.
+    """Train until total_nimg (or the end of this slice, or the time limit); return the image count reached.
 
-    start_time = time.time()
-    prev_status_time = start_time
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device(device) if device is not None else dist.device()
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', torch.cuda.current_device())
-    misc.set_random_seed(seed, rank)
-    # Exact float32 arithmetic as in EDM2: no TF32, no reduced-precision fp16 reductions.
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-
-    batch_gpu, batch_gpu_total, num_accumulation_rounds = batch_layout(batch_size, batch_gpu, world_size)
-    check_intervals(batch_size, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
-    net_path = fastpaths.training_path_for(device.type, train_path)  # 'fast' or 'reference'; checks train_path
-
-    dataset_obj, encoder, net = build_parts(dataset_kwargs, encoder_kwargs, network_kwargs, device)
-    if rank == 0:
-        print_summary(net, batch_gpu, device)
-    dist.print0(f'Network path in training: {net_path} (train_path={train_path} on {device.type})')
-
-    # Training state. DDP broadcasts rank 0's initial weights; the EMA copies are taken after that.
-    dist.print0('Setting up training state...')
-    state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0)
-    ddp = net
-    if dist.is_distributed():
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
-    train_net = compile_net(ddp, compile)
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    optimizer = make_optimizer(net.parameters(), optimizer_kwargs)
-    ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not None else None
-    checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        remove_stale_temp_files(run_dir)
-    dist.barrier()
-    resume_newest(checkpoint, run_dir, rank)
-    dist.barrier()
-    if rank == 0:
-        trim_stats(os.path.join(run_dir, 'stats.jsonl'), state.cur_nimg)
-    weights_to_save = [('net', net)] + [(f'ema[{idx}]', ema_net) for idx, ema_net in enumerate(getattr(ema, 'emas', []))]
-
-    # Where this invocation stops.
-    stop_at_nimg = total_nimg
-    if slice_nimg is not None:
-        granularity = checkpoint_nimg if checkpoint_nimg is not None else snapshot_nimg if snapshot_nimg is not None else batch_size
-        slice_end_nimg = (state.cur_nimg + slice_nimg) // granularity * granularity
-        stop_at_nimg = min(stop_at_nimg, max(slice_end_nimg, state.cur_nimg + batch_size))
-    if state.cur_nimg >= stop_at_nimg:
-        dist.print0(f'Nothing to do: training already reached {state.cur_nimg // 1000} kimg (duration {total_nimg // 1000} kimg).')
-        return state.cur_nimg
-    dist.print0(f'Training from {state.cur_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
-    dist.print0()
-
-    # Data order continues where the training state left off.
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
-    data_loader_kwargs = dict(data_loader_kwargs)
-    if data_loader_kwargs.get('num_workers', 0) == 0:
-        data_loader_kwargs.pop('prefetch_factor', None)  # only valid with worker processes
-    if device.type != 'cuda':
-        data_loader_kwargs['pin_memory'] = False
-    dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler,
-                                                                batch_size=batch_gpu, **data_loader_kwargs))
-
-    # A wall-clock limit stops at a multiple of lcm(batch, 1024) images, so that the final snapshot and training state
-    # have names that map back to their image count: at the first such point from which the next one would not be
-    # reached in the time left, judged by this invocation's speed so far. Every invocation trains at least one block.
-    stop_granularity = math.lcm(batch_size, 1024)
-    deadline = start_time + time_limit if time_limit is not None else None
-    def time_is_up():
-        now = time.time()
-        sec_per_img = (now - loop_start_time) / (state.cur_nimg - start_nimg)
-        return dist.broadcast_bool(now + sec_per_img * stop_granularity > deadline)
-
-    # Progress bar on rank 0, written to the real terminal (not into log.txt).
-    if progress is None:
-        progress = sys.__stdout__ is not None and sys.__stdout__.isatty()
-    bar = None
-    if progress and rank == 0:
-        import tqdm  # pylint: disable=import-outside-toplevel
-        bar = tqdm.tqdm(total=stop_at_nimg, initial=state.cur_nimg, unit='img', unit_scale=True, dynamic_ncols=True,
-                        file=sys.__stderr__, desc='Training', leave=False)
-
-    #------------------------------------------------------------------------
-    # Main loop: status, snapshots, training state, then one optimizer step.
-
-    start_nimg = state.cur_nimg
-    prev_status_nimg = state.cur_nimg
-    cumulative_training_time = 0
-    stopped_early = False
-    stats_jsonl = os.path.join(run_dir, 'stats.jsonl')
-    loop_start_time = time.time()
-    try:
-        while True:
-            done = (state.cur_nimg >= stop_at_nimg)
-            if not done and deadline is not None and state.cur_nimg > start_nimg and state.cur_nimg % stop_granularity == 0 and time_is_up():
-                done = stopped_early = True
-            resumed_here = (state.cur_nimg == start_nimg and start_nimg != 0)
-            status_due = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and not resumed_here
-            on_snapshot_interval = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0
-            snapshot_due = snapshot_nimg is not None and (on_snapshot_interval or stopped_early) and not resumed_here
-            checkpoint_due = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
-            if bar is not None and (status_due or snapshot_due or checkpoint_due):
-                bar.clear()  # printed lines go above the bar
-            kimg_text = f'kimg {state.cur_nimg / 1e3:.1f}'
-
-            #----------------------------------------------------------------
-            # Status line and stats.jsonl, not at the very start of a resumed run.
-
-            if status_due:
-                cur_time = time.time()
-                state.total_elapsed_time += cur_time - prev_status_time
-                cur_process = psutil.Process(os.getpid())
-                cpu_memory_usage = sum(p.memory_info().rss for p in [cur_process] + cur_process.children(recursive=True))
-                on_cuda = device.type == 'cuda'
-                fields = ['Status:']
-                fields += ['kimg',        f"{training_stats.report0('Progress/kimg', state.cur_nimg / 1e3):<9.1f}"]
-                fields += ['time',        f"{dnnlib.util.format_time(training_stats.report0('Timing/total_sec', state.total_elapsed_time)):<12s}"]
-                fields += ['sec/tick',    f"{training_stats.report0('Timing/sec_per_tick', cur_time - prev_status_time):<8.2f}"]
-                fields += ['sec/kimg',    f"{training_stats.report0('Timing/sec_per_kimg', cumulative_training_time / max(state.cur_nimg - prev_status_nimg, 1) * 1e3):<7.3f}"]
-                fields += ['maintenance', f"{training_stats.report0('Timing/maintenance_sec', cur_time - prev_status_time - cumulative_training_time):<7.2f}"]
-                fields += ['cpumem',      f"{training_stats.report0('Resources/cpu_mem_gb', cpu_memory_usage / 2**30):<6.2f}"]
-                fields += ['gpumem',      f"{training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0):<6.2f}"]
-                fields += ['reserved',    f"{training_stats.report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0):<6.2f}"]
-                dist.print0(' '.join(fields))
-                trained_this_tick = state.cur_nimg > prev_status_nimg
-                cumulative_training_time = 0
-                prev_status_nimg = state.cur_nimg
-                prev_status_time = cur_time
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-
-                # Collect statistics of all ranks; rank 0 writes them.
-                training_stats.default_collector.update()
-                if rank == 0:
-                    items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
-                    append_line(stats_jsonl, format_stats_line(items + [('timestamp', time.time())]))
-                if trained_this_tick and training_stats.default_collector.num('Loss/loss') == 0:
-                    raise TrainingError(f'the loss was NaN/Inf throughout the tick ending at {kimg_text}; stopped '
-                                        f'without saving (non-finite gradients are zeroed, so nothing was learned); '
-                                        f'check the data, --lr and --ls')
-
-                # Cluster hooks (no-ops here, as in EDM2).
-                dist.update_progress(state.cur_nimg // 1000, stop_at_nimg // 1000)
-                if state.cur_nimg == stop_at_nimg and state.cur_nimg < total_nimg:
-                    dist.request_suspend()
-                if dist.should_stop() or dist.should_suspend():
-                    done = True
-
-            #----------------------------------------------------------------
-            # Nothing is saved, and training does not go on, once a weight is NaN/Inf. (All ranks hold the same
-            # weights, so they all stop here together.)
-
-            if status_due or snapshot_due or checkpoint_due:
-                bad = first_non_finite(weights_to_save)
-                if bad is not None:
-                    raise TrainingError(f'the weights are no longer finite at {kimg_text} ({bad} has NaN/Inf); stopped '
-                                        f'without saving; check --lr and --ls')
-
-            #----------------------------------------------------------------
-            # Network snapshots, one per tracked EMA (rank 0). A fresh run writes them at nimg 0 too; a run stopped
-            # by its time limit always ends with one (off the interval under a name post-hoc EMA skips).
-
-            if snapshot_due and rank == 0:
-                for ema_net, ema_suffix in (ema.get() if ema is not None else [(net, '')]):
-                    fname = snapshot_name(state.cur_nimg, ema_suffix, at_stop=not on_snapshot_interval)
-                    print(f'Saving {fname} ... ', end='', flush=True)
-                    save_snapshot(os.path.join(run_dir, fname), encoder, dataset_kwargs, loss_fn, ema_net)
-                    print('done')
-
-            #----------------------------------------------------------------
-            # Training state: at every interval and always at the end, never at the start.
-
-            if checkpoint_due:
-                checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
-                misc.check_ddp_consistency(net)
-
-            if bar is not None and (status_due or snapshot_due or checkpoint_due):
-                bar.refresh()
-            if done:
-                break
-
-            #----------------------------------------------------------------
-            # One optimizer step: `num_accumulation_rounds` micro-batches per process.
-
-            batch_start_time = time.time()
-            misc.set_random_seed(seed, rank, state.cur_nimg)
-            optimizer.zero_grad(set_to_none=True)
-            for round_idx in range(num_accumulation_rounds):
-                with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                    try:
-                        images, labels = next(dataset_iterator)
-                    except (OSError, ValueError) as e:
-                        raise TrainingError(f'{data_error_message(e)} (in the step after {kimg_text}; stopped '
-                                            f'without saving anything from that step)') from None
-                    images = encoder.encode_latents(images.to(device))
-                    with fastpaths.training_path(train_path):
-                        loss = loss_fn(net=train_net, images=images, labels=labels.to(device))
-                    training_stats.report('Loss/loss', loss)
-                    # Sum over elements, mean over this process's images; DDP averages over processes.
-                    loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-
-            lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
-            training_stats.report('Loss/learning_rate', lr)
-            apply_gradients(net, optimizer, lr, force_finite)
-            state.cur_nimg += batch_size
-            if ema is not None:
-                ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
-            cumulative_training_time += time.time() - batch_start_time
-            if bar is not None:
-                bar.update(batch_size)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    #------------------------------------------------------------------------
-    # Done.
-
-    if stopped_early:
-        dist.print0(f'Stopped at the time limit ({time_limit / 60:g} min) at kimg {state.cur_nimg / 1e3:.1f}; '
+    The phases, in order: the options are checked (before anything is written), the run directory is locked, the
+    set-up (TrainingRun) builds the parts, resumes and decides where to stop; then report_and_save() (status line,
+    stats.jsonl, snapshots, training state) and step() (one optimizer step) alternate until it is done, and close()
+    cleans up however it ended. Importing this module (it imports `networks`) makes glibc keep freed memory
+    (torch_utils.misc.keep_freed_cpu_memory), which training on a CPU needs for its speed."""
+    o = dnnlib.EasyDict(locals())  # every argument, by name
+    check_options(**o)  # a refused option leaves run_dir untouched
+    with dist.run_dir_lock(run_dir):  # one training per run directory (train_edm2plus.py holds it already)
+        run = TrainingRun(o)
+        if run.state.cur_nimg >= run.stop_at_nimg:
+            dist.print0(f'Nothing to do: training already reached {run.state.cur_nimg // 1000} kimg '
+                        f'(duration {total_nimg // 1000} kimg).')
+            return run.state.cur_nimg
+        run.start()
+        try:
+            while not run.report_and_save():
+                run.step()
+        finally:
+            run.close()
+    if run.stopped_early:
+        dist.print0(f'Stopped at the time limit ({time_limit / 60:g} min) at kimg {run.state.cur_nimg / 1e3:.1f}; '
                     f'rerun the same command to continue.')
-    return state.cur_nimg
-
-#----------------------------------------------------------------------------
+    return run.state.cur_nimg
