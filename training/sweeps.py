@@ -210,18 +210,17 @@ def file_id(path):
 
 
 def architecture(path):
-    """EasyDict(block, params, gflops) of the network in a snapshot, counted as count_flops.py counts: rebuilt on the
-    meta device from its constructor arguments, or (a foreign network that did not record them) run on the CPU."""
+    """EasyDict(block, params, gflops) of the network in a snapshot, counted by networks.flops as count_flops.py
+    counts. It runs one evaluation of a float32 copy on the CPU rather than on the meta device: under torchrun with
+    gloo, a process that has run meta-device ops sometimes aborts at exit ("terminate called without an active
+    exception", a quarter of 2-process sweeps here)."""
     net = load_snapshot(path, verbose=False).ema
     try:
-        kwargs = net.init_kwargs
-        with torch.device('meta'):
-            counted, device = type(net)(*net.init_args, **kwargs), 'meta'
-    except Exception:  # pylint: disable=broad-except
-        kwargs, counted, device = {}, copy.deepcopy(net).float(), 'cpu'
-    result = flops.count(counted, device=device)
-    return dnnlib.EasyDict(block=str(kwargs.get('block', 'A')), params=int(result['params']),
-                           gflops=result['flops'] / 1e9)
+        block = str(net.init_kwargs.get('block', 'A'))
+    except AttributeError:  # a foreign network that did not record its arguments: EDM2's own block
+        block = 'A'
+    result = flops.count(copy.deepcopy(net).float(), device='cpu')
+    return dnnlib.EasyDict(block=block, params=int(result['params']), gflops=result['flops'] / 1e9)
 
 
 def describe(label, arch):
