@@ -403,15 +403,17 @@ def test_snapshot_prefix_is_detected(setup, tmp_path):
 
 
 def test_moved_folders_keep_the_resume(setup, tmp_path, monkeypatch):
-    """Runs and sweep moved together to another place: the rerun finds every point measured."""
+    """Run, reference statistics and sweep moved together to another place (as a demo folder holds them): the
+    rerun finds every point measured."""
     first = tmp_path / 'first'
     shutil.copytree(setup.run_a, first / 'runA')
-    _sweep(setup, str(first / 'sweep'), '--keep-networks', indirs=[str(first / 'runA')])
+    shutil.copyfile(setup.ref, first / 'ref.pkl')
+    _sweep(setup, str(first / 'sweep'), '--keep-networks', f'--ref={first / "ref.pkl"}', indirs=[str(first / 'runA')])
     shutil.move(str(first), str(tmp_path / 'moved'))
     measured = []
     monkeypatch.setattr(sweeps, 'measure_network', lambda *a, **k: measured.append(a) or {'fid': 0.0})
     moved = tmp_path / 'moved'
-    result = _sweep(setup, str(moved / 'sweep'), indirs=[str(moved / 'runA')])
+    result = _sweep(setup, str(moved / 'sweep'), f'--ref={moved / "ref.pkl"}', indirs=[str(moved / 'runA')])
     assert f'{len(STDS)} of {len(STDS)} points already measured' in result.output and measured == []
     for r in _records(str(moved / 'sweep')):
         assert os.path.isfile(os.path.join(moved, 'sweep', r['net'])) and r['indir'] == os.path.join('..', 'runA')

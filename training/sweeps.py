@@ -691,12 +691,12 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         with tqdm.tqdm(total=total, initial=total - len(todo), unit='point', desc='points', dynamic_ncols=True,
                        disable=not verbose or dist.get_rank() != 0) as bar:
             if any(w != 1 for *_, w in todo) and guide.run is not None:
-                on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix))
+                on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix, verbose))
             for i, nimg, batch in _batches(runs, todo, phema_batch):
                 # A batch of reconstructions shares one pass over the snapshots; each one is written (atomically)
                 # before any is measured, and a rerun reuses those still there.
                 run, began = runs[i], time.time()
-                paths = on_rank0(lambda: reconstruct(run, nimg, batch, out_prefix))
+                paths = on_rank0(lambda: reconstruct(run, nimg, batch, out_prefix, verbose))
                 share = (time.time() - began) / len(batch)
                 for std, net_path in zip(batch, paths):
                     for k, (gstd, w) in enumerate([p[3:] for p in todo if p[:3] == (i, nimg, std)]):
@@ -740,13 +740,13 @@ def _final_pictures(outdir, runs, metrics, measure, planned):
     return result
 
 
-def reconstruct(run, nimg, stds, out_prefix):
+def reconstruct(run, nimg, stds, out_prefix, progress=True):
     """Write the reconstructions of `stds` at `nimg` for `run` that are not on disk yet; return the paths of all."""
     steps = posthoc.reconstruct_phema(run.in_pkls, out_std=stds, out_nimg=nimg, out_dir=run.net_dir,
                                       out_prefix=out_prefix, skip_existing=True, max_batch_size=len(stds),
                                       verbose=False)
     for _ in tqdm.tqdm(steps, unit='snapshot', desc=f'post-hoc EMA {run.label}', leave=False, dynamic_ncols=True,
-                       disable=len(steps) == 0):
+                       disable=not progress or len(steps) == 0):
         pass
     return [posthoc.output_path(run.net_dir, out_prefix, nimg, std) for std in stds]
 
