@@ -1,10 +1,11 @@
 """The main job in one command: train EDM2+ (CONFIG G*) on Fashion-MNIST on a CPU and look at the result.
 
-    python demo.py                      # ~22 minutes on 2 idle CPU cores (15 of them training); output in demo-out/
-    python demo.py --compare            # also CONFIG A (EDM2's block) with the same time budget, FIDs side by side
+    python demo.py                      # ~25 minutes on 2 idle CPU cores (15 of them training); output in demo-out/
+    python demo.py --compare            # also CONFIG A (EDM2's block) with the same time budget, curves side by side
     python demo.py --sweep              # then FID against the post-hoc EMA length (5 lengths x 500 images per run)
 
-Steps; each is a documented CLI as well, and the demo prints the command that does the same by hand:
+Steps, each done with library functions; each is a documented CLI as well, and the demo prints the command that
+does the same by hand:
   1. dataset_tool.py convert: the Fashion-MNIST training set -> a labelled RGB zip; the first --ref-images test
      images -> a second zip.
   2. calculate_metrics.py ref: Inception-v3 reference statistics of that test subset (FID only: DINOv2's weights
@@ -14,7 +15,10 @@ Steps; each is a documented CLI as well, and the demo prints the command that do
   5. generate_images.py: a 10x10 grid of seeds 0-99 with classes 0-9 in turn, so row r shows class r.
   6. calculate_metrics.py gen: FID of --fid-images generated images against the reference statistics.
   7. the loss and learning-rate curves of stats.jsonl as a PNG.
-  8. with --sweep, sweep_phema.py: FID against the EMA length sigma_rel, one curve per run, best length marked.
+  8. sweep_phema.py --points: FID along each run, at about --curve-points of the snapshots training wrote, against
+     training wall time, training compute and images seen; with --compare, when each configuration first reached
+     the FID that the weaker one has at its end.
+  9. with --sweep, sweep_phema.py: FID against the EMA length sigma_rel, one curve per run, best length marked.
 
 Rerunning the same command reuses what is done: finished datasets and statistics are kept, an interrupted training
 resumes from its newest checkpoint until the run has used its --minutes, and grid and FID are recomputed only for
@@ -35,6 +39,7 @@ import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -49,7 +54,10 @@ from figures.grids import label_grid  # noqa: E402
 from torch_utils import cli  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from torch_utils import misc  # noqa: E402
+from networks import presets  # noqa: E402
+from training import sweeps  # noqa: E402
 from training.posthoc import parse_std_list  # noqa: E402
+from training.sweeps import read_stats  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Fixed facts of the demo.
@@ -62,6 +70,8 @@ CONFIGS = {'G*': None, 'A': 'A'}                            # run label -> --blo
 GRID_SEEDS = range(100)                                     # seed i has class i % 10: row r = seeds r, r+10, ...
 FID_SEED = 1000                                             # first seed of the FID images (none in the grid)
 SWEEP_STDS = '0.030,0.050,0.080,0.120,0.180'                # EMA lengths of --sweep, around the usual optimum
+CURVE_POINTS = 5                                            # snapshots measured along each run (step 8)
+CURVE_IMAGES = 100                                          # generated images per point of step 8
 MIN_TRAIN_SECONDS = 60                                      # a leftover budget below this is not worth a restart
 
 class DemoError(Exception):
@@ -166,23 +176,11 @@ def _detectors(detector):
     return None if detector is None else {'fid': detector}
 
 #----------------------------------------------------------------------------
-# Step 3: training, through train_edm2plus.py's own command, so the run directory is exactly what the CLI makes.
-# --minutes is the run's TOTAL training time: a rerun gives an interrupted run the time it has left and a finished
-# run none. The time used so far is `Timing/total_sec` (kept in the training state across resumes) of the newest
-# stats.jsonl line at or before the newest training state; later lines are work the resumed run repeats.
-
-def read_stats(run_dir):
-    """stats.jsonl of a run as a list of dicts (an unparsable line, e.g. from a killed run, is skipped)."""
-    path = os.path.join(run_dir, 'stats.jsonl')
-    records = []
-    if os.path.isfile(path):
-        with open(path, 'r', encoding='utf-8') as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-    return [r for r in records if isinstance(r, dict) and 'Progress/kimg' in r]
+# Step 3: training, with train_edm2plus.py's library functions (setup_training_config, then launch, which runs
+# training.training_loop.training_loop), so the run directory is exactly what the CLI makes. --minutes is the run's
+# TOTAL training time: a rerun gives an interrupted run the time it has left and a finished run none. The time used
+# so far is `Timing/total_sec` (kept in the training state across resumes) of the newest stats.jsonl line at or
+# before the newest training state; later lines are work the resumed run repeats.
 
 def training_progress(run_dir):
     """EasyDict(nimg, seconds, finished) at the newest training-state-*.pt of a run (zeros when there is none)."""
@@ -202,18 +200,37 @@ def training_progress(run_dir):
             progress.finished = progress.nimg >= json.load(f).get('total_nimg', float('inf'))
     return progress
 
-def train_args(run_dir, data, minutes, block=None, extra_args=()):
-    """The train_edm2plus.py options of a demo run."""
-    args = [f'--preset={PRESET}', f'--data={data}', f'--outdir={run_dir}', f'--minutes={minutes:.6g}']
-    if block is not None:
-        args.append(f'--block={block}')
-    return args + list(extra_args)
+def snapshot_interval(minutes):
+    """Images between network snapshots: the preset's, halved (down to 1Ki) until a run of `minutes` writes at
+    least 8 even on a busy machine (~100 images/s at the demo size), so that the curve along the run (step 8) finds
+    its ~5 points. A snapshot of the demo network takes milliseconds: training is not slowed."""
+    interval = presets.get(PRESET).snapshot
+    while interval > 1024 and minutes * 60 * 100 / interval < 8:
+        interval //= 2
+    return interval
 
-def train(run_dir, data, minutes, block=None, extra_args=()):
+def train_options(run_dir, data, minutes, block=None, options=None, total_minutes=None):
+    """train_edm2plus.py's options of a demo run, by their keyword names (`options` add to and override them)."""
+    opts = dict(preset=PRESET, data=data, outdir=run_dir, minutes=float(f'{minutes:.6g}'),
+                snapshot=snapshot_interval(minutes if total_minutes is None else total_minutes))
+    if block is not None:
+        opts['block'] = block
+    return {**opts, **(options or {})}
+
+def train_command(opts):
+    """The train_edm2plus.py command line that trains with `opts` (printed for the user)."""
+    def flag(key):
+        return '--' + (key if key.startswith('P_') else key.replace('_', '-'))
+    def text(value):
+        return ','.join(str(v) for v in value) if isinstance(value, (list, tuple)) else f'{value:g}' \
+            if isinstance(value, float) else str(value)
+    return 'python train_edm2plus.py ' + ' '.join(shlex.quote(f'{flag(k)}={text(v)}') for k, v in opts.items())
+
+def train(run_dir, data, minutes, block=None, options=None):
     """Train (or resume) the run in `run_dir` until it has used `minutes` of training time in total.
 
-    `block` overrides the preset's block variant; `extra_args` are further train_edm2plus.py options (the tests
-    use them for a tiny network). Returns EasyDict(nimg, seconds, finished, trained) after training."""
+    `block` overrides the preset's block variant; `options` are further train_edm2plus.py options by keyword name
+    (the tests use them for a tiny network). Returns EasyDict(nimg, seconds, finished, trained) after training."""
     import train_edm2plus  # pylint: disable=import-outside-toplevel
     before = training_progress(run_dir)
     left = minutes * 60 - before.seconds
@@ -224,9 +241,13 @@ def train(run_dir, data, minutes, block=None, extra_args=()):
         return dnnlib.EasyDict(before, trained=False)
     if before.nimg > 0:
         print(f'{run_dir}: resuming at {before.nimg} images, {left / 60:.1f} of {minutes:g} minutes left.')
-    args = train_args(run_dir, data, left / 60, block, extra_args)
+    opts = train_options(run_dir, data, left / 60, block, options, total_minutes=minutes)
     try:
-        train_edm2plus.cmdline.main(args=args, prog_name='train_edm2plus.py', standalone_mode=False)
+        cli.check_output_dir(run_dir)
+        config = train_edm2plus.setup_training_config(opts)
+        train_edm2plus.print_training_config(config, dnnlib.EasyDict({**train_edm2plus.OPTION_DEFAULTS, **opts}), 1)
+        with dist.process_group():
+            train_edm2plus.launch(config, dnnlib.EasyDict(opts))
     except click.ClickException as e:
         raise DemoError(f'training: {e.format_message()}') from None
     after = training_progress(run_dir)
@@ -307,36 +328,71 @@ def plot_training_curves(path, runs):
     training_curves(path, {label: read_stats(run_dir) for label, run_dir in runs.items()})
 
 #----------------------------------------------------------------------------
-# Step 8 (--sweep): FID against the EMA length, with sweep_phema.py's library function. Its results.jsonl makes a
-# rerun skip the lengths already measured.
+# Step 8: FID along each run, with training.sweeps.sweep (sweep_phema.py's library function): the post-hoc EMA
+# network at about `points` of the snapshots that training wrote, against images seen, training wall time and
+# training compute. It runs after training, from the snapshots training writes anyway, so it costs training
+# nothing. Its results.jsonl makes a rerun skip the points already measured; the summary's numbers and the
+# pictures' points both come from the records that sweep() drew.
+
+def measure_curves(outdir, labels, ref_path, std, points=5, num_images=100, batch=64, detector=None):
+    """FID of `num_images` images at about `points` training times of each run of `labels`, into <outdir>/curves.
+    Returns the summary's 'curves' entry: files, the points of each run, the cost and (with two runs) when each run
+    first reached the FID that the weaker one has at its end."""
+    sweep_dir = os.path.join(outdir, 'curves')
+    runs = {f'CONFIG {label}': run_dir_of(outdir, label) for label in labels}
+    result = _sweep(runs, sweep_dir, [std], ref_path, num_images, batch, detector, points=points)
+    records = result.records.get('fid', [])
+    curves = {label: [dict(kimg=r['kimg'], nimg=r['nimg'], pflop=r['train_pflop'], fid=r['value'],
+                           train_min=None if r['train_sec'] is None else r['train_sec'] / 60)
+                      for _, _, r in run_points] for label, run_points in sweeps.run_curves(records, 'nimg').items()}
+    entry = dict(results=result.results, num_images=num_images, std=std, names=result.names, runs=curves,
+                 plots={field: os.path.join(sweep_dir, name) for field, name in sweeps.ALONG_PLOTS.items()
+                        if os.path.join(sweep_dir, name) in result.plots},
+                 cost_sec=round(sum(r.get('sec', 0) for r in records), 1), num_points=len(records))
+    if len(curves) > 1:
+        # The FID that the weaker run has at its end, and when (training minutes, PFLOP) each run first had it.
+        ends = {label: run_points[-1]['fid'] for label, run_points in curves.items()}
+        weaker = max(ends, key=ends.get)
+        entry['common'] = dict(fid=ends[weaker], of=weaker, reached={
+            label: dict(train_min=sweeps.first_reached([(p['train_min'], p['fid']) for p in run_points
+                                                         if p['train_min'] is not None], ends[weaker]),
+                        pflop=sweeps.first_reached([(p['pflop'], p['fid']) for p in run_points], ends[weaker]))
+            for label, run_points in curves.items()})
+    return entry
+
+#----------------------------------------------------------------------------
+# Step 9 (--sweep): FID against the EMA length, with the same library function.
 
 def run_sweep(outdir, labels, ref_path, stds=SWEEP_STDS, num_images=500, batch=64, detector=None):
     """Sweep `stds` for the runs of `labels` into <outdir>/sweep; returns EasyDict(plot, results, best) with best =
     {label: [std, fid]}."""
-    import sweep_phema  # pylint: disable=import-outside-toplevel
-    from metrics import MetricsError  # pylint: disable=import-outside-toplevel
     sweep_dir = os.path.join(outdir, 'sweep')
     runs = {f'CONFIG {label}': run_dir_of(outdir, label) for label in labels}
+    result = _sweep(runs, sweep_dir, stds, ref_path, num_images, batch, detector)
+    return dnnlib.EasyDict(plot=os.path.join(sweep_dir, sweeps.PLOT_NAME), results=result.results,
+                           best={label: [r['std'], r['value']] for label, r in result.best['fid'].items()})
+
+def _sweep(runs, sweep_dir, stds, ref_path, num_images, batch, detector, points=None):
+    from metrics import MetricsError  # pylint: disable=import-outside-toplevel
     try:
-        best = sweep_phema.sweep(runs, sweep_dir, stds, ref_path, metrics=['fid'],
-                                 seeds=range(FID_SEED, FID_SEED + num_images), max_batch_size=batch,
-                                 device=dist.device(), detectors=_detectors(detector))
-    except (sweep_phema.SweepError, MetricsError, ValueError, OSError) as e:
-        raise DemoError(f'sweep: {e}') from None
-    return dnnlib.EasyDict(plot=os.path.join(sweep_dir, sweep_phema.PLOT_NAME),
-                           results=os.path.join(sweep_dir, sweep_phema.RESULTS_NAME),
-                           best={label: list(b) for label, b in best['fid'].items()})
+        return sweeps.sweep(runs, sweep_dir, stds, ref_path, metrics=['fid'], points=points,
+                            seeds=range(FID_SEED, FID_SEED + num_images), max_batch_size=batch,
+                            device=dist.device(), detectors=_detectors(detector))
+    except (sweeps.SweepError, MetricsError, ValueError, OSError) as e:
+        raise DemoError(f'{os.path.basename(sweep_dir)}: {e}') from None
 
 #----------------------------------------------------------------------------
 # The whole job.
 
 def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fid_images=1000, ema_std=0.10,
-             compare=False, source_dir=FASHION_MNIST_DIR, max_train_images=None, extra_train_args=(), batch=64,
-             detector=None, sweep=False, sweep_stds=SWEEP_STDS, sweep_images=500):
+             compare=False, source_dir=FASHION_MNIST_DIR, max_train_images=None, extra_train_options=None, batch=64,
+             detector=None, curve_points=CURVE_POINTS, curve_images=CURVE_IMAGES, sweep=False, sweep_stds=SWEEP_STDS,
+             sweep_images=500):
     """Run every step, reusing finished ones; return the summary dict (also written to <outdir>/summary.json).
 
-    `sweep` adds step 8, FID of `sweep_images` images at each EMA length of `sweep_stds`. `max_train_images`,
-    `extra_train_args` (train_edm2plus.py options) and `detector` (a feature detector instead of Inception-v3) exist
+    Step 8 measures FID of `curve_images` images at about `curve_points` snapshots of each run. `sweep` adds step 9,
+    FID of `sweep_images` images at each EMA length of `sweep_stds`. `max_train_images`, `extra_train_options`
+    (train_edm2plus.py options by keyword name) and `detector` (a feature detector instead of Inception-v3) exist
     for quick tests."""
     start = time.time()
     for split in ['train', 't10k']:
@@ -351,7 +407,8 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
     summary = load_summary(summary_path)
     timings = summary['timings_sec'] = {}  # of this invocation; a reused step takes (almost) no time
     res = f'{resolution}x{resolution}'
-    num_steps = 8 if sweep else 7
+    num_steps = 9 if sweep else 8
+    labels = ['G*', 'A'] if compare else ['G*']
 
     # 1. Datasets.
     train_zip = os.path.join(outdir, f'fashion-mnist-train-{res}.zip')
@@ -376,16 +433,16 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
 
     # 3-6 for each configuration.
     runs = summary.setdefault('runs', {})
-    for label in (['G*', 'A'] if compare else ['G*']):
+    for label in labels:
         run = runs.setdefault(label, {})
         wall = run.setdefault('wall_sec', {})  # seconds each step took when it last did its work
         run_dir = run['run_dir'] = run_dir_of(outdir, label)
         name = f'CONFIG {label}'
 
-        args = train_args(run_dir, train_zip, minutes, CONFIGS[label], extra_train_args)
+        opts = train_options(run_dir, train_zip, minutes, CONFIGS[label], extra_train_options)
         with step(timings, f'train {label}', f'3/{num_steps} Training {name} ({minutes:g} minutes in total)',
-                  'python train_edm2plus.py ' + ' '.join(args)):
-            progress = train(run_dir, train_zip, minutes, CONFIGS[label], extra_train_args)
+                  train_command(opts)):
+            progress = train(run_dir, train_zip, minutes, CONFIGS[label], extra_train_options)
         run.update(images_seen=progress.nimg, training_sec=round(progress.seconds, 1))
         if progress.trained or 'train' not in wall:
             wall['train'] = timings[f'train {label}']
@@ -432,10 +489,21 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
                  if read_stats(run_dir_of(outdir, label))}
         plot_training_curves(plot, shown)
         print(f'{plot}: written')
-    labels = ['G*', 'A'] if compare else ['G*']
+
+    # 8. FID along each run.
+    names = ' and '.join(f'CONFIG {label}' for label in labels)
+    with step(timings, 'curves', f'8/{num_steps} FID along the run of {names}: about {curve_points} snapshots x '
+              f'{curve_images} images per run',
+              ' '.join(['python sweep_phema.py'] + [f'--indir={run_dir_of(outdir, label)}' for label in labels] +
+                       [f'--outdir={os.path.join(outdir, "curves")} --outstd={ema_std:.3f} --points={curve_points}',
+                        f'--ref={ref_path} --metrics=fid --num={curve_images} --seed={FID_SEED}'])):
+        summary['curves'] = measure_curves(outdir, labels, ref_path, ema_std, curve_points, curve_images, batch,
+                                           detector)
+    save_summary(summary_path, summary)
+
     summary.pop('sweep', None)
     if sweep:
-        with step(timings, 'sweep', f'8/8 FID against the EMA length: {len(sweep_stds.split(","))} lengths x '
+        with step(timings, 'sweep', f'9/9 FID against the EMA length: {len(sweep_stds.split(","))} lengths x '
                   f'{sweep_images} images per run',
                   ' '.join(['python sweep_phema.py'] + [f'--indir={run_dir_of(outdir, label)}' for label in labels] +
                            [f'--outdir={os.path.join(outdir, "sweep")} --outstd={sweep_stds} --ref={ref_path}',
@@ -447,6 +515,29 @@ def run_demo(outdir='demo-out', minutes=15.0, resolution=16, ref_images=1000, fi
     timings['total'] = round(time.time() - start, 1)
     save_summary(summary_path, summary)
     return summary
+
+def format_curves(curves):
+    """The summary's lines about step 8: pictures, each run's points, when each run reached the common FID, cost."""
+    plots = [curves['plots'][field] for field in ('train_sec', 'train_pflop', 'nimg') if field in curves['plots']]
+    lines = [f'FID along the run:  {", ".join(plots)}',
+             f'  numbers: {curves["results"]}',
+             f'  FID of {curves["num_images"]} generated images per point (sigma_rel {curves["std"]:.3f}): biased far '
+             f'above an FID of more images; compare the points with each other.',
+             f'  {"":12s}{"kimg":>6s}{"train min":>11s}{"PFLOP":>11s}{"FID":>9s}']
+    for label, points in curves['runs'].items():
+        for p in points:
+            minutes = '-' if p['train_min'] is None else f'{p["train_min"]:.1f}'
+            lines.append(f'  {label:<12s}{p["kimg"]:>6d}{minutes:>11s}{p["pflop"]:>11.4g}{p["fid"]:>9.2f}')
+    if 'common' in curves:
+        common = curves['common']
+        lines.append(f'  FID {common["fid"]:.2f} ({common["of"]}\'s at its end) was first reached by')
+        for label, at in common['reached'].items():
+            minutes = '-' if at['train_min'] is None else f'{at["train_min"]:.1f}'
+            lines.append(f'    {label:<12s}after {minutes} min of training, {at["pflop"]:.4g} PFLOP')
+        lines.append('    (linear between the measured points)')
+    lines.append(f'  cost: {curves["num_points"]} points, {curves["cost_sec"] / 60:.1f} min of measuring after '
+                 f'training, from the snapshots it writes anyway (training is not slowed)')
+    return lines
 
 def format_summary(summary):
     """The short report printed at the end of a demo run."""
@@ -469,6 +560,8 @@ def format_summary(summary):
                   f'  FID:              {run["fid"]:.2f} '
                   f'({run["fid_images"]} generated vs {ref["num_images"]} test images)',
                   f'  wall time (s):    ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items())]
+    if summary.get('curves'):
+        lines += format_curves(summary['curves'])
     if 'sweep' in summary:
         sweep = summary['sweep']
         lines += [f'EMA sweep:          {sweep["plot"]} (FID of {sweep["num_images"]} images at sigma_rel '
@@ -499,6 +592,8 @@ def format_summary(summary):
 @click.option('--ref-images',  help='Test images in the FID reference statistics', metavar='INT', type=click.IntRange(min=2, max=10000), default=1000, show_default=True)
 @click.option('--fid-images',  help='Generated images for FID', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--ema-std',     help='Post-hoc EMA length sigma_rel', metavar='FLOAT', type=click.FloatRange(min=0.01, max=0.25), default=0.10, show_default=True)
+@click.option('--curve-points', help='Snapshots measured along each run (curves/along-*.png)', metavar='INT', type=click.IntRange(min=2), default=CURVE_POINTS, show_default=True)
+@click.option('--curve-images', help='Generated images per snapshot of the curves', metavar='INT', type=click.IntRange(min=2), default=CURVE_IMAGES, show_default=True)
 @click.option('--sweep',       help='Also measure FID against the post-hoc EMA length (sweep/sweep.png)', is_flag=True)
 @click.option('--sweep-stds',  help='EMA lengths of --sweep', metavar='LIST', type=cli.Parsed(parse_std_list), default=SWEEP_STDS, show_default=True)
 @click.option('--sweep-images', help='Generated images per EMA length of --sweep', metavar='INT', type=click.IntRange(min=2), default=500, show_default=True)
@@ -507,14 +602,15 @@ def format_summary(summary):
 @click.option('--source',      help='Folder holding the Fashion-MNIST IDX files', metavar='DIR', type=str, default=FASHION_MNIST_DIR, show_default=True)
 @click.option('--batch',       help='Batch size of sampling and of Inception', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 
-def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, sweep, sweep_stds, sweep_images, source,
-         batch):
-    """Train EDM2+ (CONFIG G*) on Fashion-MNIST on this machine; write a sample grid, training curves and FID.
+def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, curve_points, curve_images, sweep,
+         sweep_stds, sweep_images, source, batch):
+    """Train EDM2+ (CONFIG G*) on Fashion-MNIST on this machine; write a sample grid, training curves, FID and FID
+    along the run (against training time and compute).
 
     \b
     Examples:
-    python demo.py                  # ~22 min on 2 idle CPU cores; outputs in demo-out/
-    python demo.py --compare        # also CONFIG A with the same time (~20 min more)
+    python demo.py                  # ~25 min on 2 idle CPU cores; outputs in demo-out/
+    python demo.py --compare        # also CONFIG A with the same time, curves compared (~20 min more)
     python demo.py --minutes=30     # rerun: trains the same run on to 30 minutes
     python demo.py --sweep          # rerun with a sweep: FID at 5 EMA lengths (~10 min per run on 2 cores)
     """
@@ -523,7 +619,8 @@ def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, 
         try:
             summary = run_demo(outdir=outdir, minutes=minutes, resolution=int(resolution), ref_images=ref_images,
                                fid_images=fid_images, ema_std=ema_std, compare=compare, source_dir=source,
-                               batch=batch, sweep=sweep, sweep_stds=sweep_stds, sweep_images=sweep_images)
+                               batch=batch, curve_points=curve_points, curve_images=curve_images, sweep=sweep,
+                               sweep_stds=sweep_stds, sweep_images=sweep_images)
         except DemoError as e:
             raise cli.CliError(str(e)) from None
     print(format_summary(summary))

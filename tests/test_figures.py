@@ -76,6 +76,27 @@ def test_sweep_plot_marks_best(tmp_path):
     with pytest.raises(ValueError, match='no finite'):
         charts.sweep_plot(tmp_path / 'nan.png', {0.1: float('nan')})
 
+def test_curves_plot_keeps_its_points_and_chooses_log_axes(tmp_path):
+    curves = {'a': [(600, 40.0), (60, 300.0), (6000, 20.0)], 'b': [(120, 200.0), (1200, 30.0)]}
+    best = charts.curves_plot(tmp_path / 'c.png', curves, xlabel='training wall time (minutes)', ylabel='FID',
+                              names={'a': 'A (EDM2)'}, x_scale=60)
+    assert best == {'a': (6000.0, 20.0), 'b': (1200.0, 30.0)}
+    img = Image.open(tmp_path / 'c.png')
+    # The PNG keeps the points as given (x unscaled), sorted by x, and the best of each curve.
+    assert json.loads(img.text['points']) == {'a': [[60.0, 300.0], [600.0, 40.0], [6000.0, 20.0]],
+                                              'b': [[120.0, 200.0], [1200.0, 30.0]]}
+    assert json.loads(img.text['best']) == {'a': [6000.0, 20.0], 'b': [1200.0, 30.0]}
+    assert _pixels_of(img, (200, 0, 0), tol=30).sum() > 50  # the red best markers
+    # Log axes where the values span a decade: y = 1000/x is a straight falling line on log-log axes.
+    assert charts.log_reads_better([2, 20]) and not charts.log_reads_better([2, 19])
+    assert not charts.log_reads_better([-1, 100]) and not charts.log_reads_better([])
+    x = np.arange(1, 1001)
+    charts.curves_plot(tmp_path / 'log.png', {'': list(zip(x, 1000 / x))}, xlabel='x', ylabel='y')
+    ys, xs = np.nonzero(_pixels_of(Image.open(tmp_path / 'log.png'), charts.COLORS[0]))
+    assert np.corrcoef(xs, ys)[0, 1] > 0.95
+    with pytest.raises(ValueError, match='no finite'):
+        charts.curves_plot(tmp_path / 'nan.png', {'a': [(1, float('nan'))]}, xlabel='x', ylabel='y')
+
 def test_read_sweep_results_formats(tmp_path):
     (tmp_path / 'a.json').write_text(json.dumps({'phema/phema-0002147-0.050.pkl': 3.5, '0.100': 3.1}))
     assert sweeps.read_sweep_results(str(tmp_path / 'a.json')) == {0.05: 3.5, 0.1: 3.1}
