@@ -27,11 +27,10 @@ a new network. What was done is recorded in <outdir>/summary.json (rewritten ato
 
 import os
 
-# How long OpenMP threads spin while they wait for work, before they sleep. Long spinning (libgomp's default) makes
-# PyTorch many times slower on a CPU that other processes also use; never spinning
-# (OMP_WAIT_POLICY=PASSIVE) costs a third of the speed on an idle one. Demo training on 2 cores, images/s, measured
-# side by side: idle 240 default, 153 passive, 235 with 30,000 spins; with two busy processes beside it 19 default,
-# 90 passive, 71 with 30,000 spins. Set before torch loads its OpenMP runtime; values in the environment win.
+# OpenMP threads spin for a while when they wait for work before they sleep. libgomp's default spins so long that a
+# CPU shared with other processes slows PyTorch many times over, and never spinning (OMP_WAIT_POLICY=PASSIVE) costs
+# speed on an idle CPU; a bounded spin keeps most of both (README, "The main job": the measurements). It must be set
+# before torch loads its OpenMP runtime; values in the environment win.
 if 'OMP_WAIT_POLICY' not in os.environ:
     os.environ.setdefault('GOMP_SPINCOUNT', '30000')
 
@@ -602,7 +601,7 @@ def format_summary(summary):
 @click.option('--source',      help='Folder holding the Fashion-MNIST IDX files', metavar='DIR', type=str, default=FASHION_MNIST_DIR, show_default=True)
 @click.option('--batch',       help='Batch size of sampling and of Inception', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 
-def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, curve_points, curve_images, sweep,
+def cmdline(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, curve_points, curve_images, sweep,
          sweep_stds, sweep_images, source, batch):
     """Train EDM2+ (CONFIG G*) on Fashion-MNIST on this machine; write a sample grid, training curves, FID and FID
     along the run (against training time and compute).
@@ -626,7 +625,4 @@ def main(outdir, minutes, compare, resolution, ref_images, fid_images, ema_std, 
     print(format_summary(summary))
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    main()  # pylint: disable=no-value-for-parameter
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline)

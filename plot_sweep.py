@@ -13,7 +13,6 @@ from figures.charts import sweep_plot
 from torch_utils import cli
 from training.sweeps import read_sweep_runs
 
-
 @click.command()
 # Main options.
 @click.option('--results', help='Results of one sweep (JSON, JSON lines or CSV); repeat to compare sweeps',
@@ -26,7 +25,7 @@ from training.sweeps import read_sweep_runs
 @click.option('--higher-is-better', help='Mark the largest value as best instead of the smallest', is_flag=True)
 @click.option('--logy', help='Logarithmic metric axis', is_flag=True)
 @click.option('--overwrite', help='Replace --out if it exists', is_flag=True)
-def main(results, out, metric, title, higher_is_better, logy, overwrite):
+def cmdline(results, out, metric, title, higher_is_better, logy, overwrite):
     """Plot metric versus EMA length for one or more post-hoc EMA sweeps, marking the best EMA length.
 
     \b
@@ -54,6 +53,5 @@ def main(results, out, metric, title, higher_is_better, logy, overwrite):
         print(f'{label + ": " if label else ""}best {metric or "metric"} {value:g} at σ_rel {std:.3f}')
     print(f'Saved {out}')
 
-
 if __name__ == '__main__':
-    main()
+    cli.run(cmdline)

@@ -58,7 +58,7 @@ FIELDS_EPILOG = (f'\b\nFields of each results.jsonl line (the first {len(KEY_FIE
               type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--phema-batch', help='Reconstructions per pass over the snapshots', metavar='INT',
               type=click.IntRange(min=1), default=8, show_default=True)
-def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg, points, inprefix, instd, outprefix,
+def cmdline(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg, points, inprefix, instd, outprefix,
          keep_networks, num_images, seed, seeds, gnet, guidance, edm2_exact, guide_std, guide_kimg, max_batch_size,
          phema_batch):
     """Measure post-hoc EMA networks of training runs and plot the metric: against the EMA length, along training
@@ -114,7 +114,4 @@ def main(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg, p
                   f'pictures: {", ".join(result.plots)}')
 
 if __name__ == '__main__':
-    misc.keep_freed_cpu_memory()  # large CPU tensors without page faults (see there)
-    main()  # pylint: disable=no-value-for-parameter
-
-#----------------------------------------------------------------------------
+    cli.run(cmdline)

@@ -23,7 +23,7 @@ COLORS = [(31, 100, 180), (230, 110, 20), (40, 150, 60), (200, 40, 40), (130, 90
 
 _SS = 2  # Draw at twice the size and downsample: smooth lines without an anti-aliasing renderer.
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Axis ticks.
 
 def _nice_step(span, target=6):
@@ -35,7 +35,6 @@ def _nice_step(span, target=6):
             return m * base
     return 10 * base
 
-
 def _linear_ticks(lo, hi):
     step = _nice_step(hi - lo)
     first = math.ceil(lo / step - 1e-9)
@@ -44,7 +43,6 @@ def _linear_ticks(lo, hi):
     big = max(abs(lo), abs(hi)) >= 1e6 or step < 1e-4
     labels = [f'{t:.3g}' if big else f'{t:.{decimals}f}' for t in ticks]
     return ticks, labels
-
 
 def _log_ticks(lo, hi):
     """Ticks in log10 space: whole decades, plus 2 and 5 when the range spans less than about two decades."""
@@ -60,7 +58,6 @@ def _log_ticks(lo, hi):
         return [math.log10(v) for v in values if v > 0], [l for v, l in zip(values, labels) if v > 0]
     return ticks, [f'{10 ** t:g}' for t in ticks]
 
-
 def _axis_range(values, log):
     """(lo, hi) in plotting space covering `values` with a small margin."""
     if len(values) == 0:
@@ -72,17 +69,15 @@ def _axis_range(values, log):
     pad = (hi - lo) * 0.04
     return lo - pad, hi + pad
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Drawing.
 
 def _font(size):
     return ImageFont.load_default(size=size * _SS)
 
-
 def _text_size(draw, text, font):
     box = draw.textbbox((0, 0), text, font=font)
     return box[2] - box[0], box[3] - box[1]
-
 
 def _to_plot_space(xs, ys, logx, logy):
     """Float arrays in plotting space; points that cannot be drawn (non-finite, ≤0 on a log axis) become NaN."""
@@ -99,7 +94,6 @@ def _to_plot_space(xs, ys, logx, logy):
     xs[bad] = np.nan
     ys[bad] = np.nan
     return xs, ys
-
 
 def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=False, marks=(), size=(800, 500),
               info=None):
@@ -231,7 +225,7 @@ def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=Fal
     with dnnlib.util.atomic_write(path, 'wb') as f:
         img.save(f, format='png', pnginfo=png_info)
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Curves with their best point marked: post-hoc EMA sweeps (EDM2 paper Fig. 5: metric versus EMA length σ_rel),
 # a metric along training (against images, wall time or compute), a metric against the guidance weight.
 
@@ -239,7 +233,6 @@ def log_reads_better(values):
     """A log axis for positive values that span at least a factor of 10 (a decade); a linear one otherwise."""
     values = [float(v) for v in values if math.isfinite(float(v))]
     return bool(values) and min(values) > 0 and max(values) >= 10 * min(values)
-
 
 def curves_plot(path, curves, xlabel, ylabel, title='', names=None, x_scale=1.0, logx=None, logy=None,
                 lower_is_better=True, mark_text=None, info_key='points'):
@@ -274,7 +267,6 @@ def curves_plot(path, curves, xlabel, ylabel, title='', names=None, x_scale=1.0,
               logy=log_reads_better(all_y) if logy is None else logy)
     return best
 
-
 def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy=False):
     """Plot a metric against σ_rel and mark the best value.
 
@@ -291,7 +283,7 @@ def sweep_plot(path, results, metric='FID', title='', lower_is_better=True, logy
                        lower_is_better=lower_is_better, info_key='sweep',
                        mark_text=lambda label, s, v: f'{label + ": " if label else ""}{v:.4g} at {s:.3f}')
 
-# ----------------------------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Training curves. Loss and learning rate have different scales: two line plots (one series per run) stacked into
 # one PNG.
 

@@ -53,5 +53,3 @@ def label_grid(grid_path, dest, class_names, num_cols, scale=4):
         draw.text((6, r * tile + (tile - box[3] - box[1]) // 2), text, fill='black', font=font)
     with dnnlib.util.atomic_write(dest, 'wb') as f:
         out.save(f, format='png')
-
-#----------------------------------------------------------------------------

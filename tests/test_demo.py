@@ -349,7 +349,7 @@ def test_snapshot_interval_gives_points_along_short_runs():
     assert demo.train_options('r', 'd.zip', 2)['snapshot'] == 1024
 
 def test_missing_fashion_mnist_is_one_line_error(tmp_path):
-    result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path / "out"}', f'--source={tmp_path / "nowhere"}'])
+    result = CliRunner().invoke(demo.cmdline, [f'--outdir={tmp_path / "out"}', f'--source={tmp_path / "nowhere"}'])
     assert result.exit_code == 1
     assert result.output.startswith('Error: ') and result.output.count('\n') == 1
     assert 'nowhere/train-images-idx3-ubyte.gz: Fashion-MNIST not found' in result.output
@@ -359,5 +359,5 @@ def test_bad_options_are_rejected(tmp_path):
     for args, what in [(['--resolution=20'], '--resolution'), (['--ref-images=20000'], '--ref-images'),
                        (['--minutes=0'], '--minutes'), (['--ema-std=0.5'], '--ema-std'),
                        (['--sweep', '--sweep-stds=0.1,x'], "'--sweep-stds': 'x' is not a float")]:
-        result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path}'] + args)
+        result = CliRunner().invoke(demo.cmdline, [f'--outdir={tmp_path}'] + args)
         assert result.exit_code == 2 and what in result.output, args

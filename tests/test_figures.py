@@ -119,12 +119,12 @@ def test_plot_sweep_cli(tmp_path):
     (tmp_path / 'xs.csv').write_text('std,fid\n0.05,3.4\n0.10,3.1\n0.15,3.3\n')
     (tmp_path / 's.csv').write_text('std,fid\n0.05,2.9\n0.10,2.8\n0.15,2.6\n')
     out = tmp_path / 'sweep.png'
-    result = CliRunner().invoke(plot_sweep.main, ['--results', str(tmp_path / 'xs.csv'), '--results',
+    result = CliRunner().invoke(plot_sweep.cmdline, ['--results', str(tmp_path / 'xs.csv'), '--results',
                                                   str(tmp_path / 's.csv'), '--out', str(out), '--metric', 'fid'])
     assert result.exit_code == 0, result.output
     assert 'xs: best fid 3.1 at σ_rel 0.100' in result.output and 's: best fid 2.6 at σ_rel 0.150' in result.output
     assert Image.open(out).format == 'PNG'
-    result = CliRunner().invoke(plot_sweep.main, ['--results', str(tmp_path / 'nope.csv'), '--out', str(out)])
+    result = CliRunner().invoke(plot_sweep.cmdline, ['--results', str(tmp_path / 'nope.csv'), '--out', str(out)])
     assert result.exit_code == 1 and 'nope.csv: no such results file' in result.output
 
 def test_training_curves_stack_loss_and_learning_rate(tmp_path):

@@ -102,7 +102,7 @@ def _args(setup, outdir, *extra, stds=STDS, indirs=None):
              '--metrics=fid', f'--detector={setup.detector}', '--num=8', '--seed=5', '--batch=4'] + list(extra))
 
 def _sweep(setup, outdir, *extra, **kwargs):
-    result = CliRunner().invoke(sweep_phema.main, _args(setup, outdir, *extra, **kwargs))
+    result = CliRunner().invoke(sweep_phema.cmdline, _args(setup, outdir, *extra, **kwargs))
     assert result.exit_code == 0, result.output
     return result
 
@@ -169,7 +169,7 @@ def test_interrupted_sweep_resumes_without_measuring_twice(setup, tmp_path, monk
     monkeypatch.setattr(sweeps, 'measure_network', measure)
 
     interrupt_at = 1
-    result = CliRunner().invoke(sweep_phema.main, _args(setup, out))
+    result = CliRunner().invoke(sweep_phema.cmdline, _args(setup, out))
     assert result.exit_code == 1 and 'Aborted!' in result.output  # click's answer to Ctrl-C
     assert [r['std'] for r in _records(out)] == [0.06] and measured == ['phema-0000012-0.060.pkl']
     interrupt_at = None
@@ -225,7 +225,7 @@ def test_results_and_plot_agree(setup, tmp_path):
     for run, (std, value) in best.items():
         assert f'{run}: best fid {value:.4g} at σ_rel {std:.3f}' in result.output
     # plot_sweep.py reads the same file to the same curves and best points.
-    result = CliRunner().invoke(plot_sweep.main, [f'--results={out}/results.jsonl', f'--out={tmp_path}/p.png'])
+    result = CliRunner().invoke(plot_sweep.cmdline, [f'--results={out}/results.jsonl', f'--out={tmp_path}/p.png'])
     assert result.exit_code == 0, result.output
     assert json.loads(PIL.Image.open(tmp_path / 'p.png').text['sweep']) == expected
     for run, (std, value) in best.items():
@@ -272,7 +272,7 @@ def test_bad_options_are_one_line_errors(setup, tmp_path):
     for extra, message in cases:
         base = [f'--outdir={out}', '--outstd=0.1', f'--ref={setup.ref}', '--metrics=fid', '--num=4']
         args = base + extra  # later options win
-        result = CliRunner().invoke(sweep_phema.main, args)
+        result = CliRunner().invoke(sweep_phema.cmdline, args)
         assert result.exit_code in (1, 2), (extra, result.output)
         lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
         assert len(lines) == 1 and message in lines[0], (extra, result.output)
@@ -381,7 +381,7 @@ def test_snapshot_prefix_is_detected(setup, tmp_path):
     _sweep(setup, reference, stds=[0.08])
     assert mine['value'] == _records(reference)[0]['value']  # the same snapshots under other names
     (run / 'other-0000004-0.050.pkl').write_bytes(b'')
-    result = CliRunner().invoke(sweep_phema.main, _args(setup, str(tmp_path / 'x'), indirs=[str(run)]))
+    result = CliRunner().invoke(sweep_phema.cmdline, _args(setup, str(tmp_path / 'x'), indirs=[str(run)]))
     assert result.exit_code == 1 and 'several name prefixes (edm2-img512-xs, other); choose one with --inprefix' \
         in result.output, result.output
     _sweep(setup, str(tmp_path / 'x'), '--inprefix=edm2-img512-xs', stds=[0.08], indirs=[str(run)])
@@ -409,7 +409,7 @@ def test_results_fields_are_documented(setup, tmp_path):
     record, = _records(out)
     names = [name for name, _, _ in sweeps.RESULT_FIELDS]
     assert list(record) == names  # in the documented order, none missing, none extra
-    help_text = CliRunner().invoke(sweep_phema.main, ['--help']).output
+    help_text = CliRunner().invoke(sweep_phema.cmdline, ['--help']).output
     with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
         readme = f.read()
     for name, kind, _ in sweeps.RESULT_FIELDS:
@@ -443,7 +443,7 @@ def test_first_reached_and_spread():
 def test_plot_sweep_refuses_non_finite_data(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     out = tmp_path / 'plot.png'
-    result = CliRunner().invoke(plot_sweep.main, [f'--results={tmp_path / name}', f'--out={out}', '--metric=fid'])
+    result = CliRunner().invoke(plot_sweep.cmdline, [f'--results={tmp_path / name}', f'--out={out}', '--metric=fid'])
     assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
     assert result.output.startswith('Error: ') and message in result.output, result.output
     assert not out.exists()
@@ -451,5 +451,5 @@ def test_plot_sweep_refuses_non_finite_data(tmp_path, name, text, message):
 def test_plot_sweep_checks_its_output_first(tmp_path):
     (tmp_path / 'r.csv').write_text('std,fid\n0.05,3.4\n0.10,3.1\n')
     for out, message in [(tmp_path, 'is a directory'), (tmp_path / 'no' / 'p.png', 'does not exist')]:
-        result = CliRunner().invoke(plot_sweep.main, [f'--results={tmp_path / "r.csv"}', f'--out={out}'])
+        result = CliRunner().invoke(plot_sweep.cmdline, [f'--results={tmp_path / "r.csv"}', f'--out={out}'])
         assert result.exit_code == 1 and result.output.count('\n') == 1 and message in result.output, result.output

@@ -171,14 +171,14 @@ TOOLS = {
     'calc':     ('calculate_metrics', 'cmdline', ['calc']),
     'gen':      ('calculate_metrics', 'cmdline', ['gen']),
     'ref':      ('calculate_metrics', 'cmdline', ['ref']),
-    'phema':    ('reconstruct_phema', 'main', []),
-    'plot':     ('plot_sweep', 'main', []),
-    'flops':    ('count_flops', 'main', []),
+    'phema':    ('reconstruct_phema', 'cmdline', []),
+    'plot':     ('plot_sweep', 'cmdline', []),
+    'flops':    ('count_flops', 'cmdline', []),
     'convert':  ('dataset_tool', 'cmdline', ['convert']),
     'encode':   ('dataset_tool', 'cmdline', ['encode']),
     'decode':   ('dataset_tool', 'cmdline', ['decode']),
-    'export':   ('networks.export', 'main', []),
-    'sweep':    ('sweep_phema', 'main', []),
+    'export':   ('networks.export', 'cmdline', []),
+    'sweep':    ('sweep_phema', 'cmdline', []),
 }
 
 class Case:
@@ -491,7 +491,7 @@ def test_help_says_which_files_run_code():
     import calculate_metrics
     import sweep_phema
     for command, args in [(calculate_metrics.cmdline, ['calc', '--help']), (calculate_metrics.cmdline, ['gen', '--help']),
-                          (calculate_metrics.cmdline, ['ref', '--help']), (sweep_phema.main, ['--help'])]:
+                          (calculate_metrics.cmdline, ['ref', '--help']), (sweep_phema.cmdline, ['--help'])]:
         text = ' '.join(CliRunner().invoke(command, args).output.split())
         assert 'A pickle RUNS THE CODE stored in it' in text and 'runs no Python code from the file' in text, args
         assert 'A pickled model RUNS THE CODE stored in it' in text and 'read weights-only and runs no code' in text
@@ -631,7 +631,7 @@ def test_second_sweep_is_refused(assets, tmp_path, monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     holder = _hold_lock(tmp_path / 'sweep', 'sweep.lock')
     try:
-        result = CliRunner().invoke(sweep_phema.main, [a.format(A=assets, T=tmp_path) for a in SWEEP] +
+        result = CliRunner().invoke(sweep_phema.cmdline, [a.format(A=assets, T=tmp_path) for a in SWEEP] +
                                     ['--outstd=0.07', f'--ref={assets}/ref.pkl'])
         lines = _error_lines(result.output)
         assert result.exit_code == 1 and len(lines) == 1, result.output
@@ -681,13 +681,13 @@ def test_sweep_measures_again_when_the_reference_changes(assets, tmp_path, monke
     real = sweeps.measure_network
     monkeypatch.setattr(sweeps, 'measure_network', lambda path, *a, **k: measured.append(path) or real(path, *a, **k))
     for _ in range(2):  # the second run finds the point measured
-        result = CliRunner().invoke(sweep_phema.main, args)
+        result = CliRunner().invoke(sweep_phema.cmdline, args)
         assert result.exit_code == 0, result.output
     assert len(measured) == 1
     stats = load_stats(ref, verbose=False)
     stats['fid']['mu'] = stats['fid']['mu'] + 0.5  # same name, size class and shape; other numbers
     save_stats(stats, ref, verbose=False)
-    result = CliRunner().invoke(sweep_phema.main, args)
+    result = CliRunner().invoke(sweep_phema.cmdline, args)
     assert result.exit_code == 0, result.output
     assert len(measured) == 2 and '0 of 1 points already measured' in result.output
     records = [json.loads(line) for line in open(tmp_path / 'sweep' / 'results.jsonl')]
@@ -697,5 +697,5 @@ def test_sweep_measures_again_when_the_reference_changes(assets, tmp_path, monke
     del records[1]['ref_sha256']
     with open(tmp_path / 'sweep' / 'results.jsonl', 'w') as f:
         f.write(json.dumps(records[1]) + '\n')
-    result = CliRunner().invoke(sweep_phema.main, args)
+    result = CliRunner().invoke(sweep_phema.cmdline, args)
     assert result.exit_code == 0 and len(measured) == 2, result.output

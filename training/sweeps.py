@@ -51,7 +51,6 @@ GUIDANCE_PLOT_NAME = 'guidance.png'  # the metric against the guidance weight, o
 ALONG_PLOTS = {'nimg': 'along-images.png', 'train_sec': 'along-time.png', 'train_pflop': 'along-compute.png'}
 METRIC_NAMES = {'fid': 'FID', 'fd_dinov2': 'FD_DINOv2'}
 
-
 class SweepError(Exception):
     """A user-facing problem; the message is one line naming the option or file concerned."""
 
@@ -97,14 +96,12 @@ RESULT_FIELDS = [
 KEY_FIELDS = [name for name, _, _ in RESULT_FIELDS[:[n for n, _, _ in RESULT_FIELDS].index('value')]]
 OPTIONAL_KEYS = ('edm2_exact', 'instd')  # written only when set, so that older lines keep matching the default
 
-
 def fields_help(width=100):
     """The fields of results.jsonl as text lines of at most `width` characters (for --help)."""
     lines = []
     for name, kind, meaning in RESULT_FIELDS:
         lines += textwrap.wrap(meaning, width, initial_indent=f'{name:<12s}{kind:<12s}', subsequent_indent=' ' * 24)
     return lines
-
 
 def read_records(path):
     if not os.path.isfile(path):
@@ -123,7 +120,6 @@ def read_records(path):
             records.append(record)
     return records
 
-
 def append_records(path, new_records):
     """The whole file is rewritten under a temporary name and renamed, so a kill at any moment leaves either the old
     or the new file, never a torn line."""
@@ -131,19 +127,15 @@ def append_records(path, new_records):
     with dnnlib.util.atomic_write(path, 'w') as f:
         f.write(''.join(line + '\n' for line in lines))
 
-
 LATER_KEYS = ('ref_sha256',)  # lines written before these existed lack them, and match any value (they cannot tell)
-
 
 def _same(record, setting):
     """True if `record` holds the values of every field of `setting` (a point's keys, or only some of them)."""
     return all(record.get(k) == setting.get(k) for k in set(setting) | set(OPTIONAL_KEYS)
                if not (k in LATER_KEYS and k not in record))
 
-
 def _where(path):
     return path if dnnlib.util.is_url(path) else os.path.abspath(path)
-
 
 def ref_fingerprint(ref_path):
     """SHA-256 of the reference statistics file: a point measured against other statistics is measured again."""
@@ -170,7 +162,6 @@ def read_stats(run_dir):
                     pass
     return [r for r in records if isinstance(r, dict) and 'Progress/kimg' in r]
 
-
 def training_times(run_dir):
     """[(nimg, seconds)] of the run's status lines: Timing/total_sec, the training wall time so far (kept in the
     training state across resumes; it includes writing snapshots and training states)."""
@@ -183,7 +174,6 @@ def training_times(run_dir):
         if math.isfinite(sec):
             times[nimg] = sec
     return sorted(times.items())
-
 
 def time_at(times, nimg):
     """Training seconds at `nimg` from training_times(): the status line at nimg, else linear between the two
@@ -199,7 +189,6 @@ def time_at(times, nimg):
     n0, s0 = times[after - 1]
     return s0 + (s1 - s0) * (nimg - n0) / (n1 - n0)
 
-
 def file_id(path):
     """SHA-1 (16 hex digits) of a file's bytes: names a run or a guide by content, not by where it lies."""
     digest = hashlib.sha1()
@@ -207,7 +196,6 @@ def file_id(path):
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()[:16]
-
 
 def architecture(path):
     """EasyDict(block, params, gflops) of the network in a snapshot, counted by networks.flops as count_flops.py
@@ -222,14 +210,12 @@ def architecture(path):
     result = flops.count(copy.deepcopy(net).float(), device='cpu')
     return dnnlib.EasyDict(block=block, params=int(result['params']), gflops=result['flops'] / 1e9)
 
-
 def describe(label, arch):
     """Legend text of a run: its configuration and size, e.g. 'CONFIG G* (EDM2+), 0.64 M params'."""
     family = {'A': 'EDM2', 'G*': 'EDM2+'}.get(arch.block)
     config = f'CONFIG {arch.block}' + (f' ({family})' if family else '')
     head = config if label in (arch.block, f'CONFIG {arch.block}') else f'{label}: {config}'
     return f'{head}, {arch.params / 1e6:.2f} M params'
-
 
 def detect_prefix(indir, in_prefix, out_prefix, option):
     """The name prefix of a run's snapshots: `in_prefix` if given; else the one prefix of the <prefix>-<kimg>-<std>.pkl
@@ -244,7 +230,6 @@ def detect_prefix(indir, in_prefix, out_prefix, option):
         raise SweepError(f'{option}={indir}: holds snapshots with several name prefixes ({", ".join(candidates)}); '
                          f'choose one with --inprefix')
     return candidates[0] if candidates else None
-
 
 def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--indir'):
     """EasyDict(indir, prefix, in_pkls, run_id, arch, times) of a training run folder; SweepError if it has no
@@ -264,7 +249,6 @@ def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--i
     return dnnlib.EasyDict(indir=indir, prefix=prefix, in_pkls=in_pkls, run_id=file_id(in_pkls[0].path),
                            arch=architecture(in_pkls[0].path), times=training_times(indir))
 
-
 def parse_kimg_list(text):
     """'all' (every snapshot), or a list of kimg such as '256,512,1024' or '64-66' (each at least 1)."""
     if isinstance(text, str) and text.strip() == 'all':
@@ -274,7 +258,6 @@ def parse_kimg_list(text):
         raise ValueError('give "all" or training times in kimg, each at least 1')
     return sorted(set(kimgs))
 
-
 def spread(times, count):
     """About `count` of the sorted `times`, evenly spread in images: the ones nearest to 1/count, 2/count, ..., 1 of
     the last (which is always kept)."""
@@ -282,7 +265,6 @@ def spread(times, count):
         return list(times)
     last = times[-1]
     return sorted({min(times, key=lambda t: abs(t - last * k / count)) for k in range(1, count + 1)})
-
 
 def choose_times(run, out_kimg=None, points=None, option='--outkimg'):
     """The training times (nimg) of a run to measure: `out_kimg` None (the latest, or all with `points`), 'all'
@@ -303,7 +285,6 @@ def choose_times(run, out_kimg=None, points=None, option='--outkimg'):
         chosen = sorted(chosen)
     return spread(chosen, points) if points else chosen
 
-
 def find_runs(indirs, outdir, in_prefix=None, in_std=None, out_kimg=None, points=None, out_prefix='phema'):
     """The runs to sweep, as open_run() plus label, nimgs (the training times to measure) and net_dir (where their
     reconstructions go: <outdir>/<label>). `indirs`: a list of folders (labelled by their names) or a dict
@@ -318,7 +299,6 @@ def find_runs(indirs, outdir, in_prefix=None, in_std=None, out_kimg=None, points
         runs.append(run)
     return runs
 
-
 def _unique_folders(indirs):
     names = {}
     for d in indirs:
@@ -329,10 +309,8 @@ def _unique_folders(indirs):
         names[name] = d
     return list(names.values())
 
-
 def _safe_name(label):
     return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in label) or 'run'
-
 
 def find_guide(gnet, guide_std, guide_kimg, outdir, out_prefix='phema'):
     """The guiding network(s): None; a network file or URL; or a training run folder, whose reconstructions at
@@ -362,10 +340,8 @@ def find_guide(gnet, guide_std, guide_kimg, outdir, out_prefix='phema'):
     return dnnlib.EasyDict(label=os.path.basename(gnet), id=file_id(gnet), kimg=None, stds=[None], paths={None: gnet},
                            run=None)
 
-
 def _device(device):
     return torch.device(device) if device is not None else dist.device()
-
 
 def check_outdir(outdir):
     """Create the output folder and prove that it is writable, before any work is done."""
@@ -390,7 +366,6 @@ def guide_settings(guide, guidances):
         settings += [(gstd, w) for gstd in guide.stds for w in guidances if w != 1.0]
     return settings
 
-
 def _setting(run, nimg, std, guide, gstd, guidance, metric, measure):
     """The fields that identify a measured point: an equal record means the point need not be measured again."""
     guided = guide is not None and guidance != 1
@@ -399,7 +374,6 @@ def _setting(run, nimg, std, guide, gstd, guidance, metric, measure):
                   guide_kimg=guide.kimg if guided else None, guide_std=gstd if guided else None,
                   guidance=float(guidance), **measure)
     return {k: fields[k] for k in KEY_FIELDS if k in fields}
-
 
 def _run_setting(run, metric, measure):
     """The fields that every point of one run and metric of this sweep shares (for the pictures)."""
@@ -411,11 +385,9 @@ def _run_setting(run, metric, measure):
 def _point_key(record):
     return json.dumps([record.get(k) for k in KEY_FIELDS])
 
-
 def _latest(records):
     """One record per point (when a point was measured more than once, its last line counts)."""
     return list({_point_key(r): r for r in records}.values())
-
 
 def run_curves(records, x_field='nimg'):
     """{run: [(x, value, record), ...] sorted by x}: for each run and training time, the record with the best (lowest)
@@ -432,7 +404,6 @@ def run_curves(records, x_field='nimg'):
             curves.setdefault(run, []).append((float(r[x_field]), float(r['value']), r))
     return {run: sorted(points, key=lambda p: p[0]) for run, points in curves.items()}
 
-
 def first_reached(points, target):
     """The first x at which a curve [(x, value), ...] (sorted by x) reaches `target` (value <= target): linear
     between the last point above it and the first at or below it; None if it never does."""
@@ -446,7 +417,6 @@ def first_reached(points, target):
         prev = (x, value)
     return None
 
-
 def _axis(field, values):
     """(label, scale) of an axis showing `field`: the unit chosen by the largest value."""
     top = max(values, default=0)
@@ -458,7 +428,6 @@ def _axis(field, values):
     unit, scale = next(((u, s) for u, s in reversed(units) if top >= s), units[0])
     return f'training compute ({unit}, 3 x GFLOPs per evaluation x images)', scale
 
-
 def _dimensions(mine, planned):
     """(along, guided, stds): whether some run has several training times, guidance weights, EMA lengths among
     its records and its planned points [(kimg, std, guidance)]."""
@@ -466,7 +435,6 @@ def _dimensions(mine, planned):
             for label, recs in mine.items()]
     along, stds, guided = (any(len({p[i] for p in points}) > 1 for points in seen) for i in range(3))
     return along, guided, stds
-
 
 def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=True):
     """Redraw the pictures of this sweep from `records` (those of other settings are ignored). Per metric (the
@@ -720,7 +688,6 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
     return dnnlib.EasyDict(result, results=results_path, measured=len(todo), sec=time.time() - start,
                            names={run.label: describe(run.label, run.arch) for run in runs})
 
-
 def _batches(runs, todo, phema_batch):
     """(run index, nimg, stds) of each batch of reconstructions that share one pass over a run's snapshots."""
     for i, run in enumerate(runs):
@@ -728,7 +695,6 @@ def _batches(runs, todo, phema_batch):
             stds = sorted({p[2] for p in todo if p[:2] == (i, nimg)})
             for first in range(0, len(stds), phema_batch):
                 yield i, nimg, stds[first:first + phema_batch]
-
 
 def _final_pictures(outdir, runs, metrics, measure, planned):
     """plot_results() of the whole file; the pictures were drawn after each point, so only a missing one is drawn
@@ -738,7 +704,6 @@ def _final_pictures(outdir, runs, metrics, measure, planned):
     if not all(os.path.isfile(path) for path in result.plots):
         result = plot_results(outdir, records, runs, metrics, measure, planned)
     return result
-
 
 def reconstruct(run, nimg, stds, out_prefix, progress=True):
     """Write the reconstructions of `stds` at `nimg` for `run` that are not on disk yet; return the paths of all."""
@@ -750,13 +715,11 @@ def reconstruct(run, nimg, stds, out_prefix, progress=True):
         pass
     return [posthoc.output_path(run.net_dir, out_prefix, nimg, std) for std in stds]
 
-
 def _remove(path, folder):
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
     with contextlib.suppress(OSError):
         os.rmdir(folder)  # only once it is empty
-
 
 def record_point(run, nimg, std, guide, gstd, guidance, net_path, values, sec, ref_where, runs, metrics, measure,
                  planned, outdir, say):
@@ -775,7 +738,6 @@ def record_point(run, nimg, std, guide, gstd, guidance, net_path, values, sec, r
     for m in metrics:
         b = best[m][run.label]
         say(f'{run.label}: {where}  {m} {values[m]:.4g}   best so far {b["value"]:.4g} at {describe_point(b)}')
-
 
 def describe_point(record):
     """'σ_rel 0.080' (with the training time and guide setting where they vary in a sweep)."""
@@ -800,7 +762,6 @@ def _std_of(key):
         raise ValueError(f'cannot tell the EMA length of "{key}"; use a std or a <prefix>-<kimg>-<std>.pkl name') \
             from None
 
-
 def _pick_metric(record, metric, where):
     """The value of `metric` in a dict record; with metric None the record must hold exactly one number."""
     numbers = {k: v for k, v in record.items() if k not in ('std', 'net', 'path', 'pkl')
@@ -813,12 +774,10 @@ def _pick_metric(record, metric, where):
         raise ValueError(f'{where}: no metric "{metric}" (found {sorted(numbers)})')
     return _number(record[metric], where)
 
-
 def _number(v, where):
     if not _is_number(v):
         raise ValueError(f'{where}: "{v}" is not a number')
     return float(v)
-
 
 def _is_number(v):
     try:
@@ -826,7 +785,6 @@ def _is_number(v):
         return not isinstance(v, bool)
     except (TypeError, ValueError):
         return False
-
 
 def _add_point(points, std, value, where):
     """points[std] = value, unless another entry already gave that EMA length (e.g. "0.05" and "0.050", or two rows
@@ -836,7 +794,6 @@ def _add_point(points, std, value, where):
                          f'{value:g}); keep one')
     points[std] = value
 
-
 def _varying(records):
     """{run: the fields among kimg, guide_std and guidance that take several values in its records}."""
     seen = {}
@@ -844,7 +801,6 @@ def _varying(records):
         for k in ('kimg', 'guide_std', 'guidance'):
             seen.setdefault(str(r.get('run', '')), {}).setdefault(k, set()).add(json.dumps(r.get(k)))
     return {run: [k for k, values in fields.items() if len(values) > 1] for run, fields in seen.items()}
-
 
 def _curve_label(record, varying):
     """A curve per run, and per training time and guide setting where the run's records hold several."""
@@ -858,7 +814,6 @@ def _curve_label(record, varying):
     if 'guidance' in fields or 'guide_std' in fields:
         parts.append(f'guidance {float(record.get("guidance", 1)):g}')
     return ', '.join(p for p in parts if p)
-
 
 def read_sweep_runs(path, metric=None):
     """{run label: {std: value}} from a results file; every value and std must be a finite number.
@@ -931,7 +886,6 @@ def read_sweep_runs(path, metric=None):
                 raise ValueError(f'{path}: {run}σ_rel {std:g}: {metric or "value"} is {value:g}, '
                                  f'not a finite number')
     return runs
-
 
 def read_sweep_results(path, metric=None):
     """dict std → value of a results file that holds one run (formats as read_sweep_runs)."""
