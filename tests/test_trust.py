@@ -31,6 +31,7 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
+from metrics import detectors
 from conftest import make_tiny_net, randomize_weights, snapshot_dict, write_dataset, png_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -409,6 +410,8 @@ def run_case(case, assets, tmp_path, monkeypatch):
     command = getattr(importlib.import_module(module_name), command_name)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'private-cache'))  # never the user's own cache
+    # Detectors that earlier tests loaded in this process are kept in memory: each case must find its own.
+    monkeypatch.setattr(detectors, '_detector_cache', {})
     if case.prepare is not None:
         case.prepare(str(tmp_path), str(assets), monkeypatch)
     args = prefix + [a.format(A=assets, T=tmp_path) for a in case.args]
