@@ -54,12 +54,12 @@ def paper_table():
 
 #----------------------------------------------------------------------------
 
-def load_for_counting(net):
+def load_for_counting(net, verbose=True):
     """Network to count: a preset name or a network file (.pkl/.pt). Rebuilt on the meta device when possible."""
     if net in presets.PRESETS:
         return flops.build_meta(**presets.network_kwargs(net)), 'meta'
     from networks.loading import load_network
-    module = load_network(net)
+    module = load_network(net, verbose=verbose)
     if hasattr(module, 'init_kwargs') and type(module).__name__ == 'Precond':
         try:
             with torch.device('meta'):
@@ -144,7 +144,7 @@ def cmdline(net, block, channels, expansion, kernel, resolution, img_channels, l
             raise click.ClickException(f'{", ".join(given)} cannot be combined with a network file')
         with cli.os_errors():
             try:
-                module, device = load_for_counting(net)
+                module, device = load_for_counting(net, verbose=not as_json)  # --json: nothing but JSON
             except ValueError as e:
                 raise click.ClickException(str(e)) from None
         name = net

@@ -54,9 +54,9 @@ from torch_utils import cli  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from torch_utils import misc  # noqa: E402
 from networks import presets  # noqa: E402
-from training import sweeps  # noqa: E402
+from metrics import sweeps  # noqa: E402
 from training.posthoc import parse_std_list  # noqa: E402
-from training.sweeps import read_stats  # noqa: E402
+from metrics.sweeps import read_stats  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Fixed facts of the demo.
@@ -327,7 +327,7 @@ def plot_training_curves(path, runs):
     training_curves(path, {label: read_stats(run_dir) for label, run_dir in runs.items()})
 
 #----------------------------------------------------------------------------
-# Step 8: FID along each run, with training.sweeps.sweep (sweep_phema.py's library function): the post-hoc EMA
+# Step 8: FID along each run, with metrics.sweeps.sweep (sweep_phema.py's library function): the post-hoc EMA
 # network at about `points` of the snapshots that training wrote, against images seen, training wall time and
 # training compute. It runs after training, from the snapshots training writes anyway, so it costs training
 # nothing. Its results.jsonl makes a rerun skip the points already measured; the summary's numbers and the

@@ -1,7 +1,7 @@
 """Plot a metric against the EMA length σ_rel for post-hoc EMA sweeps (like Figure 5 of the EDM2 paper).
 
 Example: python plot_sweep.py --results=fid-xs.json --results=fid-s.json --metric=fid --out=sweep.png
-Library: training.sweeps.read_sweep_runs and figures.charts.sweep_plot. sweep_phema.py measures a sweep and
+Library: metrics.sweeps.read_sweep_runs and figures.charts.sweep_plot. sweep_phema.py measures a sweep and
 writes its results.jsonl and plot in one command.
 """
 
@@ -11,7 +11,7 @@ import click
 
 from figures.charts import sweep_plot
 from torch_utils import cli
-from training.sweeps import read_sweep_runs
+from metrics.sweeps import read_sweep_runs
 
 @click.command()
 # Main options.

@@ -4,7 +4,7 @@ Example: python sweep_phema.py --indir=runs/00000 --outdir=sweep --outstd=0.010,
              --metrics=fid --num=50000
 Each point is reconstructed by training.posthoc.reconstruct_phema (as reconstruct_phema.py does) and measured by
 metrics.stats.calculate_stats_for_network (as `calculate_metrics.py gen` does), so it gets their file names and
-numbers. The library function is training.sweeps.sweep().
+numbers. The library function is metrics.sweeps.sweep().
 """
 
 import click
@@ -16,7 +16,7 @@ from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import posthoc
-from training.sweeps import KEY_FIELDS, SweepError, describe_point, fields_help, parse_kimg_list, sweep
+from metrics.sweeps import KEY_FIELDS, SweepError, describe_point, fields_help, parse_kimg_list, sweep
 
 FIELDS_EPILOG = (f'\b\nFields of each results.jsonl line (the first {len(KEY_FIELDS)} identify the point when '
                  f'resuming):\n' + '\n'.join('  ' + line for line in fields_help()))

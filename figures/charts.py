@@ -3,7 +3,7 @@
 `line_plot` is the general tool; `curves_plot` draws curves with their best points marked (a metric along training
 runs, against the guidance weight, ...); `sweep_plot` draws a metric against the EMA length σ_rel with the best value
 marked, like Figure 5 of the EDM2 paper; `training_curves` stacks the loss and learning-rate curves of training runs.
-(training/sweeps.py reads the results file of a sweep.)
+(metrics/sweeps.py reads the results file of a sweep.)
 """
 
 import json

@@ -192,7 +192,7 @@ def test_count_flops_cli_with_edm2_pickle(edm2):
     from networks import flops
     result = CliRunner().invoke(count_flops.cmdline, [str(edm2 / 'phema-0000008-0.070.pkl'), '--json'])
     assert result.exit_code == 0, result.output
-    row = json.loads(result.output[result.output.index('['):])[0]
+    row = json.loads(result.output)[0]
     foreign = loading.load_snapshot(edm2 / 'phema-0000008-0.070.pkl', native=False, verbose=False).ema
     assert row['mparams'] * 1e6 == pytest.approx(sum(p.numel() for p in foreign.parameters()))
     native = flops.count(flops.build_meta(**edm2_standin.TINY), device='meta')

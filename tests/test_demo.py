@@ -21,7 +21,7 @@ from conftest import single_thread, write_dataset
 import demo
 import count_flops
 import train_edm2plus
-from training import sweeps
+from metrics import sweeps
 from metrics.detectors import fid_helper_torchscript_path
 
 FASHION = demo.FASHION_MNIST_DIR
@@ -238,9 +238,9 @@ def test_fid_along_the_run(tiny_demo):
         assert mine[1]['train_sec'] == pytest.approx(times[1536] + (times[2304] - times[1536]) * 2 / 3, abs=1e-3)
         assert mine[2]['train_sec'] == pytest.approx(times[3072], abs=1e-3)
         # Compute: images x 3 x count_flops.py's GFLOPs of the run's network.
-        result = CliRunner().invoke(count_flops.main, [os.path.join(run['run_dir'], 'network-snapshot-0000001-0.050.pkl'),
+        result = CliRunner().invoke(count_flops.cmdline, [os.path.join(run['run_dir'], 'network-snapshot-0000001-0.050.pkl'),
                                                        '--json'])
-        gflops = json.loads(result.output[result.output.index('['):])[0]['gflops']
+        gflops = json.loads(result.output)[0]['gflops']
         for r in mine:
             assert r['train_pflop'] == pytest.approx(r['nimg'] * 3 * gflops / 1e6, rel=1e-6)
         # The last point is step 6's network (σ_rel 0.100 at the last snapshot) and images: step 6's FID.

@@ -109,7 +109,7 @@ def test_tools_accept_weights_files(edm2, exported, tmp_path):
     for path in (edm2 / 'phema-0000008-0.070.pkl', exported / 'phema-0000008-0.070.pt'):
         result = runner.invoke(count_flops.cmdline, [str(path), '--json'])
         assert result.exit_code == 0, result.output
-        row = json.loads(result.output[result.output.index('['):])[0]
+        row = json.loads(result.output)[0]
         counts.append((row['mparams'], row['gflops']))
     assert counts[0] == counts[1] and counts[0][0] > 0
 

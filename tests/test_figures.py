@@ -1,5 +1,5 @@
 """Pictures of figures/: line plots, the post-hoc EMA sweep plot (with plot_sweep.py and the sweep readers of
-training/sweeps.py), training curves and the labelled class grid."""
+metrics/sweeps.py), training curves and the labelled class grid."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from PIL import Image
 
 import plot_sweep
 from figures import charts, grids
-from training import sweeps
+from metrics import sweeps
 
 def _pixels_of(img, color, tol=40):
     a = np.asarray(img.convert('RGB')).astype(int)

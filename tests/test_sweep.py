@@ -30,7 +30,7 @@ import dnnlib
 import plot_sweep
 import reconstruct_phema
 import sweep_phema
-from training import sweeps
+from metrics import sweeps
 from metrics.stats import calculate_stats_for_iterable, final_stats, save_stats
 from networks.loading import load_snapshot
 
@@ -283,9 +283,9 @@ def test_bad_options_are_one_line_errors(setup, tmp_path):
 # Along training, guidance, prefixes, moved folders, documented fields.
 
 def _count_flops_gflops(path):
-    result = CliRunner().invoke(count_flops.main, [path, '--json'])
+    result = CliRunner().invoke(count_flops.cmdline, [path, '--json'])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output[result.output.index('['):])[0]['gflops']  # after its 'Loading network' line
+    return json.loads(result.output)[0]['gflops']  # --json prints nothing but the JSON
 
 def test_along_the_run(setup, tmp_path):
     """Two runs at two training times and two EMA lengths: each line carries images seen, training wall time
@@ -348,7 +348,7 @@ def test_guide_ema_length_and_weight(setup, tmp_path):
     # One point against the tools: runA's reconstruction guided by runB's at 8 kimg, σ_rel 0.100, weight 1.5.
     phema = str(tmp_path / 'phema')
     for indir, extra in [(setup.run_a, []), (setup.run_b, ['--outkimg=8'])]:
-        result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={indir}', f'--outdir={phema}/{indir[-4:]}',
+        result = CliRunner().invoke(reconstruct_phema.cmdline, [f'--indir={indir}', f'--outdir={phema}/{indir[-4:]}',
                                                              '--outstd=0.08,0.1'] + extra)
         assert result.exit_code == 0, result.output
     result = CliRunner().invoke(calculate_metrics.cmdline, [

@@ -680,7 +680,7 @@ def test_sweep_measures_again_when_the_reference_changes(assets, tmp_path, monke
     args = [f'--indir={assets}/run', f'--outdir={tmp_path}/sweep', '--outstd=0.07', f'--ref={ref}',
             f'--detector={assets}/pooled.pt', '--metrics=fid', '--num=2', '--batch=2']
     measured = []
-    from training import sweeps
+    from metrics import sweeps
     real = sweeps.measure_network
     monkeypatch.setattr(sweeps, 'measure_network', lambda path, *a, **k: measured.append(path) or real(path, *a, **k))
     for _ in range(2):  # the second run finds the point measured
