@@ -163,8 +163,6 @@ def calc(image_path, ref_path, metrics, detector, dinov2, num_images, seed, max_
 # Performance.
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
               type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--vae', help="VAE for latent networks: a folder written by diffusers' save_pretrained (no network "
-              "access) or a hub name  [default: the one the network names]", metavar='PATH|NAME', type=str, default=None)
 def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet, guidance, edm2_exact, max_batch_size,
         vae):
     """Calculate metrics for a network's samples, generated on the fly.

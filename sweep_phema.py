@@ -16,6 +16,7 @@ from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import posthoc
+from training.encoders import VAEError, vae_location
 from metrics.sweeps import KEY_FIELDS, SweepError, describe_point, fields_help, parse_kimg_list, sweep
 
 FIELDS_EPILOG = (f'\b\nFields of each results.jsonl line (the first {len(KEY_FIELDS)} identify the point when '
@@ -59,8 +60,8 @@ FIELDS_EPILOG = (f'\b\nFields of each results.jsonl line (the first {len(KEY_FIE
 @click.option('--phema-batch', help='Reconstructions per pass over the snapshots', metavar='INT',
               type=click.IntRange(min=1), default=8, show_default=True)
 def cmdline(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg, points, inprefix, instd, outprefix,
-         keep_networks, num_images, seed, seeds, gnet, guidance, edm2_exact, guide_std, guide_kimg, max_batch_size,
-         phema_batch):
+         keep_networks, num_images, seed, seeds, gnet, guidance, edm2_exact, vae, guide_std, guide_kimg,
+         max_batch_size, phema_batch):
     """Measure post-hoc EMA networks of training runs and plot the metric: against the EMA length, along training
     (against images, wall time and compute), against the guidance weight.
 
@@ -95,6 +96,11 @@ def cmdline(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg
     which never runs code).
     """
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
+    if vae is not None:
+        try:
+            vae_location(vae)  # before any reconstruction
+        except VAEError as e:
+            raise cli.CliError(f'--vae={vae}: {e.reason}') from None
     cli.check_output_dir(outdir)
 
     with dist.process_group() as device, cli.os_errors(outdir):
@@ -103,9 +109,12 @@ def cmdline(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg
                            points=points, gnet=gnet, guide_std=guide_std, guide_kimg=guide_kimg, guidance=guidance,
                            max_batch_size=max_batch_size, in_prefix=inprefix, in_std=instd, out_prefix=outprefix,
                            phema_batch=phema_batch, keep_networks=keep_networks, device=device,
-                           edm2_exact=edm2_exact, detector_kwargs=detector_kwargs(detector, dinov2))
+                           edm2_exact=edm2_exact, vae=vae, detector_kwargs=detector_kwargs(detector, dinov2))
         except (SweepError, MetricsError, NetworkFileError, ValueError, MemoryError, dist.RunDirBusyError) as e:
             raise cli.CliError(str(e)) from None
+        except VAEError as e:
+            where = f'--vae={vae}' if vae is not None else f'the VAE that the networks name, {e.name}'
+            raise cli.CliError(f'{where}: {e.reason}') from None
         if dist.get_rank() == 0:
             for metric, runs in result.best.items():
                 for label, record in runs.items():

@@ -180,11 +180,14 @@ def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=Fal
     pts = np.array([(px(x), py(y)) for _, xs, ys in prepared for x, y in zip(xs, ys) if np.isfinite(x)]
                    ).reshape(-1, 2)
 
+    placed = []  # boxes of the labels already drawn: a new label must not cover one
+
     def least_crowded(boxes):
         def count(box):
             x0, y0, x1, y1 = box
             inside = (pts[:, 0] >= x0) & (pts[:, 0] <= x1) & (pts[:, 1] >= y0) & (pts[:, 1] <= y1)
-            return int(inside.sum())
+            covered = sum(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in placed)
+            return int(inside.sum()) + len(pts) * covered
         return min(boxes, key=count)
 
     # Highlighted points.
@@ -196,11 +199,14 @@ def line_plot(path, series, title='', xlabel='', ylabel='', logx=False, logy=Fal
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(200, 0, 0), width=2 * _SS)
         w, h = _text_size(draw, label, font)
         g = r + 4 * _SS
-        candidates = [(cx + dx, cy + dy) for dy in (g, -g - h - 4 * _SS) for dx in (-w / 2, g, -g - w)]
+        step = h + 4 * _SS  # further rows below and above, for when nearby labels hold the nearest ones
+        candidates = [(cx + dx, cy + dy) for k in range(4) for dy in (g + k * step, -g - (k + 1) * step)
+                      for dx in (-w / 2, g, -g - w)]
         candidates = [(x, y) for x, y in candidates if x >= left and x + w <= right and y >= top and
                       y + h + 4 * _SS <= bottom] or candidates
-        tx, ty = least_crowded([(x, y, x + w, y + h + 4 * _SS) for x, y in candidates])[:2]
-        draw.text((tx, ty), label, fill=(200, 0, 0), font=font)
+        box = least_crowded([(x, y, x + w, y + h + 4 * _SS) for x, y in candidates])
+        placed.append(box)
+        draw.text(box[:2], label, fill=(200, 0, 0), font=font)
 
     # Legend, in the corner of the plot area that hides the fewest data points.
     labels = [(label, COLORS[k % len(COLORS)]) for k, (label, _, _) in enumerate(prepared) if label]

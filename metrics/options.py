@@ -57,9 +57,9 @@ def parse_weights(text):
     return weights
 
 def generation_options(num_help, sweep=False):
-    """--num, --seed, --seeds, --gnet, --guidance and --edm2-exact: the images a network is measured on.
-    `num_help` says what --num counts. The function receives them as num_images, seed, seeds, gnet, guidance and
-    edm2_exact; seeds_to_measure() turns them into the seed list. With `sweep` (sweep_phema.py), --guidance is a
+    """--num, --seed, --seeds, --gnet, --guidance, --edm2-exact and --vae: the images a network is measured on.
+    `num_help` says what --num counts. The function receives them as num_images, seed, seeds, gnet, guidance,
+    edm2_exact and vae; seeds_to_measure() turns them into the seed list. With `sweep` (sweep_phema.py), --guidance is a
     list of weights to measure in turn, and --gnet may also be a training run (see its --gstd)."""
     if sweep:
         gnet = click.option('--gnet', help='Guiding network, or a training run whose post-hoc EMA reconstructions '
@@ -84,6 +84,9 @@ def generation_options(num_help, sweep=False):
         click.option('--edm2-exact', 'edm2_exact', is_flag=True,
                      help="Run the network with EDM2's exact op sequence: bit-identical to EDM2's images and "
                           "metrics, but slower than the default fast path"),
+        click.option('--vae', help="VAE for latent networks: a folder written by diffusers' save_pretrained (no "
+                     "network access) or a hub name  [default: the one the network names]", metavar='PATH|NAME',
+                     type=str, default=None),
     ])
 
 def seeds_to_measure(num_images, seed, seeds, gnet, guidance):

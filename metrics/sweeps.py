@@ -79,6 +79,7 @@ RESULT_FIELDS = [
     ('guidance',    'float',      'guidance weight (1: no guidance)'),
     ('edm2_exact',  'true',       "only when measured with EDM2's exact op sequence (--edm2-exact)"),
     ('instd',       'list',       'only when --instd chose the input snapshots: their sigma_rel'),
+    ('vae',         'str',        'only when --vae replaced the VAE that latent networks name: that VAE'),
     ('value',       'float',      "the metric's value"),
     ('ref',         'str',        'the reference statistics file (absolute path or URL; for information)'),
     ('nimg',        'int',        'images the run had trained on at that point'),
@@ -94,7 +95,7 @@ RESULT_FIELDS = [
     ('sec',         'float',      "seconds this point took: its share of the reconstruction, generation and metric"),
 ]
 KEY_FIELDS = [name for name, _, _ in RESULT_FIELDS[:[n for n, _, _ in RESULT_FIELDS].index('value')]]
-OPTIONAL_KEYS = ('edm2_exact', 'instd')  # written only when set, so that older lines keep matching the default
+OPTIONAL_KEYS = ('edm2_exact', 'instd', 'vae')  # written only when set, so that older lines keep matching the default
 
 def fields_help(width=100):
     """The fields of results.jsonl as text lines of at most `width` characters (for --help)."""
@@ -543,11 +544,11 @@ def on_rank0(fn):
 # One point.
 
 def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_batch_size=32, device=None,
-                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False):
+                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False, vae=None):
     """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks)."""
     stats_iter = calculate_stats_for_network(net_path, seeds, gnet=gnet, guidance=guidance,
                                              max_batch_size=max_batch_size, device=device, verbose=False,
-                                             edm2_exact=edm2_exact,
+                                             edm2_exact=edm2_exact, vae=vae,
                                              metrics=metrics, detectors=detectors, detector_kwargs=detector_kwargs)
     stats = None
     with tqdm.tqdm(total=len(seeds), unit='img', desc='images', leave=False, dynamic_ncols=True,
@@ -570,7 +571,7 @@ def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_ba
 def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000), out_kimg=None, points=None,
           gnet=None, guide_std=None, guide_kimg=None, guidance=1, max_batch_size=32, in_prefix=None, in_std=None,
           out_prefix='phema', phema_batch=8, keep_networks=False, device=None, detector_kwargs=None,
-          detectors=None, verbose=True, edm2_exact=False):
+          detectors=None, verbose=True, edm2_exact=False, vae=None):
     """Reconstruct, measure and plot every point of the sweep, skipping points that <outdir>/results.jsonl already
     holds for the same setting.
 
@@ -587,7 +588,8 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
     the snapshots; each is measured at every guide setting, then deleted unless `keep_networks`. Each point
     appends its lines to results.jsonl (fields: RESULT_FIELDS) and redraws the pictures (plot_results). Under
     torchrun, rank 0 reconstructs and writes; all ranks generate. `edm2_exact` measures with EDM2's exact op
-    sequence (a setting of its own in results.jsonl). Returns plot_results()'s EasyDict(best, plots, records) and
+    sequence and `vae` decodes latent networks with another VAE than the one they name (each a setting of its own
+    in results.jsonl). Returns plot_results()'s EasyDict(best, plots, records) and
     results (path), names {run: legend text}, measured (points measured now), sec (seconds this call took).
     """
     start = time.time()
@@ -610,6 +612,8 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         measure['edm2_exact'] = True
     if in_std is not None:
         measure['instd'] = [round(s, 3) for s in in_std]
+    if vae is not None:
+        measure['vae'] = vae
     say = tqdm.tqdm.write if verbose and dist.get_rank() == 0 else (lambda *_: None)
 
     # Everything a user can get wrong is checked before the first reconstruction.
@@ -673,7 +677,7 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                                                  gnet=guide.paths[gstd] if w != 1 else None, guidance=w,
                                                  max_batch_size=max_batch_size, device=device,
                                                  detector_kwargs=detector_kwargs, detectors=detectors,
-                                                 progress=verbose, edm2_exact=edm2_exact)
+                                                 progress=verbose, edm2_exact=edm2_exact, vae=vae)
                         sec = time.time() - began + (share if k == 0 else 0)
                         on_rank0(lambda: record_point(run, nimg, std, guide, gstd, w, net_path, values, sec,
                                                       _where(ref_path), runs, metrics, measure, planned, outdir, say))

@@ -148,3 +148,19 @@ def test_label_grid(tmp_path):
     assert out.shape[0] == 36 and out.shape[1] > 60
     assert (out[:, -60:] == grid.repeat(3, 0).repeat(3, 1)).all()
     assert (out[:, :out.shape[1] - 60] < 128).any()  # some text was drawn
+
+def test_best_labels_of_close_points_do_not_cover_each_other(tmp_path, monkeypatch):
+    """Two runs ending 1% apart in time and value (as A and G* of demo.py --compare can): each best point's value
+    is written where the other's is not."""
+    drawn = []
+    text = charts.ImageDraw.ImageDraw.text
+    def spy(draw, xy, label, *args, **kwargs):
+        if label in ('64.62', '64.51'):
+            w, h = charts._text_size(draw, label, kwargs['font'])  # pylint: disable=protected-access
+            drawn.append((xy[0], xy[1], xy[0] + w, xy[1] + h))
+        return text(draw, xy, label, *args, **kwargs)
+    monkeypatch.setattr(charts.ImageDraw.ImageDraw, 'text', spy)
+    curves = {'G*': [(174, 73.3), (536, 66.9), (879, 64.62)], 'A': [(188, 71.7), (535, 66.3), (895, 64.51)]}
+    charts.curves_plot(tmp_path / 'c.png', curves, xlabel='training wall time (minutes)', ylabel='FID', x_scale=60)
+    (a0, b0, a1, b1), (c0, d0, c1, d1) = drawn
+    assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, drawn

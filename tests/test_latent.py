@@ -28,6 +28,7 @@ import dnnlib
 import calculate_metrics
 import dataset_tool
 import generate_images
+import sweep_phema
 import edm2_standin
 from conftest import single_thread
 from networks import export, loading
@@ -369,6 +370,30 @@ def test_calculate_metrics_gen_on_the_latent_network(vaes, images, trained, tmp_
     line = error_line(run_tool(calculate_metrics.cmdline, ['gen', f'--net={trained.snapshot}', f'--ref={ref}',
                                                            f'--vae={tmp_path / "none"}']))
     assert line == f'Error: --vae={tmp_path / "none"}: no such folder'
+
+    # sweep_phema.py takes the same --vae: its point equals `gen` of the network it reconstructed, with that VAE.
+    sweep = tmp_path / 'sweep'
+    args = [f'--indir={trained.outdir}', f'--outdir={sweep}', '--outstd=0.1', f'--ref={ref}', '--metrics=fid',
+            f'--detector={detector}', '--seeds=0-5', '--batch=3', '--keep-networks']
+    result = run_tool(sweep_phema.cmdline, args + [f'--vae={vaes.b}'])
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in open(sweep / 'results.jsonl')]
+    assert record['vae'] == vaes.b
+    result = run_tool(calculate_metrics.cmdline, ['gen', f'--net={sweep / record["net"]}', f'--ref={ref}',
+                                                  '--seeds=0-5', '--batch=3', '--metrics=fid', f'--detector={detector}',
+                                                  f'--vae={vaes.b}'])
+    assert result.exit_code == 0, result.output
+    assert record['value'] == pytest.approx(float(re.search(r'^fid = ([\d.e+-]+)$', result.output, re.M).group(1)),
+                                            rel=1e-5)
+    # Another VAE is another setting: measured anew, and it decodes other images.
+    result = run_tool(sweep_phema.cmdline, args + [f'--vae={vaes.a}'])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in open(sweep / 'results.jsonl')]
+    assert [r['vae'] for r in records] == [vaes.b, vaes.a] and records[1]['value'] != records[0]['value']
+    line = error_line(run_tool(sweep_phema.cmdline, args[:1] + [f'--outdir={tmp_path / "sweep2"}'] + args[2:]
+                               + [f'--vae={tmp_path / "none"}']))
+    assert line == f'Error: --vae={tmp_path / "none"}: no such folder'
+    assert not os.path.exists(tmp_path / 'sweep2')
 
 #----------------------------------------------------------------------------
 # 5. EDM2-format latent pickles: EDM2's class names and persistence format, written by the stand-in environment

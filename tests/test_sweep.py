@@ -405,7 +405,8 @@ def test_moved_folders_keep_the_resume(setup, tmp_path, monkeypatch):
 def test_results_fields_are_documented(setup, tmp_path):
     """Every field a results.jsonl line holds is in --help and the README, with its type and meaning."""
     out = str(tmp_path / 'sweep')
-    _sweep(setup, out, '--edm2-exact', '--instd=0.05,0.1', stds=[0.08])
+    # Every optional field set (a pixel network ignores the VAE; a hub name is checked without a download).
+    _sweep(setup, out, '--edm2-exact', '--instd=0.05,0.1', '--vae=stabilityai/sd-vae-ft-mse', stds=[0.08])
     record, = _records(out)
     names = [name for name, _, _ in sweeps.RESULT_FIELDS]
     assert list(record) == names  # in the documented order, none missing, none extra
