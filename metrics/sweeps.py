@@ -80,6 +80,8 @@ RESULT_FIELDS = [
     ('edm2_exact',  'true',       "only when measured with EDM2's exact op sequence (--edm2-exact)"),
     ('instd',       'list',       'only when --instd chose the input snapshots: their sigma_rel'),
     ('vae',         'str',        'only when --vae replaced the VAE that latent networks name: that VAE'),
+    ('detector',    'str',        "only when --detector or --dinov2 replaced the metric's default feature network: "
+                                  'SHA-1 (16 hex digits) of its file, or its URL'),
     ('value',       'float',      "the metric's value"),
     ('ref',         'str',        'the reference statistics file (absolute path or URL; for information)'),
     ('nimg',        'int',        'images the run had trained on at that point'),
@@ -95,7 +97,7 @@ RESULT_FIELDS = [
     ('sec',         'float',      "seconds this point took: its share of the reconstruction, generation and metric"),
 ]
 KEY_FIELDS = [name for name, _, _ in RESULT_FIELDS[:[n for n, _, _ in RESULT_FIELDS].index('value')]]
-OPTIONAL_KEYS = ('edm2_exact', 'instd', 'vae')  # written only when set, so that older lines keep matching the default
+OPTIONAL_KEYS = ('edm2_exact', 'instd', 'vae', 'detector')  # written only when set, so that older lines keep matching the default
 
 def fields_help(width=100):
     """The fields of results.jsonl as text lines of at most `width` characters (for --help)."""
@@ -373,12 +375,23 @@ def _setting(run, nimg, std, guide, gstd, guidance, metric, measure):
     fields = dict(run=run.label, run_id=run.run_id, kimg=nimg // 1000, std=round(std, 3), metric=metric,
                   guide=guide.label if guided else None, guide_id=guide.id if guided else None,
                   guide_kimg=guide.kimg if guided else None, guide_std=gstd if guided else None,
-                  guidance=float(guidance), **measure)
+                  guidance=float(guidance), **_measure_of(metric, measure))
     return {k: fields[k] for k in KEY_FIELDS if k in fields}
 
 def _run_setting(run, metric, measure):
     """The fields that every point of one run and metric of this sweep shares (for the pictures)."""
-    return dict(run=run.label, run_id=run.run_id, metric=metric, **measure)
+    return dict(run=run.label, run_id=run.run_id, metric=metric, **_measure_of(metric, measure))
+
+def _measure_of(metric, measure):
+    """`measure` with its per-metric detector identities ('detectors': {metric: id}) resolved for `metric`."""
+    fields = {k: v for k, v in measure.items() if k != 'detectors'}
+    if metric in measure.get('detectors', {}):
+        fields['detector'] = measure['detectors'][metric]
+    return fields
+
+def detector_id(path):
+    """Names a detector given with --detector/--dinov2 by content (a local file) or by its URL."""
+    return path if dnnlib.util.is_url(path) else file_id(path)
 
 #----------------------------------------------------------------------------
 # Curves from records: the same function feeds the pictures and demo.py's summary, so they show the same numbers.
@@ -614,6 +627,7 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         measure['instd'] = [round(s, 3) for s in in_std]
     if vae is not None:
         measure['vae'] = vae
+    given = {m: kwargs['path'] for m, kwargs in (detector_kwargs or {}).items() if kwargs.get('path') is not None}
     say = tqdm.tqdm.write if verbose and dist.get_rank() == 0 else (lambda *_: None)
 
     # Everything a user can get wrong is checked before the first reconstruction.
@@ -644,6 +658,7 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                                                              **(detector_kwargs or {}).get(m, {})) for m in metrics}
         check_reference(ref, metrics, f'--ref={ref_path}', ready)  # the detectors give the reference's widths
         measure['ref_sha256'] = ref_fingerprint(ref_path)
+        measure['detectors'] = {m: detector_id(given[m]) for m in metrics if m in given}  # the detectors loaded
         check_outdir(outdir)  # created only once every input has been read
         release_lock = dist.acquire_run_dir(outdir, 'sweep.lock', what='sweep')  # one sweep writes results.jsonl
         records = read_records(results_path)
@@ -655,8 +670,10 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         planned = {}
         for i, nimg, std, _, w in every:
             planned.setdefault(runs[i].label, []).append((nimg // 1000, round(std, 3), w))
-        return runs, guide, todo, planned, len(every), measure['ref_sha256']
-    runs, guide, todo, planned, total, measure['ref_sha256'] = on_rank0(prepare)
+        return runs, guide, todo, planned, len(every), dict(ref_sha256=measure['ref_sha256'],
+                                                            detectors=measure['detectors'])
+    runs, guide, todo, planned, total, fingerprints = on_rank0(prepare)
+    measure.update(fingerprints)
     say(f'{total - len(todo)} of {total} points already measured in {results_path}; {len(todo)} to go.')
 
     try:

@@ -386,6 +386,36 @@ def test_snapshot_prefix_is_detected(setup, tmp_path):
         in result.output, result.output
     _sweep(setup, str(tmp_path / 'x'), '--inprefix=edm2-img512-xs', stds=[0.08], indirs=[str(run)])
 
+class SquaredColours(torch.nn.Module):
+    """Another detector of PooledColours' width: its features in the other order."""
+
+    def forward(self, img, return_features: bool = False):
+        x = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 2).flatten(1) / 255
+        return torch.cat([x * x, x], dim=1)
+
+def test_another_detector_measures_again(setup, tmp_path, monkeypatch):
+    """A point measured with one --detector is not reused for another (its file's SHA-1 is part of the point's key),
+    and the same detector copied elsewhere is the same detector."""
+    other = str(tmp_path / 'other.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        torch.jit.save(torch.jit.script(SquaredColours()), other)
+    out = str(tmp_path / 'sweep')
+    _sweep(setup, out, stds=[0.08])
+    result = CliRunner().invoke(sweep_phema.cmdline, [a if not a.startswith('--detector=') else f'--detector={other}'
+                                                      for a in _args(setup, out, stds=[0.08])])
+    assert result.exit_code == 0, result.output
+    assert '0 of 1 points already measured' in result.output
+    first, second = _records(out)
+    assert first['detector'] == sweeps.file_id(setup.detector) and second['detector'] == sweeps.file_id(other)
+    assert first['value'] != second['value']
+    twin = str(tmp_path / 'twin.pt')
+    shutil.copyfile(setup.detector, twin)
+    monkeypatch.setattr(sweeps, 'measure_network', lambda *a, **k: pytest.fail('measured again'))
+    result = CliRunner().invoke(sweep_phema.cmdline, [a if not a.startswith('--detector=') else f'--detector={twin}'
+                                                      for a in _args(setup, out, stds=[0.08])])
+    assert result.exit_code == 0 and '1 of 1 points already measured' in result.output, result.output
+
 def test_moved_folders_keep_the_resume(setup, tmp_path, monkeypatch):
     """Run, reference statistics and sweep moved together to another place (as a demo folder holds them): the
     rerun finds every point measured."""
