@@ -8,13 +8,11 @@ what each case prints now.
 
 import copy
 import errno
-import importlib
 import io
 import json
 import os
 import pickle
 import re
-import signal
 import zipfile
 
 import numpy as np
@@ -25,6 +23,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import edm2_standin
+from cli_cases import error_lines, files_under, run_tool
 
 #----------------------------------------------------------------------------
 # Files the cases read: built once per module.
@@ -98,24 +97,6 @@ def assets(tmp_path_factory):
 # The cases: (id, tool, arguments, exit code, regular expression the Error line must match).
 # In arguments, {A} is the assets folder and {T} the case's own empty folder; `existing` files are made in {T}
 # before the call (they must survive unchanged); `full_disk` makes every write fail with ENOSPC.
-
-TOOLS = {
-    'train':    ('train_edm2plus', 'cmdline', []),
-    'generate': ('generate_images', 'cmdline', []),
-    'calc':     ('calculate_metrics', 'cmdline', ['calc']),
-    'gen':      ('calculate_metrics', 'cmdline', ['gen']),
-    'ref':      ('calculate_metrics', 'cmdline', ['ref']),
-    'phema':    ('reconstruct_phema', 'cmdline', []),
-    'plot':     ('plot_sweep', 'cmdline', []),
-    'flops':    ('count_flops', 'cmdline', []),
-    'dataset':  ('dataset_tool', 'cmdline', ['convert']),
-    'export':   ('networks.export', 'cmdline', []),
-    'sweep':    ('sweep_phema', 'cmdline', []),
-    'edm2':     ('train_edm2', 'cmdline', []),
-    'demo':     ('demo', 'cmdline', []),
-    'toytrain': ('toy_example', 'cmdline', ['train']),
-    'toyplot':  ('toy_example', 'cmdline', ['plot']),
-}
 
 class Case:
     def __init__(self, id, tool, args, code, pattern, existing=(), full_disk=False):  # pylint: disable=redefined-builtin
@@ -250,17 +231,17 @@ CASES = [
     Case('flops-file-with-block',    'flops', ['{A}/net.pkl', '--block=G*'], 1, r'--block cannot be combined with a network file'),
 
     # dataset_tool.py convert
-    Case('dataset-source-missing',   'dataset', ['--source={T}/none', '--dest={T}/out.zip'], 1, r'none'),
-    Case('dataset-dest-exists',      'dataset', CONVERT, 1, r'out\.zip: .*(already exists|--overwrite)', existing=['out.zip']),
-    Case('dataset-dest-under-file',  'dataset', ['--source={A}/images', '--dest={A}/afile/out.zip'], 1, r'out\.zip: .*afile is not a directory'),
-    Case('dataset-dest-is-dir',      'dataset', ['--source={A}/images', '--dest={A}/empty.zip'], 1, r'empty\.zip: is a directory'),
-    Case('dataset-dest-read-only',   'dataset', ['--source={A}/images', '--dest=/sys/edm2plus-out.zip'], 1, r'/sys/edm2plus-out\.zip: cannot write there'),
-    Case('dataset-full-disk',        'dataset', CONVERT, 1, r'out\.zip: No space left on device', full_disk='zip'),
-    Case('dataset-num-classes',      'dataset', ['--source={A}/data.zip', '--dest={T}/out.zip', '--num-classes=2'], 1, r'data\.zip.*label'),
-    Case('dataset-resolution-0x0',   'dataset', CONVERT + ['--resolution=0x0'], 2, r"'--resolution': 0x0: width and height must be 1 or more"),
-    Case('dataset-resolution-text',  'dataset', CONVERT + ['--resolution=big'], 2, r"'--resolution'.*big"),
-    Case('dataset-max-images-0',     'dataset', CONVERT + ['--max-images=0'], 2, r"'--max-images': 0 is not in the range x>=1"),
-    Case('dataset-corrupt-image',    'dataset', ['--source={A}/corrupt', '--dest={T}/out.zip'], 1, r'b\.png: cannot read image'),
+    Case('dataset-source-missing',   'convert', ['--source={T}/none', '--dest={T}/out.zip'], 1, r'none'),
+    Case('dataset-dest-exists',      'convert', CONVERT, 1, r'out\.zip: .*(already exists|--overwrite)', existing=['out.zip']),
+    Case('dataset-dest-under-file',  'convert', ['--source={A}/images', '--dest={A}/afile/out.zip'], 1, r'out\.zip: .*afile is not a directory'),
+    Case('dataset-dest-is-dir',      'convert', ['--source={A}/images', '--dest={A}/empty.zip'], 1, r'empty\.zip: is a directory'),
+    Case('dataset-dest-read-only',   'convert', ['--source={A}/images', '--dest=/sys/edm2plus-out.zip'], 1, r'/sys/edm2plus-out\.zip: cannot write there'),
+    Case('dataset-full-disk',        'convert', CONVERT, 1, r'out\.zip: No space left on device', full_disk='zip'),
+    Case('dataset-num-classes',      'convert', ['--source={A}/data.zip', '--dest={T}/out.zip', '--num-classes=2'], 1, r'data\.zip.*label'),
+    Case('dataset-resolution-0x0',   'convert', CONVERT + ['--resolution=0x0'], 2, r"'--resolution': 0x0: width and height must be 1 or more"),
+    Case('dataset-resolution-text',  'convert', CONVERT + ['--resolution=big'], 2, r"'--resolution'.*big"),
+    Case('dataset-max-images-0',     'convert', CONVERT + ['--max-images=0'], 2, r"'--max-images': 0 is not in the range x>=1"),
+    Case('dataset-corrupt-image',    'convert', ['--source={A}/corrupt', '--dest={T}/out.zip'], 1, r'b\.png: cannot read image'),
 
     # sweep_phema.py
     Case('sweep-outdir-is-file',     'sweep', ['--indir={A}/run', '--outdir={A}/afile', '--outstd=0.07', '--ref={A}/ref.pkl'], 1, r'afile: exists and is not a directory'),
@@ -311,24 +292,11 @@ CASES = [
 
 TIME_LIMIT = 30  # seconds; every case should end in well under one
 
-def _tree(root):
-    """{relative path: bytes} of every file under root."""
-    files = {}
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, 'rb') as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
-
 def run_case(case, assets, tmp_path, monkeypatch):
-    module_name, command_name, prefix = TOOLS[case.tool]
-    command = getattr(importlib.import_module(module_name), command_name)
     existing = case.existing if isinstance(case.existing, dict) else {n: b'precious ' + n.encode() for n in case.existing}
     for name, data in existing.items():
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    args = prefix + [a.format(A=assets, T=tmp_path) for a in case.args]
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, 'No space left on device')
     if case.full_disk == 'zip':  # dataset_tool writes its zip directly
@@ -336,21 +304,9 @@ def run_case(case, assets, tmp_path, monkeypatch):
     elif case.full_disk:  # every other output goes through dnnlib.util.atomic_write, which syncs before renaming
         monkeypatch.setattr(os, 'fsync', full)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    before = (_tree(assets), _tree(tmp_path))
-    def too_long(_signum, _frame):
-        raise TimeoutError(f'still running after {TIME_LIMIT} s: the bad input was not caught before the work')
-    previous = signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(TIME_LIMIT)
-    try:
-        result = CliRunner().invoke(command, args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    after = (_tree(assets), _tree(tmp_path))
-    return result, before, after
-
-def error_lines(output):
-    return [line for line in output.splitlines() if line.startswith('Error:')]
+    before = (files_under(assets), files_under(tmp_path))
+    result = run_tool(case.tool, [a.format(A=assets, T=tmp_path) for a in case.args], TIME_LIMIT)
+    return result, before, (files_under(assets), files_under(tmp_path))
 
 @pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: disable=redefined-outer-name,unused-argument

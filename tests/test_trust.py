@@ -11,7 +11,6 @@ check behaviour that a one-line error cannot show (what still loads, what is sti
 import copy
 import gzip
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -32,6 +31,7 @@ from click.testing import CliRunner
 
 import dnnlib
 from metrics import detectors
+from cli_cases import error_lines, files_under, run_tool
 from conftest import make_tiny_net, randomize_weights, snapshot_dict, write_dataset, png_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,22 +165,6 @@ def assets(tmp_path_factory):
 # The cases: (id, tool, arguments, exit code, pattern of the Error line). {A}: the assets folder, {T}: the case's own
 # empty folder. `prepare(T, A, monkeypatch)` sets up a case (links, environment); `writes` allows new files (a
 # training refused at resume writes its log); `root_only` skips a case that needs root's chown.
-
-TOOLS = {
-    'train':    ('train_edm2plus', 'cmdline', []),
-    'generate': ('generate_images', 'cmdline', []),
-    'calc':     ('calculate_metrics', 'cmdline', ['calc']),
-    'gen':      ('calculate_metrics', 'cmdline', ['gen']),
-    'ref':      ('calculate_metrics', 'cmdline', ['ref']),
-    'phema':    ('reconstruct_phema', 'cmdline', []),
-    'plot':     ('plot_sweep', 'cmdline', []),
-    'flops':    ('count_flops', 'cmdline', []),
-    'convert':  ('dataset_tool', 'cmdline', ['convert']),
-    'encode':   ('dataset_tool', 'cmdline', ['encode']),
-    'decode':   ('dataset_tool', 'cmdline', ['decode']),
-    'export':   ('networks.export', 'cmdline', []),
-    'sweep':    ('sweep_phema', 'cmdline', []),
-}
 
 class Case:
     def __init__(self, id, tool, args, code, pattern, prepare=None, writes=False, root_only=False):  # pylint: disable=redefined-builtin
@@ -392,40 +376,16 @@ CASES = [
 
 TIME_LIMIT = 60  # seconds; every case should end in a few
 
-def _tree(root):
-    files = {}
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                with open(path, 'rb') as f:
-                    files[os.path.relpath(path, root)] = f.read()
-    return files
-
-def _error_lines(output):
-    return [line for line in output.splitlines() if line.startswith('Error:')]
-
 def run_case(case, assets, tmp_path, monkeypatch):
-    module_name, command_name, prefix = TOOLS[case.tool]
-    command = getattr(importlib.import_module(module_name), command_name)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'private-cache'))  # never the user's own cache
     # Detectors that earlier tests loaded in this process are kept in memory: each case must find its own.
     monkeypatch.setattr(detectors, '_detector_cache', {})
     if case.prepare is not None:
         case.prepare(str(tmp_path), str(assets), monkeypatch)
-    args = prefix + [a.format(A=assets, T=tmp_path) for a in case.args]
-    before = (_tree(assets), _tree(tmp_path))
-    def too_long(_signum, _frame):
-        raise TimeoutError(f'still running after {TIME_LIMIT} s: the bad input was not caught before the work')
-    previous = signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(TIME_LIMIT)
-    try:
-        result = CliRunner().invoke(command, args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return result, before, (_tree(assets), _tree(tmp_path))
+    before = (files_under(assets), files_under(tmp_path))
+    result = run_tool(case.tool, [a.format(A=assets, T=tmp_path) for a in case.args], TIME_LIMIT)
+    return result, before, (files_under(assets), files_under(tmp_path))
 
 @pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
 def test_trust_case(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: disable=redefined-outer-name,unused-argument
@@ -433,12 +393,12 @@ def test_trust_case(case, assets, tmp_path, monkeypatch, one_thread):  # pylint:
         pytest.skip('needs root to give a folder to another user')
     result, before, after = run_case(case, assets, tmp_path, monkeypatch)
     output = result.output
-    shown = _error_lines(output) or [repr(result.exception)]
+    shown = error_lines(output) or [repr(result.exception)]
     print(f'\nTABLE | {case.id} | {result.exit_code} | {shown[-1]}')  # -s shows what each case prints now
     assert 'Traceback' not in output, output
     assert isinstance(result.exception, SystemExit), (result.exception, output)
     assert result.exit_code == case.code, output
-    lines = _error_lines(output)
+    lines = error_lines(output)
     assert len(lines) == 1, output
     assert re.search(case.pattern, lines[0]), lines[0]
     assert not os.path.exists(assets / 'PWNED') and not os.path.exists(tmp_path / 'PWNED'), 'a payload ran'
@@ -611,13 +571,13 @@ def test_second_training_is_refused_and_a_dead_one_resumes(assets, tmp_path, mon
     (run_dir / 'stats.jsonl').write_text('{"Progress/kimg": 0.000}\n')
     holder = _hold_lock(run_dir)
     try:
-        before = _tree(run_dir)
+        before = files_under(run_dir)
         result = CliRunner().invoke(train_edm2plus.cmdline, [f'--data={assets}/data.zip', f'--outdir={run_dir}',
                                                              '--preset=demo', '--duration=64', '--batch=32'])
-        lines = _error_lines(result.output)
+        lines = error_lines(result.output)
         assert result.exit_code == 1 and len(lines) == 1 and 'Traceback' not in result.output, result.output
         assert re.search(rf'--outdir=.*run: in use by another training \(PID {holder.pid} on host \S+, started ', lines[0])
-        assert _tree(run_dir) == before  # nothing written: no log.txt, no training_options.json
+        assert files_under(run_dir) == before  # nothing written: no log.txt, no training_options.json
         # A sweep's lock is its own: a second sweep in the same folder is refused the same way.
         with pytest.raises(dist.RunDirBusyError, match=rf'in use by another training \(PID {holder.pid}'):
             dist.acquire_run_dir(str(run_dir))
@@ -636,7 +596,7 @@ def test_second_sweep_is_refused(assets, tmp_path, monkeypatch):
     try:
         result = CliRunner().invoke(sweep_phema.cmdline, [a.format(A=assets, T=tmp_path) for a in SWEEP] +
                                     ['--outstd=0.07', f'--ref={assets}/ref.pkl'])
-        lines = _error_lines(result.output)
+        lines = error_lines(result.output)
         assert result.exit_code == 1 and len(lines) == 1, result.output
         assert re.search(rf'sweep: in use by another sweep \(PID {holder.pid} ', lines[0])
         assert sorted(os.listdir(tmp_path / 'sweep')) == ['sweep.lock']
