@@ -4,6 +4,7 @@ and files_under() gives the bytes of every file, so that a test can tell what a 
 
 import importlib
 import os
+import re
 import signal
 
 from click.testing import CliRunner
@@ -57,3 +58,16 @@ def files_under(root):
 
 def error_lines(output):
     return [line for line in output.splitlines() if line.startswith('Error:')]
+
+def check_refusal(case, result):
+    """The call ended as `case` (its id, exit code and pattern) says: one line `Error: ...` matching the pattern, the
+    expected exit code, no traceback. Prints `TABLE | id | exit code | line` (pytest -s shows what each case prints)."""
+    output = result.output
+    shown = error_lines(output) or [repr(result.exception)]
+    print(f'\nTABLE | {case.id} | {result.exit_code} | {shown[-1]}')
+    assert 'Traceback' not in output, output
+    assert isinstance(result.exception, SystemExit), (result.exception, output)
+    assert result.exit_code == case.code, output
+    lines = error_lines(output)
+    assert len(lines) == 1, output
+    assert re.search(case.pattern, lines[0]), lines[0]

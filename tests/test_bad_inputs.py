@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import edm2_standin
-from cli_cases import error_lines, files_under, run_tool
+from cli_cases import check_refusal, error_lines, files_under, run_tool
 
 #----------------------------------------------------------------------------
 # Files the cases read: built once per module.
@@ -311,15 +311,7 @@ def run_case(case, assets, tmp_path, monkeypatch):
 @pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, assets, tmp_path, monkeypatch, one_thread):  # pylint: disable=redefined-outer-name,unused-argument
     result, before, after = run_case(case, assets, tmp_path, monkeypatch)
-    output = result.output
-    shown = error_lines(output) or [repr(result.exception)]
-    print(f'\nTABLE | {case.id} | {result.exit_code} | {shown[-1]}')  # -s shows what each case prints now
-    assert 'Traceback' not in output, output
-    assert isinstance(result.exception, SystemExit), (result.exception, output)
-    assert result.exit_code == case.code, output
-    lines = error_lines(output)
-    assert len(lines) == 1, output
-    assert re.search(case.pattern, lines[0]), lines[0]
+    check_refusal(case, result)
     assert after[0] == before[0], 'a file in the assets folder changed or appeared'
     assert after[1] == before[1], f'files before {sorted(before[1])}, after {sorted(after[1])}'
 
