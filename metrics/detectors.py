@@ -53,7 +53,6 @@ DINOV2_RESOLUTION = 224
 DINOV2_DIM = 1024               # CLS embedding of ViT-L/14.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHTS_ONLY_SUFFIXES = ('.pt', '.pth')  # file names that promise tensors only: never unpickled with code
 
 def cached_download_path(url):
     """The file that `dnnlib.util.open_url` keeps for `url` in the download cache, or None (no download here).
@@ -90,12 +89,11 @@ def load_model_file(path):
                 return torch.jit.load(path, map_location='cpu')
         except RuntimeError:
             pass        # a zip that is not TorchScript: torch.save's zip format, handled below
-    if os.path.splitext(path)[1].lower() in WEIGHTS_ONLY_SUFFIXES:
+    if misc.is_weights_only_name(path):
         if not zipfile.is_zipfile(path):
             with open(path, 'rb') as f:
                 if f.read(1) == b'\x80':
-                    raise misc.CodeRefusedError('refused: a pickle under a .pt name; files named .pt or .pth are '
-                                                'read weights-only and never unpickled: if you trust it, rename it .pkl')
+                    raise misc.CodeRefusedError(f'{misc.PICKLE_UNDER_WEIGHTS_NAME}: if you trust it, rename it .pkl')
         return misc.load_weights_only(path, path)
     if zipfile.is_zipfile(path):
         return torch.load(path, map_location='cpu', weights_only=False)

@@ -37,15 +37,11 @@ PICKLE_WARNING = ('Network pickles (.pkl) run the Python code stored inside them
 # The weights-only format: a torch.save of plain containers and tensors (layout in networks/export.py).
 WEIGHTS_FORMAT = 'edm2plus-weights'
 WEIGHTS_VERSION = 1
-# Names that promise tensors only (PyTorch's weights files): such a file is read weights-only, whatever its bytes.
-WEIGHTS_ONLY_SUFFIXES = ('.pt', '.pth')
 
-def is_weights_only_name(path_or_url):
-    """True for a path or URL whose name ends in .pt or .pth (any case): it is never unpickled with code."""
+def _file_name(path_or_url):
+    """The name that misc.is_weights_only_name judges: the path itself, or a URL's path (no query or fragment)."""
     name = os.fspath(path_or_url)
-    if dnnlib.util.is_url(name):
-        name = urllib.parse.urlparse(name).path
-    return os.path.splitext(name)[1].lower() in WEIGHTS_ONLY_SUFFIXES
+    return urllib.parse.urlparse(name).path if dnnlib.util.is_url(name) else name
 
 # The only classes a weights-only file may name, per role. The file chooses among these names and supplies
 # constructor arguments and tensors; nothing else. They are looked up by name when a file asks for them (as a
@@ -87,10 +83,9 @@ def load_snapshot(path_or_url, verbose=True, native=True, allow_pickle=True, fin
         f.seek(0)
         if head[:2] == b'PK':  # torch.save's zip archive
             data = _read_weights(f, name)
-        elif head[:1] == b'\x80' and is_weights_only_name(name):
-            raise NetworkFileError(f'{name}: refused: a pickle under a .pt name; files named .pt or .pth are read '
-                                   'weights-only and never unpickled, since unpickling runs code: if you trust it, '
-                                   'rename it .pkl')
+        elif head[:1] == b'\x80' and misc.is_weights_only_name(_file_name(name)):
+            raise NetworkFileError(f'{name}: {misc.PICKLE_UNDER_WEIGHTS_NAME}, since unpickling runs code: if you '
+                                   'trust it, rename it .pkl')
         elif head[:1] == b'\x80':  # pickle protocol 2 or later (EDM2 and we write the default protocol)
             if not allow_pickle:
                 raise NetworkFileError(f'{name}: is a pickle, and pickles are refused here because loading them runs '

@@ -392,6 +392,18 @@ def _what_was_refused(error):
     detail = next((line for line in lines if line.startswith(('Unsupported', 'Can only', 'Trying to'))), None)
     return detail.rstrip('.') if detail is not None else 'it is not in the weights-only format'
 
+# Names that promise tensors only (PyTorch's weights files). A file so named is read with the weights-only loader
+# whatever its bytes, and a pickle under such a name is refused, never unpickled: users rely on the name's promise,
+# so the bytes must not turn the file into code that runs. The loaders of networks and of detectors share this rule
+# and this refusal (each ends PICKLE_UNDER_WEIGHTS_NAME in its own words).
+WEIGHTS_ONLY_SUFFIXES = ('.pt', '.pth')
+PICKLE_UNDER_WEIGHTS_NAME = ('refused: a pickle under a .pt name; files named .pt or .pth are read weights-only and '
+                             'never unpickled')
+
+def is_weights_only_name(path):
+    """True for a file name ending in .pt or .pth (any case): such a file is never unpickled with code."""
+    return os.path.splitext(os.fspath(path))[1].lower() in WEIGHTS_ONLY_SUFFIXES
+
 def load_weights_only(file, name, allow=()):
     """torch.load `file` (path or file object) onto the CPU with torch's weights-only unpickler, which rebuilds only
     tensors and plain containers and never runs code from the file, whatever its bytes or the environment say
