@@ -44,16 +44,21 @@ from networks.edm2plus import MPConv, SILU_STD, mp_cat_weights, mp_sum_weights, 
 # unless asked for the training path (train_edm2plus.py --train-path=fast, or training_path('fast')).
 
 TRAINING_PATHS = ('auto', 'fast', 'reference')
-_training_path = 'auto'  # set by training_path(); read by every call with autograd on
+_training_path = 'auto'  # set by training_path() only, after checking it; read by every call with autograd on
+
+def _resolve(device_type, choice):
+    # A choice already known to be one of TRAINING_PATHS: every module call resolves _training_path, so it is
+    # checked once where it is set, not again on each call.
+    if choice != 'auto':
+        return choice
+    return 'fast' if device_type == 'cpu' else 'reference'
 
 def training_path_for(device_type, choice='auto'):
     """'fast' (the training path) or 'reference': what a call with autograd on takes on a device of this type
     ('cpu', 'cuda', ...) for a choice of TRAINING_PATHS ('auto': 'fast' on the CPU only)."""
     if choice not in TRAINING_PATHS:
         raise ValueError(f'unknown training path "{choice}" (choose from {", ".join(TRAINING_PATHS)})')
-    if choice != 'auto':
-        return choice
-    return 'fast' if device_type == 'cpu' else 'reference'
+    return _resolve(device_type, choice)
 
 @contextlib.contextmanager
 def training_path(choice):
@@ -75,7 +80,7 @@ def choose_path(module, x):
         return 'reference'
     if not module.training and not torch.is_grad_enabled():
         return 'infer'
-    return 'train' if training_path_for(x.device.type, _training_path) == 'fast' else 'reference'
+    return 'train' if _resolve(x.device.type, _training_path) == 'fast' else 'reference'
 
 #----------------------------------------------------------------------------
 # Kernels of both paths.
@@ -139,7 +144,7 @@ class _MPWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, gain, scale):
-        fan_in = w[0].numel()
+        fan_in = w.shape[1:].numel()
         norm = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True)
         d = norm_divisor(norm, fan_in)
         f0 = (scale / np.sqrt(fan_in)) / d
@@ -152,7 +157,7 @@ class _MPWeight(torch.autograd.Function):
     def backward(ctx, g):
         w, norm, d, f0, f = ctx.saved_tensors
         dot = torch.linalg.vecdot(g.flatten(1), w.flatten(1)).reshape(d.shape)  # <g, w> per row
-        coef = dot / (d * np.sqrt(w[0].numel()) * norm.clamp(min=1e-30))
+        coef = dot / (d * np.sqrt(w.shape[1:].numel()) * norm.clamp(min=1e-30))
         grad_w = torch.addcmul(g, w, coef, value=-1).mul_(f)
         grad_gain = (dot * f0).sum() if ctx.has_gain and ctx.needs_input_grad[1] else None
         return grad_w, grad_gain, None
@@ -172,7 +177,7 @@ def _train_weight(conv, dtype, gain=1, scale=1):
     unit = _unit_weights.get(conv)
     if unit is not None:  # normalised already, with the network's other weights (see _unit_weight_table)
         if isinstance(gain, torch.Tensor):
-            w = unit * (_gain32(gain, conv.weight[0].numel()) * scale)
+            w = unit * (_gain32(gain, conv.weight.shape[1:].numel()) * scale)
         else:
             w = unit if gain * scale == 1 else unit * (gain * scale)
         w = w.to(dtype)
@@ -182,11 +187,11 @@ def _train_weight(conv, dtype, gain=1, scale=1):
         with torch.no_grad():
             if w32 is conv.weight:  # normalize() in place: the same division, without a copy
                 norm = torch.linalg.vector_norm(w32, dim=list(range(1, w32.ndim)), keepdim=True)
-                w32.div_(norm_divisor(norm, w32[0].numel()))
+                w32.div_(norm_divisor(norm, w32.shape[1:].numel()))
             else:
                 conv.weight.copy_(normalize(w32))
     if isinstance(gain, torch.Tensor):
-        w = _MPWeight.apply(w32, _gain32(gain, w32[0].numel()), scale)
+        w = _MPWeight.apply(w32, _gain32(gain, w32.shape[1:].numel()), scale)
     else:
         w = _MPWeight.apply(w32, None, scale * gain)
     w = w.to(dtype)
@@ -240,7 +245,7 @@ def _unit_weight_table(net):
     groups = {}
     for conv in net.modules():
         if isinstance(conv, MPConv) and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu':
-            groups.setdefault(conv.weight[0].numel(), []).append(conv)
+            groups.setdefault(conv.weight.shape[1:].numel(), []).append(conv)
     try:
         for fan_in, convs in groups.items():
             trained = [conv.weight for conv in convs if conv.training]
@@ -402,7 +407,7 @@ def _cached(conv, dtype, gain=1, scale=1):
     hit = entries.get(slot)
     if hit is None or hit[0] != valid:
         w = conv.weight.to(torch.float32)
-        w = normalize(w) * (gain * (scale / np.sqrt(w[0].numel())))
+        w = normalize(w) * (gain * (scale / np.sqrt(w.shape[1:].numel())))
         w = w.to(dtype)
         if w.ndim == 4:
             w = w.contiguous(memory_format=torch.channels_last)
