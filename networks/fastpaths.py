@@ -23,7 +23,8 @@ oneDNN's convolution directly. The reference path keeps EDM2's calls, and with t
 outputs are EDM2's bit for bit at every batch size, which rules out changing the kernels it calls.
 
 Module state (each documented where it is defined): _training_path (the choice of training_path()), _weight_cache
-(the inference path's normalised weights) and _unit_weights (the training path's weights during one CPU pass).
+(the inference path's normalised weights), _unit_weights (the training path's weights during one CPU pass) and
+_branch_plans (what each block's recipe means to both paths).
 """
 
 import contextlib
@@ -118,6 +119,20 @@ def _mp_cat_fast(a, b, t=0.5):
     torch.mul(a, wa, out=out[:, :na])
     torch.mul(b, wb, out=out[:, na:])
     return out
+
+# A block's recipe (block.steps) is fixed when the block is built, so what the paths derive from it is worked out
+# once per block instead of on every call. The cache lives outside the module, so it never enters pickles or deep
+# copies, and an entry goes when its block does.
+_branch_plans = weakref.WeakKeyDictionary()  # Block -> (_infer_plan(steps), index of its last non-dropout step)
+
+def _branch_plan(block):
+    """(the inference path's plan of the branch, index of the last step that is not dropout, or None)."""
+    plans = _branch_plans.get(block)
+    if plans is None:
+        steps = block.steps
+        last = max((i for i, (op, _name, _args) in enumerate(steps) if op != 'drop'), default=None)
+        plans = _branch_plans[block] = (tuple(_infer_plan(steps)), last)
+    return plans
 
 #----------------------------------------------------------------------------
 # Training path. The reference path makes a pass over memory (forward, and again in backward) for every constant
@@ -317,6 +332,7 @@ def _train_branch(block, x, emb, out_scale):
     """The residual branch times out_scale. `k` is a scalar factor y still owes (true value = k * y), folded into
     the next weight or modulation instead of costing a pass over the activations."""
     y, k = x, 1.0
+    end = _branch_plan(block)[1]  # a convolution at step `end` ends the branch: nothing but dropout follows it
     for i, (op, name, _args) in enumerate(block.steps):
         if op == 'silu':
             y = torch.nn.functional.silu(y if k == 1 else y * k)
@@ -330,7 +346,7 @@ def _train_branch(block, x, emb, out_scale):
             y, k = y * c.to(y.dtype).unsqueeze(2).unsqueeze(3), 1.0
         else:
             conv = getattr(block, name)
-            last = all(s[0] == 'drop' for s in block.steps[i + 1:])
+            last = i == end
             y = _conv2d(y, _train_weight(conv, y.dtype, scale=k * (out_scale if last else 1)), conv.groups)
             k = 1.0
             if last:
@@ -475,7 +491,7 @@ def _infer_branch(block, x, emb, out_scale):
     """The residual branch times out_scale. `k` is a scalar factor y still owes (true value = k * y): it is folded
     into the next linear layer's weight instead of costing a pass over the activations. `owned`: y is a fresh
     tensor of ours, so elementwise updates may be done in place."""
-    plan = _infer_plan(block.steps)
+    plan = _branch_plan(block)[0]
     y, k, owned = x, 1.0, False
     for i, (op, name, silu) in enumerate(plan):
         if op == 'silu':
