@@ -112,9 +112,12 @@ def _resample_fast(x, f, mode):
 
 def _mp_cat_fast(a, b, t=0.5):
     """mp_cat along channels, written straight into one channels-last buffer (no scaled temporaries)."""
-    na, nb = a.shape[1], b.shape[1]
-    wa, wb = mp_cat_weights(na, nb, t)
-    out = torch.empty([a.shape[0], na + nb, *a.shape[2:]], dtype=a.dtype, device=a.device,
+    return _cat_scaled(a, b, *mp_cat_weights(a.shape[1], b.shape[1], t))
+
+def _cat_scaled(a, b, wa, wb):
+    """torch.cat([a * wa, b * wb], dim=1) with each product written into its part of one channels-last buffer."""
+    na = a.shape[1]
+    out = torch.empty([a.shape[0], na + b.shape[1], *a.shape[2:]], dtype=a.dtype, device=a.device,
                       memory_format=torch.channels_last)
     torch.mul(a, wa, out=out[:, :na])
     torch.mul(b, wb, out=out[:, na:])
@@ -307,7 +310,7 @@ class _MPCat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, t):
         ctx.factors, ctx.na = mp_cat_weights(a.shape[1], b.shape[1], t), a.shape[1]
-        return _mp_cat_fast(a, b, t)
+        return _cat_scaled(a, b, *ctx.factors)  # the factors once, for forward and backward
 
     @staticmethod
     def backward(ctx, g):
