@@ -48,24 +48,17 @@ ARCHITECTURE_OPTIONS = dict(block='--block', model_channels='--channels', expans
 def probe_dataset(dataset_kwargs):
     """EasyDict(dataset, num_channels, resolution, label_dim, has_labels, vae) of the dataset, after decoding one
     image (so that a corrupt dataset fails here, with its file named): `dataset` is the opened dataset, which the
-    training loop then uses rather than opening it again; `vae` is the VAE a latent dataset's dataset.json names
-    (dataset_tool.py encode writes it), or None. Raises click.ClickException."""
+    training loop then uses rather than opening it again; `vae` is the VAE a latent (8-channel) dataset's
+    dataset.json names (dataset_tool.py encode writes it), or None. Raises click.ClickException."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         dataset_obj[0]
         return dnnlib.EasyDict(dataset=dataset_obj, num_channels=dataset_obj.num_channels,
                                resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
-                               has_labels=dataset_obj.has_labels, vae=_recorded_vae(dataset_obj))
+                               has_labels=dataset_obj.has_labels,
+                               vae=dataset_obj.recorded_vae if dataset_obj.num_channels == 8 else None)
     except (IOError, OSError, ValueError) as e:
         raise click.ClickException(f'--data: {e}')
-
-def _recorded_vae(dataset_obj):
-    # pylint: disable=protected-access  (the dataset reads its own files; labels were parsed from it already)
-    if 'dataset.json' not in getattr(dataset_obj, '_all_fnames', ()):
-        return None
-    doc = json.loads(dataset_obj._read_bytes('dataset.json'))
-    vae = doc.get('vae') if isinstance(doc, dict) else None
-    return vae if isinstance(vae, str) else None
 
 def latent_encoder_kwargs(vae, info):
     """encoder_kwargs of a latent dataset: the VAE that the snapshots will decode with is --vae (checked: a folder,
