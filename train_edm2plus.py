@@ -211,9 +211,9 @@ def training_config(opts, dataset_kwargs, encoder_kwargs, network_kwargs):
 
 #----------------------------------------------------------------------------
 
-def print_training_config(c, opts, world_size, info=None):
-    """Print the config, the run's facts and the network's size (`info`: configure()'s; None: the dataset is probed
-    again); refuse (ClickException) a network that cannot be built or cannot fit the device's memory."""
+def print_training_config(c, opts, world_size, info):
+    """Print the config, the run's facts and the network's size (`info`: configure()'s, what the dataset holds);
+    refuse (ClickException) a network that cannot be built or cannot fit the device's memory."""
     dist.print0()
     dist.print0('Training config:')
     dist.print0(json.dumps(c, indent=2))
@@ -232,7 +232,7 @@ def print_training_config(c, opts, world_size, info=None):
     dist.print0()
     # The network's size, counted as count_flops.py does (on the meta device: no memory, about a second).
     kwargs = {k: v for k, v in c['network_kwargs'].items() if k not in ('class_name', 'use_fp16', 'use_bf16')}
-    kwargs.update(network_interface(info if info is not None else probe_dataset(c['dataset_kwargs'])))
+    kwargs.update(network_interface(info))
     dist.print0(f'Network: {flops.describe(kwargs)}')
     try:
         meta_net = flops.build_meta(**kwargs)
