@@ -29,7 +29,7 @@ from torch_utils import distributed as dist
 from networks import flops, presets
 from networks.edm2plus import BLOCK_VARIANTS
 from networks.fastpaths import TRAINING_PATHS
-from training import training_loop
+from training import phema, training_loop
 
 #----------------------------------------------------------------------------
 # Configuration, built from the options; kept separate from the CLI so that tests can call it.
@@ -147,11 +147,11 @@ def resolve_options(opts):
     if len(opts.ema_stds) == 0 or not all(0 < s < 0.289 for s in opts.ema_stds):
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: '
                                    f'give one or more relative standard deviations between 0 and 0.289')
-    names = [f'{s:.3f}' for s in opts.ema_stds]  # snapshot names hold three decimals: one file per tracked EMA
-    if len(set(names)) != len(names):
-        twice = cli.first_duplicate(names)
+    collision = phema.name_collision(opts.ema_stds)  # one snapshot file per tracked EMA
+    if collision is not None:
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: two of them are '
-                                   f'{twice} at the three decimals that snapshot names hold, and would write one file')
+                                   f'{collision[0]:.3f} at the three decimals that snapshot names hold, and would '
+                                   f'write one file')
     return opts, preset
 
 def encoder_kwargs_for(opts, info):

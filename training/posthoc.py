@@ -18,7 +18,7 @@ import dnnlib
 from networks.loading import count_non_finite, load_snapshot
 from torch_utils import cli
 from torch_utils import misc
-from training.phema import solve_posthoc_coefficients
+from training.phema import name_collision, solve_posthoc_coefficients
 
 MAX_STD = 0.289  # σ_rel limit of the tools; 1/sqrt(12) ≈ 0.2887 corresponds to γ = 0.
 
@@ -121,12 +121,12 @@ def parse_std_list(text):
         if not 0 < value < MAX_STD:  # also rejects NaN
             raise ValueError(f'Relative standard deviation must be positive and less than {MAX_STD}')
     values = sorted(set(values))
-    # File names hold three decimals: two lengths that round alike would be written to one file, the second
-    # replacing the first (and records of a sweep would merge them).
-    for a, b in zip(values, values[1:]):
-        if f'{a:.3f}' == f'{b:.3f}':
-            raise ValueError(f'{a:g} and {b:g} are the same EMA length at the three decimals that file names hold '
-                             f'({a:.3f}); give lengths that differ in the first three decimals')
+    # Two lengths that round alike would be written to one file (and records of a sweep would merge them).
+    collision = name_collision(values)
+    if collision is not None:
+        a, b = collision
+        raise ValueError(f'{a:g} and {b:g} are the same EMA length at the three decimals that file names hold '
+                         f'({a:.3f}); give lengths that differ in the first three decimals')
     return values
 
 def check_outputs_not_inputs(in_pkls, out_dir, out_prefix, out_nimg, out_std):
