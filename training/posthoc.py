@@ -131,11 +131,12 @@ def parse_std_list(text):
 
 def check_outputs_not_inputs(in_pkls, out_dir, out_prefix, out_nimg, out_std):
     """ValueError if a reconstruction would be written over one of its input snapshots (e.g. --outdir=--indir with
-    --outprefix=network-snapshot): the input would be lost, and read back in place of the reconstruction."""
+    --outprefix=network-snapshot): the input would be lost, and read back in place of the reconstruction. `out_std`
+    is a list of stds as parse_std_list returns it (checked already)."""
     if out_dir is None:
         return
     inputs = [('--indir', p.path) for p in in_pkls]
-    for std in parse_std_list(out_std):
+    for std in out_std:
         reason = cli.input_overwrite(output_path(out_dir, out_prefix, out_nimg, std), inputs)
         if reason is not None:
             raise ValueError(reason + '; choose another --outdir or --outprefix')
