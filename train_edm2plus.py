@@ -68,10 +68,9 @@ def latent_encoder_kwargs(vae, info):
     name = info.vae
     if vae is not None:
         try:
-            kind, where = encoders.vae_location(vae)
+            name = encoders.vae_record_name(vae)
         except encoders.VAEError as e:
             raise click.ClickException(f'--vae={vae}: {e.reason}') from None
-        name = where if kind == 'folder' else vae
     kwargs = dict(class_name='training.encoders.StabilityVAEEncoder')
     if name is not None and name != encoders.DEFAULT_VAE:
         kwargs['vae_name'] = name

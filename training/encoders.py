@@ -196,6 +196,13 @@ def vae_location(vae_name):
         raise VAEError(name, 'no such folder')
     return 'hub', name
 
+def vae_record_name(vae_name):
+    """The name under which a VAE is stored (dataset.json, encoder_kwargs) and loaded again: a folder as its absolute
+    path, so that it does not depend on the working directory; a hub name as given. Raises VAEError like
+    vae_location."""
+    kind, where = vae_location(vae_name)
+    return where if kind == 'folder' else vae_name
+
 def _offline():
     return os.environ.get('HF_HUB_OFFLINE', '').strip().upper() in ('1', 'ON', 'YES', 'TRUE')
 
