@@ -140,7 +140,8 @@ def _hf_environment():
     # The hub's settings are read when huggingface_hub is imported: set them before diffusers imports it.
     os.environ.setdefault('HF_HUB_DISABLE_SYMLINKS_WARNING', '1')
     os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
-    os.environ.setdefault('HF_HOME', dnnlib.make_cache_dir_path('diffusers'))
+    if 'HF_HOME' not in os.environ:  # only then: the cache path is checked to be private, and may be refused
+        os.environ['HF_HOME'] = dnnlib.make_cache_dir_path('diffusers')
 
 def diffusers_problem():
     """None if diffusers' AutoencoderKL can be used; otherwise the rest of a sentence that begins with what needs it
