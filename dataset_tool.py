@@ -569,13 +569,13 @@ def check_vae(vae):
     and to record (a folder as an absolute path)."""
     from training import encoders # pylint: disable=import-outside-toplevel
     try:
-        kind, where = encoders.vae_location(vae)
+        name = encoders.vae_record_name(vae)
     except encoders.VAEError as e:
         raise DatasetToolError(f'--vae={vae}: {e.reason}') from None
     problem = encoders.diffusers_problem()
     if problem is not None:
         raise DatasetToolError(f'the Stable Diffusion VAE {problem}')
-    return where if kind == 'folder' else vae
+    return name
 
 def make_vae_encoder(vae, device, batch_size=1):
     from training import encoders # pylint: disable=import-outside-toplevel

@@ -175,7 +175,7 @@ def _detectors(detector):
     return None if detector is None else {'fid': detector}
 
 #----------------------------------------------------------------------------
-# Step 3: training, with train_edm2plus.py's library functions (setup_training_config, then launch, which runs
+# Step 3: training, with train_edm2plus.py's library functions (configure, then launch, which runs
 # training.training_loop.training_loop), so the run directory is exactly what the CLI makes. --minutes is the run's
 # TOTAL training time: a rerun gives an interrupted run the time it has left and a finished run none. The time used
 # so far is `Timing/total_sec` (kept in the training state across resumes) of the newest stats.jsonl line at or
@@ -243,10 +243,11 @@ def train(run_dir, data, minutes, block=None, options=None):
     opts = train_options(run_dir, data, left / 60, block, options, total_minutes=minutes)
     try:
         cli.check_output_dir(run_dir)
-        config = train_edm2plus.setup_training_config(opts)
-        train_edm2plus.print_training_config(config, dnnlib.EasyDict({**train_edm2plus.OPTION_DEFAULTS, **opts}), 1)
+        config, info = train_edm2plus.configure(opts)  # opens the dataset, once: launch trains on info.dataset
+        train_edm2plus.print_training_config(config, dnnlib.EasyDict({**train_edm2plus.OPTION_DEFAULTS, **opts}), 1,
+                                             info)
         with dist.process_group():
-            train_edm2plus.launch(config, dnnlib.EasyDict(opts))
+            train_edm2plus.launch(config, dnnlib.EasyDict(opts), dataset=info.dataset)
     except click.ClickException as e:
         raise DemoError(f'training: {e.format_message()}') from None
     after = training_progress(run_dir)

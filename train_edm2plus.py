@@ -29,7 +29,7 @@ from torch_utils import distributed as dist
 from networks import flops, presets
 from networks.edm2plus import BLOCK_VARIANTS
 from networks.fastpaths import TRAINING_PATHS
-from training import training_loop
+from training import phema, training_loop
 
 #----------------------------------------------------------------------------
 # Configuration, built from the options; kept separate from the CLI so that tests can call it.
@@ -48,24 +48,17 @@ ARCHITECTURE_OPTIONS = dict(block='--block', model_channels='--channels', expans
 def probe_dataset(dataset_kwargs):
     """EasyDict(dataset, num_channels, resolution, label_dim, has_labels, vae) of the dataset, after decoding one
     image (so that a corrupt dataset fails here, with its file named): `dataset` is the opened dataset, which the
-    training loop then uses rather than opening it again; `vae` is the VAE a latent dataset's dataset.json names
-    (dataset_tool.py encode writes it), or None. Raises click.ClickException."""
+    training loop then uses rather than opening it again; `vae` is the VAE a latent (8-channel) dataset's
+    dataset.json names (dataset_tool.py encode writes it), or None. Raises click.ClickException."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         dataset_obj[0]
         return dnnlib.EasyDict(dataset=dataset_obj, num_channels=dataset_obj.num_channels,
                                resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
-                               has_labels=dataset_obj.has_labels, vae=_recorded_vae(dataset_obj))
+                               has_labels=dataset_obj.has_labels,
+                               vae=dataset_obj.recorded_vae if dataset_obj.num_channels == 8 else None)
     except (IOError, OSError, ValueError) as e:
         raise click.ClickException(f'--data: {e}')
-
-def _recorded_vae(dataset_obj):
-    # pylint: disable=protected-access  (the dataset reads its own files; labels were parsed from it already)
-    if 'dataset.json' not in getattr(dataset_obj, '_all_fnames', ()):
-        return None
-    doc = json.loads(dataset_obj._read_bytes('dataset.json'))
-    vae = doc.get('vae') if isinstance(doc, dict) else None
-    return vae if isinstance(vae, str) else None
 
 def latent_encoder_kwargs(vae, info):
     """encoder_kwargs of a latent dataset: the VAE that the snapshots will decode with is --vae (checked: a folder,
@@ -75,10 +68,9 @@ def latent_encoder_kwargs(vae, info):
     name = info.vae
     if vae is not None:
         try:
-            kind, where = encoders.vae_location(vae)
+            name = encoders.vae_record_name(vae)
         except encoders.VAEError as e:
             raise click.ClickException(f'--vae={vae}: {e.reason}') from None
-        name = where if kind == 'folder' else vae
     kwargs = dict(class_name='training.encoders.StabilityVAEEncoder')
     if name is not None and name != encoders.DEFAULT_VAE:
         kwargs['vae_name'] = name
@@ -154,11 +146,11 @@ def resolve_options(opts):
     if len(opts.ema_stds) == 0 or not all(0 < s < 0.289 for s in opts.ema_stds):
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: '
                                    f'give one or more relative standard deviations between 0 and 0.289')
-    names = [f'{s:.3f}' for s in opts.ema_stds]  # snapshot names hold three decimals: one file per tracked EMA
-    if len(set(names)) != len(names):
-        twice = cli.first_duplicate(names)
+    collision = phema.name_collision(opts.ema_stds)  # one snapshot file per tracked EMA
+    if collision is not None:
         raise click.ClickException(f'--ema-stds={",".join(f"{s:g}" for s in opts.ema_stds)}: two of them are '
-                                   f'{twice} at the three decimals that snapshot names hold, and would write one file')
+                                   f'{collision[0]:.3f} at the three decimals that snapshot names hold, and would '
+                                   f'write one file')
     return opts, preset
 
 def encoder_kwargs_for(opts, info):
@@ -218,9 +210,9 @@ def training_config(opts, dataset_kwargs, encoder_kwargs, network_kwargs):
 
 #----------------------------------------------------------------------------
 
-def print_training_config(c, opts, world_size, info=None):
-    """Print the config, the run's facts and the network's size (`info`: configure()'s; None: the dataset is probed
-    again); refuse (ClickException) a network that cannot be built or cannot fit the device's memory."""
+def print_training_config(c, opts, world_size, info):
+    """Print the config, the run's facts and the network's size (`info`: configure()'s, what the dataset holds);
+    refuse (ClickException) a network that cannot be built or cannot fit the device's memory."""
     dist.print0()
     dist.print0('Training config:')
     dist.print0(json.dumps(c, indent=2))
@@ -239,7 +231,7 @@ def print_training_config(c, opts, world_size, info=None):
     dist.print0()
     # The network's size, counted as count_flops.py does (on the meta device: no memory, about a second).
     kwargs = {k: v for k, v in c['network_kwargs'].items() if k not in ('class_name', 'use_fp16', 'use_bf16')}
-    kwargs.update(network_interface(info if info is not None else probe_dataset(c['dataset_kwargs'])))
+    kwargs.update(network_interface(info))
     dist.print0(f'Network: {flops.describe(kwargs)}')
     try:
         meta_net = flops.build_meta(**kwargs)

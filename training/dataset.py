@@ -212,13 +212,20 @@ def decode_array(fname, data):
 # length, and the network a label embedding as wide; 10**12 (a typo) would fail only deep inside training.
 MAX_CLASSES = 1 << 20
 
-def parse_labels(text, keys, where):
-    """dataset.json content -> (int64 [N] class labels, float32 [N, D] vectors, or None; stated class count or None).
+def read_dataset_json(text, where):
+    """dataset.json's bytes or text -> its parsed document; ValueError naming `where` if it is not JSON."""
+    try:
+        return json.loads(text)
+    except Exception as e:  # pylint: disable=broad-except  (also bytes that are not UTF-8, or nesting too deep)
+        raise ValueError(f'{where}: not a valid dataset.json ({type(e).__name__}: {e})') from None
+
+def parse_labels(doc, keys, where):
+    """dataset.json's parsed document -> (int64 [N] class labels, float32 [N, D] vectors, or None; stated class count
+    or None).
 
     `keys` are the images' '/'-separated names. Every image needs a label; the labels are checked by check_labels.
     """
     try:
-        doc = json.loads(text)
         mapping = doc['labels']
         mapping = dict(mapping) if mapping is not None else None
         num_classes = doc.get('num_classes')
@@ -283,6 +290,10 @@ class ImageFolderDataset(Dataset):
         self._path = path
         self._zipfile = None
         self._zipfile_pid = None
+        # What dataset.json says besides the labels, kept when it is read (not the parsed document: a large
+        # dataset's label list is hundreds of megabytes of Python objects).
+        self._json_read = False
+        self._recorded_vae = None
         if os.path.isdir(path):
             self._type = 'dir'
             self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=path)
@@ -355,14 +366,34 @@ class ImageFolderDataset(Dataset):
                              f'{self._first_dtype} (taken from the first image)')
         return image
 
+    def _read_dataset_json(self):
+        # dataset.json parsed (None when there is none). Labels and recorded_vae share one reading when the labels
+        # are loaded first, as train_edm2plus.py does (decoding one item loads them).
+        doc = None
+        if 'dataset.json' in self._all_fnames:
+            where = self._describe_file('dataset.json')
+            try:
+                text = self._read_bytes('dataset.json')
+            except OSError as e:
+                raise IOError(f'{where}: cannot read ({e})') from None
+            doc = read_dataset_json(text, where)
+        vae = doc.get('vae') if isinstance(doc, dict) else None
+        self._recorded_vae = vae if isinstance(vae, str) else None
+        self._json_read = True
+        return doc
+
     def _load_raw_labels(self):
         if 'dataset.json' not in self._all_fnames:
             return None
-        where = self._describe_file('dataset.json')
-        try:
-            text = self._read_bytes('dataset.json')
-        except OSError as e:
-            raise IOError(f'{where}: cannot read ({e})') from None
+        doc = self._read_dataset_json()
         keys = [fname.replace(os.sep, '/') for fname in self._image_fnames]
-        labels, self._num_classes = parse_labels(text, keys, where)
+        labels, self._num_classes = parse_labels(doc, keys, self._describe_file('dataset.json'))
         return labels
+
+    @property
+    def recorded_vae(self):
+        """The VAE that dataset.json names (its "vae" entry: a hub name or a folder, which dataset_tool.py encode
+        writes for a latent dataset), or None; EDM2's reader ignores the key."""
+        if not self._json_read:
+            self._read_dataset_json()
+        return self._recorded_vae

@@ -140,7 +140,8 @@ def _hf_environment():
     # The hub's settings are read when huggingface_hub is imported: set them before diffusers imports it.
     os.environ.setdefault('HF_HUB_DISABLE_SYMLINKS_WARNING', '1')
     os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
-    os.environ.setdefault('HF_HOME', dnnlib.make_cache_dir_path('diffusers'))
+    if 'HF_HOME' not in os.environ:  # only then: the cache path is checked to be private, and may be refused
+        os.environ['HF_HOME'] = dnnlib.make_cache_dir_path('diffusers')
 
 def diffusers_problem():
     """None if diffusers' AutoencoderKL can be used; otherwise the rest of a sentence that begins with what needs it
@@ -195,6 +196,13 @@ def vae_location(vae_name):
     if os.path.isabs(path) or name.startswith(('.', '~')) or not _HUB_NAME.fullmatch(name):
         raise VAEError(name, 'no such folder')
     return 'hub', name
+
+def vae_record_name(vae_name):
+    """The name under which a VAE is stored (dataset.json, encoder_kwargs) and loaded again: a folder as its absolute
+    path, so that it does not depend on the working directory; a hub name as given. Raises VAEError like
+    vae_location."""
+    kind, where = vae_location(vae_name)
+    return where if kind == 'folder' else vae_name
 
 def _offline():
     return os.environ.get('HF_HUB_OFFLINE', '').strip().upper() in ('1', 'ON', 'YES', 'TRUE')

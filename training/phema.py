@@ -91,6 +91,21 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
     return X / X.sum(axis=0, keepdims=True)
 
 #----------------------------------------------------------------------------
+# File names: snapshots and reconstructions name their EMA length with three decimals (e.g. ...-0.050.pkl).
+
+def name_collision(stds):
+    """(earlier, later): the first two of `stds` that the three decimals of a file name cannot tell apart (e.g.
+    0.0501 and 0.0502, both 0.050), whose files would be one, the later replacing the earlier; None if there are
+    none. Exact repeats count too."""
+    first = {}  # name -> the first std that has it
+    for std in stds:
+        name = f'{std:.3f}'
+        if name in first:
+            return first[name], std
+        first[name] = std
+    return None
+
+#----------------------------------------------------------------------------
 # EMA tracking during training (EDM2 paper Sec. 3.1). The trackers hold deep copies of the live network; `update` is
 # called after every optimizer step with the image count after the step, `get` before writing snapshots.
 

@@ -18,7 +18,7 @@ import dnnlib
 from networks.loading import count_non_finite, load_snapshot
 from torch_utils import cli
 from torch_utils import misc
-from training.phema import solve_posthoc_coefficients
+from training.phema import name_collision, solve_posthoc_coefficients
 
 MAX_STD = 0.289  # σ_rel limit of the tools; 1/sqrt(12) ≈ 0.2887 corresponds to γ = 0.
 
@@ -121,21 +121,22 @@ def parse_std_list(text):
         if not 0 < value < MAX_STD:  # also rejects NaN
             raise ValueError(f'Relative standard deviation must be positive and less than {MAX_STD}')
     values = sorted(set(values))
-    # File names hold three decimals: two lengths that round alike would be written to one file, the second
-    # replacing the first (and records of a sweep would merge them).
-    for a, b in zip(values, values[1:]):
-        if f'{a:.3f}' == f'{b:.3f}':
-            raise ValueError(f'{a:g} and {b:g} are the same EMA length at the three decimals that file names hold '
-                             f'({a:.3f}); give lengths that differ in the first three decimals')
+    # Two lengths that round alike would be written to one file (and records of a sweep would merge them).
+    collision = name_collision(values)
+    if collision is not None:
+        a, b = collision
+        raise ValueError(f'{a:g} and {b:g} are the same EMA length at the three decimals that file names hold '
+                         f'({a:.3f}); give lengths that differ in the first three decimals')
     return values
 
 def check_outputs_not_inputs(in_pkls, out_dir, out_prefix, out_nimg, out_std):
     """ValueError if a reconstruction would be written over one of its input snapshots (e.g. --outdir=--indir with
-    --outprefix=network-snapshot): the input would be lost, and read back in place of the reconstruction."""
+    --outprefix=network-snapshot): the input would be lost, and read back in place of the reconstruction. `out_std`
+    is a list of stds as parse_std_list returns it (checked already)."""
     if out_dir is None:
         return
     inputs = [('--indir', p.path) for p in in_pkls]
-    for std in parse_std_list(out_std):
+    for std in out_std:
         reason = cli.input_overwrite(output_path(out_dir, out_prefix, out_nimg, std), inputs)
         if reason is not None:
             raise ValueError(reason + '; choose another --outdir or --outprefix')

@@ -572,7 +572,7 @@ def check_options(batch_size, batch_gpu, total_nimg, slice_nimg, status_nimg, sn
     """Refuse inconsistent sizes and an unknown training path (ValueError) before anything is built or written."""
     batch_layout(batch_size, batch_gpu, dist.get_world_size())
     check_intervals(batch_size, total_nimg, slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
-    fastpaths.training_path_for(torch.device(device).type if device is not None else dist.device().type, train_path)
+    fastpaths.training_path_for(training_device(device).type, train_path)
 
 def training_loop(
     # What to build (ema_kwargs=None: no EMA, raw snapshots).
