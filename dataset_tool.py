@@ -95,22 +95,30 @@ def _decode_image(f, where):
     except Exception as e: # Any decoder failure means a corrupt or unreadable file.
         raise DatasetToolError(f'{where}: cannot read image ({type(e).__name__}: {e})') from None
 
+def _read_dataset_json(data, where):
+    """The dataset.json of the source `where` (its bytes, or None when it has none) parsed once, for everything taken
+    from it: a dict whose "labels" are made a {name: label} dict (or stay None), or None when there is no file.
+    Refused as a whole when it is not JSON, has no "labels", or its labels are not [[name, label], ...]."""
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+        if doc['labels'] is not None:
+            doc['labels'] = dict(doc['labels'])
+    except Exception as e:
+        raise DatasetToolError(f'{where}/dataset.json: not a valid dataset.json ({type(e).__name__}: {e})') from None
+    return doc
+
 def _labels_for(names, dataset_json, where, num_classes=None):
-    """Labels of the inputs `names` (archive-relative, `/`-separated), as EDM2 assigns them: from dataset.json (bytes
-    or None) when it has labels; otherwise (no dataset.json, or `"labels": null`) from the top-level sub-folder names
-    when there are two or more. Returns (labels, description of their origin). dataset.json labels are checked here,
-    before any work: integers >= 0 (below `num_classes` when given) or lists of numbers, for every image or none."""
-    json_path = f'{where}/dataset.json'
-    if dataset_json is not None:
-        try:
-            labels = json.loads(dataset_json)['labels']
-            mapping = dict(labels) if labels is not None else None
-        except Exception as e:
-            raise DatasetToolError(f'{json_path}: not a valid dataset.json ({type(e).__name__}: {e})') from None
-        if mapping is not None:
-            result = [mapping.get(name) for name in names]
-            _check_labels(names, result, json_path, num_classes)
-            return result, 'dataset.json'
+    """Labels of the inputs `names` (archive-relative, `/`-separated), as EDM2 assigns them: from dataset.json (as
+    _read_dataset_json gives it, or None) when it has labels; otherwise (no dataset.json, or `"labels": null`) from the
+    top-level sub-folder names when there are two or more. Returns (labels, description of their origin). dataset.json
+    labels are checked here, before any work: integers >= 0 (below `num_classes` when given) or lists of numbers, for
+    every image or none."""
+    if dataset_json is not None and dataset_json['labels'] is not None:
+        result = [dataset_json['labels'].get(name) for name in names]
+        _check_labels(names, result, f'{where}/dataset.json', num_classes)
+        return result, 'dataset.json'
     top = [name.split('/')[0] if '/' in name else '' for name in names]
     classes = sorted(set(top))
     note = ' (dataset.json has "labels": null)' if dataset_json is not None else ''
@@ -150,7 +158,7 @@ def open_image_folder(source, max_images=None, num_classes=None):
         with open(meta_path, 'rb') as f:
             dataset_json = f.read()
     # Labels are assigned over ALL inputs, so that --max-images keeps the class numbering of the full set.
-    labels, origin = _labels_for(names, dataset_json, source, num_classes)
+    labels, origin = _labels_for(names, _read_dataset_json(dataset_json, source), source, num_classes)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -171,7 +179,7 @@ def open_image_zip(source, max_images=None, num_classes=None):
     all_names = set(archive.namelist())
     names = sorted(name for name in all_names if _file_ext(name) in _image_extensions())
     dataset_json = archive.read('dataset.json') if 'dataset.json' in all_names else None
-    labels, origin = _labels_for(names, dataset_json, source, num_classes)
+    labels, origin = _labels_for(names, _read_dataset_json(dataset_json, source), source, num_classes)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -498,14 +506,17 @@ def png_bytes(img):
     PIL.Image.fromarray(img).save(buf, format='png', compress_level=0, optimize=False)
     return buf.getvalue()
 
-def dataset_json_bytes(labels, num_classes=None):
+def dataset_json_bytes(labels, num_classes=None, vae=None):
     # [[name, label], ...], or null when the images have no labels. A stated class count is kept as "num_classes"
     # (EDM2's reader ignores the key; ours then refuses labels outside 0..N-1 and makes one-hot vectors of length N).
+    # A latent dataset names the VAE that made it as "vae", after the labels (see the VAE latents section).
     if any(label is None for _name, label in labels):
         labels = None
     doc = {'labels': labels}
     if num_classes is not None and labels is not None:
         doc['num_classes'] = num_classes
+    if vae is not None:
+        doc['vae'] = vae
     return json.dumps(doc).encode('utf-8')
 
 #----------------------------------------------------------------------------
@@ -611,11 +622,6 @@ def _run_vae(fn, what, names):
         raise DatasetToolError(f'{where}: the VAE failed to {what} ({type(e).__name__}: {first}); nothing was '
                                'written (for lack of memory, lower --batch)') from None
 
-def _latent_json(labels, vae):
-    doc = json.loads(dataset_json_bytes(labels))
-    doc['vae'] = vae
-    return json.dumps(doc).encode('utf-8')
-
 def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=None, batch=8, encoder=None,
                    device=None, verbose=True, overwrite=False):
     """RGB images -> `img-mean-std-XXXXXXXX.npy` files holding the VAE posterior [mean, std] (8 x H/8 x W/8), `batch`
@@ -657,7 +663,7 @@ def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=Non
                 labels.append([name, item.label])
             progress.update(len(items))
             progress.set_postfix_str(_peak_memory(device), refresh=False)
-        write('dataset.json', _latent_json(labels, vae))
+        write('dataset.json', dataset_json_bytes(labels, vae=vae))
     seconds = time.perf_counter() - start
     return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin, shape=shape,
                            images_per_second=(len(labels) / seconds if seconds > 0 else None),
@@ -688,7 +694,8 @@ def open_latents(source, max_images=None):
         raise DatasetToolError(f'Only zip archives are supported: {source}')
     else:
         raise DatasetToolError(f'Missing input file or directory: {source}')
-    labels, origin = _labels_for(names, dataset_json, source)
+    doc = _read_dataset_json(dataset_json, source)
+    labels, origin = _labels_for(names, doc, source)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -699,7 +706,7 @@ def open_latents(source, max_images=None):
         except Exception as e:
             raise DatasetToolError(f'{where}: cannot read latents ({type(e).__name__}: {e})') from None
     result = Source(names, read, labels, origin)
-    recorded = json.loads(dataset_json).get('vae') if dataset_json is not None else None # Parsed by _labels_for.
+    recorded = doc.get('vae') if doc is not None else None
     result.vae = recorded if isinstance(recorded, str) else None
     return result
 
