@@ -328,15 +328,19 @@ def center_crop_dhariwal(img, size):
 
 TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
 
-def check_output_size(width, height, transform):
-    """What --resolution asks for, checked before the first image (with EDM2's words where EDM2 checks it only after
-    converting one): a square (center-crop-wide pastes onto a square canvas) whose side is a power of two, and small
-    enough that a few copies of one image fit in memory (65536x65536 would be 12 GiB each)."""
-    if transform != 'center-crop-wide' and width != height:
+def _check_image_shape(width, height):
+    # EDM2's rule for the images of a dataset, in its words: a square whose side is a power of two.
+    if width != height:
         raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  Got {width}x{height}')
     if width & (width - 1) != 0:
         raise DatasetToolError(f'Image width/height after scale and crop are required to be power-of-two (got {width}; '
                                'use --resolution, e.g. --resolution=32x32)')
+
+def check_output_size(width, height, transform):
+    """What --resolution asks for, checked before the first image (with EDM2's words where EDM2 checks it only after
+    converting one): a square (center-crop-wide pastes onto a square canvas) whose side is a power of two, and small
+    enough that a few copies of one image fit in memory (65536x65536 would be 12 GiB each)."""
+    _check_image_shape(width, width if transform == 'center-crop-wide' else height)  # the shape of the written images
     import psutil # pylint: disable=import-outside-toplevel
     need, have = 4 * 3 * width * width, psutil.virtual_memory().total  # the image, resized, its PNG, the zip buffer
     if need > have:
@@ -548,12 +552,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
             attrs = dict(width=img.shape[1], height=img.shape[0], channels=img.shape[2])
             if dataset_attrs is None:
                 dataset_attrs = attrs
-                if attrs['width'] != attrs['height']:
-                    raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  '
-                                           f'Got {attrs["width"]}x{attrs["height"]}')
-                if attrs['width'] & (attrs['width'] - 1) != 0:
-                    raise DatasetToolError('Image width/height after scale and crop are required to be power-of-two '
-                                           f'(got {attrs["width"]}; use --resolution, e.g. --resolution=32x32)')
+                _check_image_shape(attrs['width'], attrs['height'])
             elif attrs != dataset_attrs:
                 diff = ', '.join(f'{k} {attrs[k]} (dataset {dataset_attrs[k]})' for k in attrs if attrs[k] != dataset_attrs[k])
                 raise DatasetToolError(f'Image {item.name} attributes must be equal across all images of the dataset.  '
