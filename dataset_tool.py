@@ -341,6 +341,7 @@ def check_output_size(width, height, transform):
     converting one): a square (center-crop-wide pastes onto a square canvas) whose side is a power of two, and small
     enough that a few copies of one image fit in memory (65536x65536 would be 12 GiB each)."""
     _check_image_shape(width, width if transform == 'center-crop-wide' else height)  # the shape of the written images
+    # misc.check_fits_memory's test and words, written out: importing misc loads torch, which a convert need not load.
     import psutil # pylint: disable=import-outside-toplevel
     need, have = 4 * 3 * width * width, psutil.virtual_memory().total  # the image, resized, its PNG, the zip buffer
     if need > have:
