@@ -236,6 +236,11 @@ def find_idx_images(folder):
         return os.path.join(folder, candidates[0])
     raise DatasetToolError(f'{folder}: holds several IDX image files ({", ".join(candidates)}); name one as --source')
 
+def _idx_labels_path(images_path):
+    # The labels of `...images-idx3...` are read from `...labels-idx1...` in the same folder (MNIST's file names).
+    return os.path.join(os.path.dirname(images_path),
+                        os.path.basename(images_path).replace('images-idx3', 'labels-idx1'))
+
 def open_idx(images_path, max_images=None, num_classes=None):
     images = read_idx(images_path, max_images)
     if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3)):
@@ -243,22 +248,20 @@ def open_idx(images_path, max_images=None, num_classes=None):
                                f'got {images.dtype} {list(images.shape)}')
     if images.ndim == 3:
         images = images[:, :, :, np.newaxis]
-    labels_path = os.path.join(os.path.dirname(images_path),
-                               os.path.basename(images_path).replace('images-idx3', 'labels-idx1'))
+    base = os.path.basename(images_path)
+    names = [f'{base}[{i}]' for i in range(images.shape[0])]
+    labels_path = _idx_labels_path(images_path)
     if labels_path != images_path and os.path.isfile(labels_path):
         labels = read_idx(labels_path, max_images)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in 'iu':
             raise DatasetToolError(f'{labels_path}: expected {images.shape[0]} integer labels to match '
                                    f'{images_path}, got {labels.dtype} {list(labels.shape)}')
         labels = [int(x) for x in labels]
-        _check_labels([f'{os.path.basename(images_path)}[{i}]' for i in range(len(labels))], labels, labels_path,
-                      num_classes)
+        _check_labels(names, labels, labels_path, num_classes)
         origin = os.path.basename(labels_path)
     else:
         labels = [None] * images.shape[0]
         origin = 'none (no labels-idx1 file next to the images)'
-    base = os.path.basename(images_path)
-    names = [f'{base}[{i}]' for i in range(images.shape[0])]
     # Grey images become RGB by repeating the channel.
     return Source(names, lambda i: np.repeat(images[i], 3 // images.shape[3], axis=2),
                   labels, origin)
@@ -420,8 +423,7 @@ def check_dest(dest, overwrite=False, source=None):
     if source is not None:
         inputs = [('--source', source)]
         if os.path.isfile(source) and _IDX_IMAGE_PATTERN.match(os.path.basename(source)):
-            inputs.append(('--source labels', os.path.join(os.path.dirname(source),
-                                                           os.path.basename(source).replace('images-idx3', 'labels-idx1'))))
+            inputs.append(('--source labels', _idx_labels_path(source)))
         reason = cli.input_overwrite(dest, inputs, folders=_file_ext(dest) != '.zip')
         if reason is not None:
             raise DatasetToolError(f'--dest={reason}')
