@@ -620,8 +620,7 @@ def _run_vae(fn, what, names):
         return fn()
     except (RuntimeError, ValueError) as e:
         where = names[0] if len(names) == 1 else f'{names[0]} ... {names[-1]}'
-        first = ' '.join(str(e).split('\n')[0].split())
-        raise DatasetToolError(f'{where}: the VAE failed to {what} ({type(e).__name__}: {first}); nothing was '
+        raise DatasetToolError(f'{where}: the VAE failed to {what} ({cli.one_line(e, with_type=True)}); nothing was '
                                'written (for lack of memory, lower --batch)') from None
 
 def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=None, batch=8, encoder=None,
