@@ -47,21 +47,24 @@ def resolve_options(opts):
 
 def check_outputs_apart(opts):
     """No output overwrites an input network, and the grid is not one of the images: refuse before any work."""
+    seeds = set(opts.seeds)
+    def seed_named(path):
+        # The seed being generated whose image has the file name of `path` (e.g. 000042.png), else None.
+        match = re.fullmatch(r'(\d{6,})\.png', os.path.basename(path))
+        seed = int(match[1]) if match is not None else None
+        return seed if seed in seeds else None
+
     inputs = {'--net': opts.net, '--gnet': opts.gnet}
-    outputs = [('--grid', opts.grid)] if opts.grid is not None else []
+    outputs = [opts.grid] if opts.grid is not None else []
     for path in inputs.values():  # an input that lies where an image would be written
-        if path is not None and not dnnlib.util.is_url(path) and os.path.isfile(path):
-            name = os.path.basename(path)
-            if re.fullmatch(r'\d{6,}\.png', name) and int(name[:-4]) in set(opts.seeds):
-                outputs.append(('--outdir', image_path(opts.outdir, int(name[:-4]), opts.subdirs)))
-    for option, output in outputs:
+        seed = seed_named(path) if path is not None and not dnnlib.util.is_url(path) and os.path.isfile(path) else None
+        if seed is not None:
+            outputs.append(image_path(opts.outdir, seed, opts.subdirs))
+    for output in outputs:
         cli.check_not_input(output, inputs)
-    if opts.grid is not None:
-        name = os.path.basename(opts.grid)
-        if re.fullmatch(r'\d{6,}\.png', name) and int(name[:-4]) in set(opts.seeds) and \
-                cli.same_file(opts.grid, image_path(opts.outdir, int(name[:-4]), opts.subdirs)):
-            raise cli.CliError(f'{opts.grid}: --grid is also the image of seed {int(name[:-4])} in --outdir; '
-                               'choose another name')
+    seed = seed_named(opts.grid) if opts.grid is not None else None
+    if seed is not None and cli.same_file(opts.grid, image_path(opts.outdir, seed, opts.subdirs)):
+        raise cli.CliError(f'{opts.grid}: --grid is also the image of seed {seed} in --outdir; choose another name')
 
 #----------------------------------------------------------------------------
 
