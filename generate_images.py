@@ -151,15 +151,13 @@ def cmdline(**opts):
             image_iter = generate_images(**opts)
             for _ in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
                 pass
-        except (ValueError, pickle.UnpicklingError, MissingPackageError, MemoryError) as e:
+        except (ValueError, pickle.UnpicklingError, MissingPackageError, MemoryError, VAEError) as e:
             if dist.get_rank() != 0:
                 raise SystemExit(1) from None  # every rank stops alike; rank 0 says why
+            if isinstance(e, VAEError):
+                where = f'--vae={opts.vae}' if opts.vae is not None else f'{net_option}: the VAE it names, {e.name}'
+                raise click.ClickException(f'{where}: {e.reason}') from None
             raise click.ClickException(str(e)) from None
-        except VAEError as e:
-            if dist.get_rank() != 0:
-                raise SystemExit(1) from None
-            where = f'--vae={opts.vae}' if opts.vae is not None else f'{net_option}: the VAE it names, {e.name}'
-            raise click.ClickException(f'{where}: {e.reason}') from None
 
 #----------------------------------------------------------------------------
 
