@@ -20,7 +20,7 @@ from torch_utils import cli
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
 from sampling.generate import MAX_SEED, MissingPackageError, image_path, require_decoder
-from training.encoders import VAEError, vae_location
+from training.encoders import VAEError, vae_error_line, vae_option_problem
 from sampling.sampler import check_sampler_options, edm_sampler  # noqa: F401
 
 #----------------------------------------------------------------------------
@@ -130,14 +130,13 @@ def cmdline(**opts):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'--{key}={path}: no such network file')
     net_option = f'--preset={preset_net}' if preset_net else f'--net={opts.net}'
+    problem = vae_option_problem(opts.vae)
+    if problem is not None:
+        raise click.ClickException(problem)
     try:
-        if opts.vae is not None:
-            vae_location(opts.vae)
         require_decoder(opts.net, net_option)
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
-    except VAEError as e:
-        raise click.ClickException(f'--vae={opts.vae}: {e.reason}') from None
     # Outputs before any work: the images may land in an existing folder (as in EDM2), the grid replaces a file
     # only when asked to.
     cli.check_output_dir(opts.outdir)
@@ -155,8 +154,7 @@ def cmdline(**opts):
             if dist.get_rank() != 0:
                 raise SystemExit(1) from None  # every rank stops alike; rank 0 says why
             if isinstance(e, VAEError):
-                where = f'--vae={opts.vae}' if opts.vae is not None else f'{net_option}: the VAE it names, {e.name}'
-                raise click.ClickException(f'{where}: {e.reason}') from None
+                raise click.ClickException(vae_error_line(e, opts.vae, f'{net_option}: the VAE it names')) from None
             raise click.ClickException(str(e)) from None
 
 #----------------------------------------------------------------------------
