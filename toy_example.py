@@ -322,8 +322,9 @@ def figure(net, gnet, uncond=None, guidance=3.0, cfg_guidance=None, num_samples=
     points = _grid(zoom, 20)
     s = torch.full([points.shape[0]], sigma)
     gt_step = sigma ** 2 * gt.logp_score(points, s)[1]
-    net_step = sigma ** 2 * score_of(net, points, s)
-    auto_step = (guidance - 1) * sigma ** 2 * (score_of(net, points, s) - score_of(gnet, points, s))
+    net_score = score_of(net, points, s)
+    net_step = sigma ** 2 * net_score
+    auto_step = (guidance - 1) * sigma ** 2 * (net_score - score_of(gnet, points, s))
     cell = 2 * zhalf / 20
     step_scale = max(gt_step.norm(dim=1).max().item(), net_step.norm(dim=1).max().item()) / (1.5 * cell) or 1.0
     auto_scale = auto_step.norm(dim=1).max().item() / (1.5 * cell) or 1.0
