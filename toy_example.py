@@ -20,7 +20,6 @@ still shows the effect.
       --uncond=toy-runs/uncond/iter4096.pkl --save=toy-example.png
 """
 
-import contextlib
 import copy
 import os
 import pickle
@@ -452,10 +451,11 @@ def plot_cmd(net, gnet, uncond, guidance, cfg_guidance, save, samples):
     if save is None:
         plt.show()
         return
-    with contextlib.ExitStack() as stack:
-        stack.callback(plt.close, fig)
+    try:
         with cli.os_errors(save), dnnlib.util.atomic_write(save, 'wb') as f:
             fig.savefig(f, format=fmt, dpi=80)
+    finally:
+        plt.close(fig)
     click.echo(f'Saved {save}')
 
 if __name__ == '__main__':
