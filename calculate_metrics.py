@@ -18,7 +18,7 @@ from metrics import MetricsError
 from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from networks.loading import NetworkFileError
 from sampling.generate import MissingPackageError
-from training.encoders import VAEError, vae_location
+from training.encoders import VAEError, vae_error_line, vae_option_problem
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
 from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_files,  # noqa: F401
@@ -176,14 +176,13 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
     for option, path in (('--net', net), ('--gnet', gnet)):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'{option}: {path}: no such network file')
+    problem = vae_option_problem(vae)
+    if problem is not None:
+        raise click.ClickException(problem)
     try:
-        if vae is not None:
-            vae_location(vae)
         require_decoder(net, f'--net={net}')  # before the reference, the detectors or the network are loaded
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
-    except VAEError as e:
-        raise click.ClickException(f'--vae={vae}: {e.reason}') from None
 
     given = metrics_given()
     def work(device):
@@ -195,8 +194,7 @@ def gen(net, ref_path, metrics, detector, dinov2, num_images, seed, seeds, gnet,
                 ref=ref, ref_name=ref_path))
             stats = final_stats(stats_iter)
         except VAEError as e:
-            where = f'--vae={vae}' if vae is not None else f'--net={net}: the VAE it names, {e.name}'
-            raise cli.CliError(f'{where}: {e.reason}') from None
+            raise cli.CliError(vae_error_line(e, vae, f'--net={net}: the VAE it names')) from None
         report(stats, ref, measured)
     run_command(work)
 

@@ -95,22 +95,30 @@ def _decode_image(f, where):
     except Exception as e: # Any decoder failure means a corrupt or unreadable file.
         raise DatasetToolError(f'{where}: cannot read image ({type(e).__name__}: {e})') from None
 
+def _read_dataset_json(data, where):
+    """The dataset.json of the source `where` (its bytes, or None when it has none) parsed once, for everything taken
+    from it: a dict whose "labels" are made a {name: label} dict (or stay None), or None when there is no file.
+    Refused as a whole when it is not JSON, has no "labels", or its labels are not [[name, label], ...]."""
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+        if doc['labels'] is not None:
+            doc['labels'] = dict(doc['labels'])
+    except Exception as e:
+        raise DatasetToolError(f'{where}/dataset.json: not a valid dataset.json ({type(e).__name__}: {e})') from None
+    return doc
+
 def _labels_for(names, dataset_json, where, num_classes=None):
-    """Labels of the inputs `names` (archive-relative, `/`-separated), as EDM2 assigns them: from dataset.json (bytes
-    or None) when it has labels; otherwise (no dataset.json, or `"labels": null`) from the top-level sub-folder names
-    when there are two or more. Returns (labels, description of their origin). dataset.json labels are checked here,
-    before any work: integers >= 0 (below `num_classes` when given) or lists of numbers, for every image or none."""
-    json_path = f'{where}/dataset.json'
-    if dataset_json is not None:
-        try:
-            labels = json.loads(dataset_json)['labels']
-            mapping = dict(labels) if labels is not None else None
-        except Exception as e:
-            raise DatasetToolError(f'{json_path}: not a valid dataset.json ({type(e).__name__}: {e})') from None
-        if mapping is not None:
-            result = [mapping.get(name) for name in names]
-            _check_labels(names, result, json_path, num_classes)
-            return result, 'dataset.json'
+    """Labels of the inputs `names` (archive-relative, `/`-separated), as EDM2 assigns them: from dataset.json (as
+    _read_dataset_json gives it, or None) when it has labels; otherwise (no dataset.json, or `"labels": null`) from the
+    top-level sub-folder names when there are two or more. Returns (labels, description of their origin). dataset.json
+    labels are checked here, before any work: integers >= 0 (below `num_classes` when given) or lists of numbers, for
+    every image or none."""
+    if dataset_json is not None and dataset_json['labels'] is not None:
+        result = [dataset_json['labels'].get(name) for name in names]
+        _check_labels(names, result, f'{where}/dataset.json', num_classes)
+        return result, 'dataset.json'
     top = [name.split('/')[0] if '/' in name else '' for name in names]
     classes = sorted(set(top))
     note = ' (dataset.json has "labels": null)' if dataset_json is not None else ''
@@ -150,7 +158,7 @@ def open_image_folder(source, max_images=None, num_classes=None):
         with open(meta_path, 'rb') as f:
             dataset_json = f.read()
     # Labels are assigned over ALL inputs, so that --max-images keeps the class numbering of the full set.
-    labels, origin = _labels_for(names, dataset_json, source, num_classes)
+    labels, origin = _labels_for(names, _read_dataset_json(dataset_json, source), source, num_classes)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -171,7 +179,7 @@ def open_image_zip(source, max_images=None, num_classes=None):
     all_names = set(archive.namelist())
     names = sorted(name for name in all_names if _file_ext(name) in _image_extensions())
     dataset_json = archive.read('dataset.json') if 'dataset.json' in all_names else None
-    labels, origin = _labels_for(names, dataset_json, source, num_classes)
+    labels, origin = _labels_for(names, _read_dataset_json(dataset_json, source), source, num_classes)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -228,6 +236,11 @@ def find_idx_images(folder):
         return os.path.join(folder, candidates[0])
     raise DatasetToolError(f'{folder}: holds several IDX image files ({", ".join(candidates)}); name one as --source')
 
+def _idx_labels_path(images_path):
+    # The labels of `...images-idx3...` are read from `...labels-idx1...` in the same folder (MNIST's file names).
+    return os.path.join(os.path.dirname(images_path),
+                        os.path.basename(images_path).replace('images-idx3', 'labels-idx1'))
+
 def open_idx(images_path, max_images=None, num_classes=None):
     images = read_idx(images_path, max_images)
     if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3)):
@@ -235,22 +248,20 @@ def open_idx(images_path, max_images=None, num_classes=None):
                                f'got {images.dtype} {list(images.shape)}')
     if images.ndim == 3:
         images = images[:, :, :, np.newaxis]
-    labels_path = os.path.join(os.path.dirname(images_path),
-                               os.path.basename(images_path).replace('images-idx3', 'labels-idx1'))
+    base = os.path.basename(images_path)
+    names = [f'{base}[{i}]' for i in range(images.shape[0])]
+    labels_path = _idx_labels_path(images_path)
     if labels_path != images_path and os.path.isfile(labels_path):
         labels = read_idx(labels_path, max_images)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in 'iu':
             raise DatasetToolError(f'{labels_path}: expected {images.shape[0]} integer labels to match '
                                    f'{images_path}, got {labels.dtype} {list(labels.shape)}')
         labels = [int(x) for x in labels]
-        _check_labels([f'{os.path.basename(images_path)}[{i}]' for i in range(len(labels))], labels, labels_path,
-                      num_classes)
+        _check_labels(names, labels, labels_path, num_classes)
         origin = os.path.basename(labels_path)
     else:
         labels = [None] * images.shape[0]
         origin = 'none (no labels-idx1 file next to the images)'
-    base = os.path.basename(images_path)
-    names = [f'{base}[{i}]' for i in range(images.shape[0])]
     # Grey images become RGB by repeating the channel.
     return Source(names, lambda i: np.repeat(images[i], 3 // images.shape[3], axis=2),
                   labels, origin)
@@ -320,15 +331,20 @@ def center_crop_dhariwal(img, size):
 
 TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
 
-def check_output_size(width, height, transform):
-    """What --resolution asks for, checked before the first image (with EDM2's words where EDM2 checks it only after
-    converting one): a square (center-crop-wide pastes onto a square canvas) whose side is a power of two, and small
-    enough that a few copies of one image fit in memory (65536x65536 would be 12 GiB each)."""
-    if transform != 'center-crop-wide' and width != height:
+def _check_image_shape(width, height):
+    # EDM2's rule for the images of a dataset, in its words: a square whose side is a power of two.
+    if width != height:
         raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  Got {width}x{height}')
     if width & (width - 1) != 0:
         raise DatasetToolError(f'Image width/height after scale and crop are required to be power-of-two (got {width}; '
                                'use --resolution, e.g. --resolution=32x32)')
+
+def check_output_size(width, height, transform):
+    """What --resolution asks for, checked before the first image (with EDM2's words where EDM2 checks it only after
+    converting one): a square (center-crop-wide pastes onto a square canvas) whose side is a power of two, and small
+    enough that a few copies of one image fit in memory (65536x65536 would be 12 GiB each)."""
+    _check_image_shape(width, width if transform == 'center-crop-wide' else height)  # the shape of the written images
+    # misc.check_fits_memory's test and words, written out: importing misc loads torch, which a convert need not load.
     import psutil # pylint: disable=import-outside-toplevel
     need, have = 4 * 3 * width * width, psutil.virtual_memory().total  # the image, resized, its PNG, the zip buffer
     if need > have:
@@ -407,8 +423,7 @@ def check_dest(dest, overwrite=False, source=None):
     if source is not None:
         inputs = [('--source', source)]
         if os.path.isfile(source) and _IDX_IMAGE_PATTERN.match(os.path.basename(source)):
-            inputs.append(('--source labels', os.path.join(os.path.dirname(source),
-                                                           os.path.basename(source).replace('images-idx3', 'labels-idx1'))))
+            inputs.append(('--source labels', _idx_labels_path(source)))
         reason = cli.input_overwrite(dest, inputs, folders=_file_ext(dest) != '.zip')
         if reason is not None:
             raise DatasetToolError(f'--dest={reason}')
@@ -498,14 +513,17 @@ def png_bytes(img):
     PIL.Image.fromarray(img).save(buf, format='png', compress_level=0, optimize=False)
     return buf.getvalue()
 
-def dataset_json_bytes(labels, num_classes=None):
+def dataset_json_bytes(labels, num_classes=None, vae=None):
     # [[name, label], ...], or null when the images have no labels. A stated class count is kept as "num_classes"
     # (EDM2's reader ignores the key; ours then refuses labels outside 0..N-1 and makes one-hot vectors of length N).
+    # A latent dataset names the VAE that made it as "vae", after the labels (see the VAE latents section).
     if any(label is None for _name, label in labels):
         labels = None
     doc = {'labels': labels}
     if num_classes is not None and labels is not None:
         doc['num_classes'] = num_classes
+    if vae is not None:
+        doc['vae'] = vae
     return json.dumps(doc).encode('utf-8')
 
 #----------------------------------------------------------------------------
@@ -537,12 +555,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
             attrs = dict(width=img.shape[1], height=img.shape[0], channels=img.shape[2])
             if dataset_attrs is None:
                 dataset_attrs = attrs
-                if attrs['width'] != attrs['height']:
-                    raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  '
-                                           f'Got {attrs["width"]}x{attrs["height"]}')
-                if attrs['width'] & (attrs['width'] - 1) != 0:
-                    raise DatasetToolError('Image width/height after scale and crop are required to be power-of-two '
-                                           f'(got {attrs["width"]}; use --resolution, e.g. --resolution=32x32)')
+                _check_image_shape(attrs['width'], attrs['height'])
             elif attrs != dataset_attrs:
                 diff = ', '.join(f'{k} {attrs[k]} (dataset {dataset_attrs[k]})' for k in attrs if attrs[k] != dataset_attrs[k])
                 raise DatasetToolError(f'Image {item.name} attributes must be equal across all images of the dataset.  '
@@ -607,14 +620,8 @@ def _run_vae(fn, what, names):
         return fn()
     except (RuntimeError, ValueError) as e:
         where = names[0] if len(names) == 1 else f'{names[0]} ... {names[-1]}'
-        first = ' '.join(str(e).split('\n')[0].split())
-        raise DatasetToolError(f'{where}: the VAE failed to {what} ({type(e).__name__}: {first}); nothing was '
+        raise DatasetToolError(f'{where}: the VAE failed to {what} ({cli.one_line(e, with_type=True)}); nothing was '
                                'written (for lack of memory, lower --batch)') from None
-
-def _latent_json(labels, vae):
-    doc = json.loads(dataset_json_bytes(labels))
-    doc['vae'] = vae
-    return json.dumps(doc).encode('utf-8')
 
 def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=None, batch=8, encoder=None,
                    device=None, verbose=True, overwrite=False):
@@ -657,7 +664,7 @@ def encode_dataset(source, dest, vae='stabilityai/sd-vae-ft-mse', max_images=Non
                 labels.append([name, item.label])
             progress.update(len(items))
             progress.set_postfix_str(_peak_memory(device), refresh=False)
-        write('dataset.json', _latent_json(labels, vae))
+        write('dataset.json', dataset_json_bytes(labels, vae=vae))
     seconds = time.perf_counter() - start
     return dnnlib.EasyDict(num_images=len(labels), label_origin=src.label_origin, shape=shape,
                            images_per_second=(len(labels) / seconds if seconds > 0 else None),
@@ -688,7 +695,8 @@ def open_latents(source, max_images=None):
         raise DatasetToolError(f'Only zip archives are supported: {source}')
     else:
         raise DatasetToolError(f'Missing input file or directory: {source}')
-    labels, origin = _labels_for(names, dataset_json, source)
+    doc = _read_dataset_json(dataset_json, source)
+    labels, origin = _labels_for(names, doc, source)
     names, labels = names[:max_images], labels[:max_images]
 
     def read(i):
@@ -699,7 +707,7 @@ def open_latents(source, max_images=None):
         except Exception as e:
             raise DatasetToolError(f'{where}: cannot read latents ({type(e).__name__}: {e})') from None
     result = Source(names, read, labels, origin)
-    recorded = json.loads(dataset_json).get('vae') if dataset_json is not None else None # Parsed by _labels_for.
+    recorded = doc.get('vae') if doc is not None else None
     result.vae = recorded if isinstance(recorded, str) else None
     return result
 

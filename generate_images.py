@@ -20,7 +20,7 @@ from torch_utils import cli
 from torch_utils import distributed as dist
 from sampling.generate import config_presets, StackedRandomGenerator, generate_images, parse_int_list  # noqa: F401
 from sampling.generate import MAX_SEED, MissingPackageError, image_path, require_decoder
-from training.encoders import VAEError, vae_location
+from training.encoders import VAEError, vae_error_line, vae_option_problem
 from sampling.sampler import check_sampler_options, edm_sampler  # noqa: F401
 
 #----------------------------------------------------------------------------
@@ -47,21 +47,24 @@ def resolve_options(opts):
 
 def check_outputs_apart(opts):
     """No output overwrites an input network, and the grid is not one of the images: refuse before any work."""
+    seeds = set(opts.seeds)
+    def seed_named(path):
+        # The seed being generated whose image has the file name of `path` (e.g. 000042.png), else None.
+        match = re.fullmatch(r'(\d{6,})\.png', os.path.basename(path))
+        seed = int(match[1]) if match is not None else None
+        return seed if seed in seeds else None
+
     inputs = {'--net': opts.net, '--gnet': opts.gnet}
-    outputs = [('--grid', opts.grid)] if opts.grid is not None else []
+    outputs = [opts.grid] if opts.grid is not None else []
     for path in inputs.values():  # an input that lies where an image would be written
-        if path is not None and not dnnlib.util.is_url(path) and os.path.isfile(path):
-            name = os.path.basename(path)
-            if re.fullmatch(r'\d{6,}\.png', name) and int(name[:-4]) in set(opts.seeds):
-                outputs.append(('--outdir', image_path(opts.outdir, int(name[:-4]), opts.subdirs)))
-    for option, output in outputs:
+        seed = seed_named(path) if path is not None and not dnnlib.util.is_url(path) and os.path.isfile(path) else None
+        if seed is not None:
+            outputs.append(image_path(opts.outdir, seed, opts.subdirs))
+    for output in outputs:
         cli.check_not_input(output, inputs)
-    if opts.grid is not None:
-        name = os.path.basename(opts.grid)
-        if re.fullmatch(r'\d{6,}\.png', name) and int(name[:-4]) in set(opts.seeds) and \
-                cli.same_file(opts.grid, image_path(opts.outdir, int(name[:-4]), opts.subdirs)):
-            raise cli.CliError(f'{opts.grid}: --grid is also the image of seed {int(name[:-4])} in --outdir; '
-                               'choose another name')
+    seed = seed_named(opts.grid) if opts.grid is not None else None
+    if seed is not None and cli.same_file(opts.grid, image_path(opts.outdir, seed, opts.subdirs)):
+        raise cli.CliError(f'{opts.grid}: --grid is also the image of seed {seed} in --outdir; choose another name')
 
 #----------------------------------------------------------------------------
 
@@ -127,14 +130,13 @@ def cmdline(**opts):
         if path is not None and not dnnlib.util.is_url(path) and not os.path.isfile(path):
             raise click.ClickException(f'--{key}={path}: no such network file')
     net_option = f'--preset={preset_net}' if preset_net else f'--net={opts.net}'
+    problem = vae_option_problem(opts.vae)
+    if problem is not None:
+        raise click.ClickException(problem)
     try:
-        if opts.vae is not None:
-            vae_location(opts.vae)
         require_decoder(opts.net, net_option)
     except MissingPackageError as e:
         raise click.ClickException(str(e)) from None
-    except VAEError as e:
-        raise click.ClickException(f'--vae={opts.vae}: {e.reason}') from None
     # Outputs before any work: the images may land in an existing folder (as in EDM2), the grid replaces a file
     # only when asked to.
     cli.check_output_dir(opts.outdir)
@@ -148,15 +150,12 @@ def cmdline(**opts):
             image_iter = generate_images(**opts)
             for _ in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
                 pass
-        except (ValueError, pickle.UnpicklingError, MissingPackageError, MemoryError) as e:
+        except (ValueError, pickle.UnpicklingError, MissingPackageError, MemoryError, VAEError) as e:
             if dist.get_rank() != 0:
                 raise SystemExit(1) from None  # every rank stops alike; rank 0 says why
+            if isinstance(e, VAEError):
+                raise click.ClickException(vae_error_line(e, opts.vae, f'{net_option}: the VAE it names')) from None
             raise click.ClickException(str(e)) from None
-        except VAEError as e:
-            if dist.get_rank() != 0:
-                raise SystemExit(1) from None
-            where = f'--vae={opts.vae}' if opts.vae is not None else f'{net_option}: the VAE it names, {e.name}'
-            raise click.ClickException(f'{where}: {e.reason}') from None
 
 #----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import posthoc
-from training.encoders import VAEError, vae_location
+from training.encoders import VAEError, vae_error_line, vae_option_problem
 from metrics.sweeps import KEY_FIELDS, SweepError, describe_point, fields_help, parse_kimg_list, sweep
 
 FIELDS_EPILOG = (f'\b\nFields of each results.jsonl line (the first {len(KEY_FIELDS)} identify the point when '
@@ -96,11 +96,9 @@ def cmdline(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg
     which never runs code).
     """
     seeds = seeds_to_measure(num_images, seed, seeds, gnet, guidance)
-    if vae is not None:
-        try:
-            vae_location(vae)  # before any reconstruction
-        except VAEError as e:
-            raise cli.CliError(f'--vae={vae}: {e.reason}') from None
+    problem = vae_option_problem(vae)  # before any reconstruction
+    if problem is not None:
+        raise cli.CliError(problem)
     cli.check_output_dir(outdir)
 
     with dist.process_group() as device, cli.os_errors(outdir):
@@ -113,8 +111,7 @@ def cmdline(indirs, outdir, outstd, ref_path, metrics, detector, dinov2, outkimg
         except (SweepError, MetricsError, NetworkFileError, ValueError, MemoryError, dist.RunDirBusyError) as e:
             raise cli.CliError(str(e)) from None
         except VAEError as e:
-            where = f'--vae={vae}' if vae is not None else f'the VAE that the networks name, {e.name}'
-            raise cli.CliError(f'{where}: {e.reason}') from None
+            raise cli.CliError(vae_error_line(e, vae, 'the VAE that the networks name')) from None
         if dist.get_rank() == 0:
             for metric, runs in result.best.items():
                 for label, record in runs.items():

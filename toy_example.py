@@ -20,7 +20,6 @@ still shows the effect.
       --uncond=toy-runs/uncond/iter4096.pkl --save=toy-example.png
 """
 
-import contextlib
 import copy
 import os
 import pickle
@@ -170,9 +169,7 @@ def score_of(net, x, sigma):
     """The score of a toy model: its own score() where it has one, else the gradient of its log-density output."""
     if hasattr(net, 'score'):
         return net.score(x, sigma)
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        return torch.autograd.grad(net(x, sigma).sum(), x)[0]
+    return ToyModel.score(net, x, sigma)  # that gradient, as ToyModel takes it: it needs only the model's forward()
 
 def guided_score(net, gnet, guidance, x, sigma):
     """lerp(score_guide, score_main, w); the guide is not evaluated when w = 1 (or there is none)."""
@@ -322,8 +319,9 @@ def figure(net, gnet, uncond=None, guidance=3.0, cfg_guidance=None, num_samples=
     points = _grid(zoom, 20)
     s = torch.full([points.shape[0]], sigma)
     gt_step = sigma ** 2 * gt.logp_score(points, s)[1]
-    net_step = sigma ** 2 * score_of(net, points, s)
-    auto_step = (guidance - 1) * sigma ** 2 * (score_of(net, points, s) - score_of(gnet, points, s))
+    net_score = score_of(net, points, s)
+    net_step = sigma ** 2 * net_score
+    auto_step = (guidance - 1) * sigma ** 2 * (net_score - score_of(gnet, points, s))
     cell = 2 * zhalf / 20
     step_scale = max(gt_step.norm(dim=1).max().item(), net_step.norm(dim=1).max().item()) / (1.5 * cell) or 1.0
     auto_scale = auto_step.norm(dim=1).max().item() / (1.5 * cell) or 1.0
@@ -453,10 +451,11 @@ def plot_cmd(net, gnet, uncond, guidance, cfg_guidance, save, samples):
     if save is None:
         plt.show()
         return
-    with contextlib.ExitStack() as stack:
-        stack.callback(plt.close, fig)
+    try:
         with cli.os_errors(save), dnnlib.util.atomic_write(save, 'wb') as f:
             fig.savefig(f, format=fmt, dpi=80)
+    finally:
+        plt.close(fig)
     click.echo(f'Saved {save}')
 
 if __name__ == '__main__':

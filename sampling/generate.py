@@ -395,7 +395,7 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
                 finite = torch.ones([0], dtype=torch.bool)
             # Every rank learns whether any sample anywhere is NaN/Inf (instead of a barrier), so all stop together
             # before such an image is written or measured: it would be saved as a black PNG without a word.
-            _stop_on_non_finite(finite, [seeds[i] for i in indices], net_name)
+            _stop_on_non_finite(finite, r.seeds, net_name)
             if len(indices) > 0:
                 if outdir is not None or grid is not None:
                     images = r.images.cpu().numpy()

@@ -204,6 +204,22 @@ def vae_record_name(vae_name):
     kind, where = vae_location(vae_name)
     return where if kind == 'folder' else vae_name
 
+def vae_option_problem(vae):
+    """None when a tool's --vae (None: not given) may name a VAE, else the one line `--vae=<vae>: <reason>`; the
+    tools ask before any work, as vae_location needs neither diffusers nor the network."""
+    if vae is not None:
+        try:
+            vae_location(vae)
+        except VAEError as e:
+            return vae_error_line(e, vae)
+    return None
+
+def vae_error_line(e, vae, named_by=None):
+    """The one line a tool shows for the VAEError `e`: `--vae=<vae>: <reason>` when the tool was given --vae (`vae`),
+    else `<named_by>, <name>: <reason>`, `named_by` saying where the name came from (`--net=X: the VAE it names`)."""
+    where = f'--vae={vae}' if vae is not None else f'{named_by}, {e.name}'
+    return f'{where}: {e.reason}'
+
 def _offline():
     return os.environ.get('HF_HUB_OFFLINE', '').strip().upper() in ('1', 'ON', 'YES', 'TRUE')
 
