@@ -25,9 +25,7 @@ import os
 import tempfile
 import textwrap
 import time
-import warnings
 
-import scipy.linalg
 import torch
 import tqdm
 
@@ -572,11 +570,7 @@ def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_ba
             stats = result.stats
     if dist.get_rank() != 0:
         return None
-    with warnings.catch_warnings():
-        # With fewer images than features both covariances are singular; scipy warns at every such point, and the
-        # square root FID needs is still well defined.
-        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
-        return calculate_metrics_from_stats(stats, ref, metrics, verbose=False)
+    return calculate_metrics_from_stats(stats, ref, metrics, verbose=False)
 
 #----------------------------------------------------------------------------
 # The sweep.
