@@ -17,7 +17,6 @@ plot_sweep.py.
 import contextlib
 import copy
 import csv
-import hashlib
 import io
 import json
 import math
@@ -140,11 +139,7 @@ def _where(path):
 
 def ref_fingerprint(ref_path):
     """SHA-256 of the reference statistics file: a point measured against other statistics is measured again."""
-    digest = hashlib.sha256()
-    with dnnlib.util.open_url(ref_path, verbose=False) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return dnnlib.util.file_digest(ref_path, 'sha256')
 
 #----------------------------------------------------------------------------
 # Runs: the training runs whose networks are measured, and their own records (stats.jsonl, snapshots).
@@ -192,11 +187,7 @@ def time_at(times, nimg):
 
 def file_id(path):
     """SHA-1 (16 hex digits) of a file's bytes: names a run or a guide by content, not by where it lies."""
-    digest = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return dnnlib.util.file_digest(path)[:16]
 
 def architecture(path):
     """EasyDict(block, params, gflops) of the network in a snapshot, counted by networks.flops as count_flops.py
