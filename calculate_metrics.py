@@ -18,6 +18,7 @@ from metrics import MetricsError
 from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from networks.loading import NetworkFileError
 from sampling.generate import MissingPackageError
+from training.dataset import is_dataset_file
 from training.encoders import VAEError, vae_location
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
@@ -62,12 +63,6 @@ def metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=True):
 def metrics_given():
     """Whether --metrics was given on the command line (else its default applies)."""
     return click.get_current_context().get_parameter_source('metrics') != click.core.ParameterSource.DEFAULT
-
-def is_read_as_image(path):
-    """Whether a file of this name in a dataset folder would be read as one of its images."""
-    import PIL.Image  # pylint: disable=import-outside-toplevel
-    PIL.Image.init()
-    return os.path.splitext(path)[1].lower() in set(PIL.Image.EXTENSION) | {'.npy'}
 
 def same_on_all_ranks(fn):
     """Run a step whose errors every rank would hit alike (options, file discovery): only rank 0 reports them."""
@@ -222,7 +217,7 @@ def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_wor
                                  param_hint='--dest')
     cli.check_output_file(dest_path, overwrite=overwrite)  # before any feature is computed
     cli.check_not_input(dest_path, {'--data': data_path, '--detector': detector, '--dinov2': dinov2})
-    if os.path.isdir(data_path) and cli.is_inside(dest_path, data_path) and is_read_as_image(dest_path):
+    if os.path.isdir(data_path) and cli.is_inside(dest_path, data_path) and is_dataset_file(dest_path):
         raise cli.CliError(f'{dest_path}: lies inside --data={data_path} with the name of an image; the statistics '
                            'would become part of the dataset')
 
