@@ -34,21 +34,16 @@ def load_reference(ref_path, metrics, metrics_given=True):
     a URL is downloaded once), then the other ranks (which then stop quietly if rank 0 failed). Returns (ref,
     metrics to measure): metrics the reference lacks are an error when --metrics names them, and are left out, with
     a note, when --metrics was left at its default."""
-    ref, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            ref = load_stats(ref_path)
-            metrics = metrics_for_reference(ref, ref_path, metrics, metrics_given)
-        except MetricsError as e:
-            error = e
-    if not dist.broadcast_bool(error is None):
-        if error is not None:
-            raise error
-        raise SystemExit(1)
-    if dist.get_rank() != 0:
-        ref = load_stats(ref_path, verbose=False)
-        metrics = metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=False)
-    return ref, metrics
+    ref = None
+
+    def check():
+        nonlocal ref
+        ref = load_stats(ref_path)
+        return metrics_for_reference(ref, ref_path, metrics, metrics_given)
+    measured = dist.on_rank0(check)  # only the list of metrics is sent; the statistics can be large
+    if ref is None:
+        ref = load_stats(ref_path, verbose=False)  # the other ranks, once rank 0 found it usable
+    return ref, measured
 
 def metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=True):
     """The metrics of `metrics` that `ref` can be compared in (all of them, or an error, when given explicitly)."""

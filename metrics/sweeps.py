@@ -521,28 +521,6 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
     return dnnlib.EasyDict(best=best, plots=plots, records=drawn_records)
 
 #----------------------------------------------------------------------------
-# Process group: rank 0 decides and writes; every rank generates its share of each point's images.
-
-def on_rank0(fn):
-    """Run fn() on rank 0 only and give its (small, picklable) result to every rank. An error is raised on rank 0;
-    the other ranks stop quietly."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as e:  # pylint: disable=broad-except
-            error = e
-    if not dist.broadcast_bool(error is None):
-        if error is not None:
-            raise error
-        raise SystemExit(1)
-    if dist.is_distributed():
-        box = [result]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-#----------------------------------------------------------------------------
 # One point.
 
 def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_batch_size=32, device=None,
@@ -657,7 +635,7 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
             planned.setdefault(runs[i].label, []).append((nimg // 1000, round(std, 3), w))
         return runs, guide, todo, planned, len(every), dict(ref_sha256=measure['ref_sha256'],
                                                             detectors=measure['detectors'])
-    runs, guide, todo, planned, total, fingerprints = on_rank0(prepare)
+    runs, guide, todo, planned, total, fingerprints = dist.on_rank0(prepare)
     measure.update(fingerprints)
     say(f'{total - len(todo)} of {total} points already measured in {results_path}; {len(todo)} to go.')
 
@@ -665,12 +643,12 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         with tqdm.tqdm(total=total, initial=total - len(todo), unit='point', desc='points', dynamic_ncols=True,
                        disable=not verbose or dist.get_rank() != 0) as bar:
             if any(w != 1 for *_, w in todo) and guide.run is not None:
-                on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix, verbose))
+                dist.on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix, verbose))
             for i, nimg, batch in _batches(runs, todo, phema_batch):
                 # A batch of reconstructions shares one pass over the snapshots; each one is written (atomically)
                 # before any is measured, and a rerun reuses those still there.
                 run, began = runs[i], time.time()
-                paths = on_rank0(lambda: reconstruct(run, nimg, batch, out_prefix, verbose))
+                paths = dist.on_rank0(lambda: reconstruct(run, nimg, batch, out_prefix, verbose))
                 share = (time.time() - began) / len(batch)
                 for std, net_path in zip(batch, paths):
                     for k, (gstd, w) in enumerate([p[3:] for p in todo if p[:3] == (i, nimg, std)]):
@@ -681,14 +659,15 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                                                  detector_kwargs=detector_kwargs, detectors=detectors,
                                                  progress=verbose, edm2_exact=edm2_exact, vae=vae)
                         sec = time.time() - began + (share if k == 0 else 0)
-                        on_rank0(lambda: record_point(run, nimg, std, guide, gstd, w, net_path, values, sec,
-                                                      _where(ref_path), runs, metrics, measure, planned, outdir, say))
+                        dist.on_rank0(lambda: record_point(run, nimg, std, guide, gstd, w, net_path, values, sec,
+                                                           _where(ref_path), runs, metrics, measure, planned, outdir,
+                                                           say))
                         bar.update(1)
                     if not keep_networks:
-                        on_rank0(lambda: _remove(net_path, run.net_dir))
+                        dist.on_rank0(lambda: _remove(net_path, run.net_dir))
         if not keep_networks and guide is not None and guide.run is not None:
-            on_rank0(lambda: [_remove(path, guide.run.net_dir) for path in guide.paths.values()])
-        result = on_rank0(lambda: _final_pictures(outdir, runs, metrics, measure, planned))
+            dist.on_rank0(lambda: [_remove(path, guide.run.net_dir) for path in guide.paths.values()])
+        result = dist.on_rank0(lambda: _final_pictures(outdir, runs, metrics, measure, planned))
     finally:
         release_lock()
     return dnnlib.EasyDict(result, results=results_path, measured=len(todo), sec=time.time() - start,
