@@ -144,6 +144,13 @@ def _finish_stats(moments, dest_path, verbose):
         save_stats(stats, dest_path, verbose=verbose)
     return stats
 
+def detectors_for(metrics, detectors=None, detector_kwargs=None, device=None, verbose=True):
+    """{metric: detector} for `metrics`: the one `detectors` ({metric: ready detector}) gives, else get_detector's
+    (with detector_kwargs[metric], e.g. dict(path=...))."""
+    return {metric: detectors[metric] if detectors is not None and metric in detectors else
+            get_detector(metric, verbose=verbose, device=device, **(detector_kwargs or {}).get(metric, {}))
+            for metric in metrics}
+
 def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=True, dest_path=None, device=None,
                                  detectors=None, detector_kwargs=None, ref=None, ref_name='the reference'):
     """Feature statistics of the images of `image_iter`.
@@ -163,13 +170,7 @@ def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=Tr
     # Rank 0 builds the detectors first, so that a download happens once; the others then read the cache.
     if dist.get_rank() != 0:
         dist.barrier()
-    ready = {}
-    for metric in metrics:
-        if detectors is not None and metric in detectors:
-            ready[metric] = detectors[metric]
-        else:
-            kwargs = (detector_kwargs or {}).get(metric, {})
-            ready[metric] = get_detector(metric, verbose=verbose, device=device, **kwargs)
+    ready = detectors_for(metrics, detectors, detector_kwargs, device=device, verbose=verbose)
     if dist.get_rank() == 0:
         dist.barrier()
     if ref is not None:

@@ -25,14 +25,12 @@ import tempfile
 import textwrap
 import time
 
-import torch
 import tqdm
 
 import dnnlib
 from figures.charts import curves_plot, sweep_plot
-from metrics.detectors import get_detector
-from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, check_reference, load_stats,
-                           parse_metric_list)
+from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, check_reference, detectors_for,
+                           load_stats, parse_metric_list)
 from networks import flops
 from networks.loading import load_snapshot
 from torch_utils import cli
@@ -332,9 +330,6 @@ def find_guide(gnet, guide_std, guide_kimg, outdir, out_prefix='phema'):
     return dnnlib.EasyDict(label=os.path.basename(gnet), id=file_id(gnet), kimg=None, stds=[None], paths={None: gnet},
                            run=None)
 
-def _device(device):
-    return torch.device(device) if device is not None else dist.device()
-
 def check_outdir(outdir):
     """Create the output folder and prove that it is writable, before any work is done."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -614,12 +609,11 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
             if reason is not None:
                 raise SweepError(reason)
         ref = load_stats(ref_path, verbose=False)
-        missing = [m for m in metrics if m not in ref]
-        if missing:
-            raise SweepError(f'--ref={ref_path}: holds no statistics for {", ".join(missing)}')
-        ready = {m: (detectors or {}).get(m) or get_detector(m, verbose=False, device=_device(device),
-                                                             **(detector_kwargs or {}).get(m, {})) for m in metrics}
-        check_reference(ref, metrics, f'--ref={ref_path}', ready)  # the detectors give the reference's widths
+        # A metric the reference lacks is refused before the detectors are set up (DINOv2's would be downloaded);
+        # then the detectors must give the reference's feature widths.
+        check_reference(ref, metrics, f'--ref={ref_path}')
+        ready = detectors_for(metrics, detectors, detector_kwargs, device=device, verbose=False)
+        check_reference(ref, metrics, f'--ref={ref_path}', ready)
         measure['ref_sha256'] = ref_fingerprint(ref_path)
         measure['detectors'] = {m: detector_id(given[m]) for m in metrics if m in given}  # the detectors loaded
         check_outdir(outdir)  # created only once every input has been read
