@@ -15,7 +15,6 @@ plot_sweep.py.
 """
 
 import contextlib
-import copy
 import csv
 import io
 import json
@@ -197,7 +196,7 @@ def architecture(path):
         block = str(net.init_kwargs.get('block', 'A'))
     except AttributeError:  # a foreign network that did not record its arguments: EDM2's own block
         block = 'A'
-    result = flops.count(copy.deepcopy(net).float(), device='cpu')
+    result = flops.count(net.float(), device='cpu')  # the network was just loaded for this alone: no copy needed
     return dnnlib.EasyDict(block=block, params=int(result['params']), gflops=result['flops'] / 1e9)
 
 def describe(label, arch):
@@ -221,9 +220,10 @@ def detect_prefix(indir, in_prefix, out_prefix, option):
                          f'choose one with --inprefix')
     return candidates[0] if candidates else None
 
-def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--indir'):
+def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--indir', count_size=True):
     """EasyDict(indir, prefix, in_pkls, run_id, arch, times) of a training run folder; SweepError if it has no
-    usable snapshots."""
+    usable snapshots. `arch` (architecture(): a load and an evaluation on the CPU) is None without `count_size`:
+    only measured runs show their size and compute; a guide's is never read."""
     if not os.path.isdir(indir):
         raise SweepError(f'{option}={indir}: no such directory')
     prefix = detect_prefix(indir, in_prefix, out_prefix, option)
@@ -237,7 +237,7 @@ def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--i
     if len({(p.nimg, p.std) for p in in_pkls}) != len(in_pkls):
         raise SweepError(f'{option}={indir}: several snapshots share a time and std; choose one run with --inprefix')
     return dnnlib.EasyDict(indir=indir, prefix=prefix, in_pkls=in_pkls, run_id=file_id(in_pkls[0].path),
-                           arch=architecture(in_pkls[0].path), times=training_times(indir))
+                           arch=architecture(in_pkls[0].path) if count_size else None, times=training_times(indir))
 
 def parse_kimg_list(text):
     """'all' (every snapshot), or a list of kimg such as '256,512,1024' or '64-66' (each at least 1)."""
@@ -313,7 +313,7 @@ def find_guide(gnet, guide_std, guide_kimg, outdir, out_prefix='phema'):
     if not dnnlib.util.is_url(gnet) and os.path.isdir(gnet):
         if not guide_std:
             raise SweepError(f'--gnet={gnet}: is a training run; give the guide\'s EMA lengths with --gstd')
-        run = open_run(gnet, None, None, out_prefix, option='--gnet')
+        run = open_run(gnet, None, None, out_prefix, option='--gnet', count_size=False)
         nimg, = choose_times(run, None if guide_kimg is None else [guide_kimg], option='--gkimg')
         label = os.path.basename(os.path.normpath(gnet))
         run.update(label=label, net_dir=os.path.join(outdir, _safe_name(f'guide-{label}')))
