@@ -118,11 +118,14 @@ def read_records(path):
     return records
 
 def append_records(path, new_records):
-    """The whole file is rewritten under a temporary name and renamed, so a kill at any moment leaves either the old
-    or the new file, never a torn line."""
-    lines = [json.dumps(r) for r in read_records(path) + list(new_records)]
+    """Add `new_records` to the file and return all its records (so that the caller need not read it again). The
+    whole file is rewritten under a temporary name and renamed, so a kill at any moment leaves either the old or the
+    new file, never a torn line."""
+    records = read_records(path) + list(new_records)
+    lines = [json.dumps(r) for r in records]
     with dnnlib.util.atomic_write(path, 'w') as f:
         f.write(''.join(line + '\n' for line in lines))
+    return records
 
 LATER_KEYS = ('ref_sha256',)  # lines written before these existed lack them, and match any value (they cannot tell)
 
@@ -130,6 +133,24 @@ def _same(record, setting):
     """True if `record` holds the values of every field of `setting` (a point's keys, or only some of them)."""
     return all(record.get(k) == setting.get(k) for k in set(setting) | set(OPTIONAL_KEYS)
                if not (k in LATER_KEYS and k not in record))
+
+# The fields by which records are grouped for the resume check: every point's setting holds them, as a string or a
+# number, and _same compares them with ==, which for such values is what a dict lookup does.
+INDEX_KEYS = ('run', 'kimg', 'std', 'metric')
+
+def _index(records):
+    """{values of INDEX_KEYS: [records]}, so that finding a point's records does not scan the whole file."""
+    index = {}
+    for r in records:
+        try:
+            index.setdefault(tuple(r.get(k) for k in INDEX_KEYS), []).append(r)
+        except TypeError:  # a list or object there (a hand-edited line) equals no setting's value
+            pass
+    return index
+
+def _measured(index, setting):
+    """Whether a record of `index` (from _index) holds the values of `setting` (as _same tells)."""
+    return any(_same(r, setting) for r in index.get(tuple(setting[k] for k in INDEX_KEYS), ()))
 
 def _where(path):
     return path if dnnlib.util.is_url(path) else os.path.abspath(path)
@@ -446,8 +467,10 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
     best, plots, drawn_records = {}, [], {}
     names = {run.label: describe(run.label, run.arch) for run in runs}
     for k, metric in enumerate(metrics):
-        mine = {run.label: _latest([r for r in records if _same(r, _run_setting(run, metric, measure))])
-                for run in runs}
+        mine = {}
+        for run in runs:
+            setting = _run_setting(run, metric, measure)
+            mine[run.label] = _latest([r for r in records if _same(r, setting)])
         mine = {label: recs for label, recs in mine.items() if recs}
         if not mine:
             continue
@@ -456,7 +479,10 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
         suffix = '' if k == 0 else f'-{metric}'
         ylabel = METRIC_NAMES.get(metric, metric)
         per_point = f'{measure["num_images"]} images per point'
-        at_end = {label: [r for r in recs if r['kimg'] == max(q['kimg'] for q in recs)] for label, recs in mine.items()}
+        at_end = {}
+        for label, recs in mine.items():
+            last = max(r['kimg'] for r in recs)
+            at_end[label] = [r for r in recs if r['kimg'] == last]
         along, guided, several_stds = _dimensions(mine, planned or {})
 
         def name_of(path):
@@ -618,12 +644,12 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         measure['detectors'] = {m: detector_id(given[m]) for m in metrics if m in given}  # the detectors loaded
         check_outdir(outdir)  # created only once every input has been read
         release_lock = dist.acquire_run_dir(outdir, 'sweep.lock', what='sweep')  # one sweep writes results.jsonl
-        records = read_records(results_path)
+        measured = _index(read_records(results_path))
         every = [(i, nimg, std, gstd, w) for i, run in enumerate(runs) for nimg in run.nimgs for std in out_std
                  for gstd, w in guide_settings(guide, guidances)]
         todo = [p for p in every
-                if not all(any(_same(r, _setting(runs[p[0]], p[1], p[2], guide, p[3], p[4], m, measure))
-                               for r in records) for m in metrics)]
+                if not all(_measured(measured, _setting(runs[p[0]], p[1], p[2], guide, p[3], p[4], m, measure))
+                           for m in metrics)]
         planned = {}
         for i, nimg, std, _, w in every:
             planned.setdefault(runs[i].label, []).append((nimg // 1000, round(std, 3), w))
@@ -710,8 +736,7 @@ def record_point(run, nimg, std, guide, gstd, guidance, net_path, values, sec, r
                  indir=os.path.relpath(run.indir, outdir), net=os.path.relpath(net_path, outdir), sec=round(sec, 3))
     new = [dict(_setting(run, nimg, std, guide, gstd, guidance, metric=m, measure=measure), value=float(values[m]),
                 **facts) for m in metrics]
-    append_records(results_path, new)
-    best = plot_results(outdir, read_records(results_path), runs, metrics, measure, planned).best
+    best = plot_results(outdir, append_records(results_path, new), runs, metrics, measure, planned).best
     where = f'{nimg // 1000} kimg, σ_rel {std:.3f}' + (f', guide σ_rel {gstd:.3f}' if gstd is not None else '') + \
         (f', guidance {guidance:g}' if guidance != 1 else '')
     for m in metrics:
