@@ -194,15 +194,16 @@ def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_siz
     return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
 
 def calculate_stats_for_network(net, seeds, gnet=None, guidance=1, max_batch_size=32, device=None, verbose=True,
-                                edm2_exact=False, vae=None, **stats_kwargs):
+                                edm2_exact=False, vae=None, encoder=None, **stats_kwargs):
     """Statistics of the images that `net` (module or path/URL of a snapshot) generates for `seeds`, streamed from
     the sampler into the detectors without touching the disk: the measurement of `calculate_metrics.py gen` and
     of every point of `sweep_phema.py`. `gnet` guides with strength `guidance` (1: no guidance, the guide is then
-    not even loaded); `edm2_exact` runs EDM2's exact op sequence; `vae` replaces the VAE a latent network names.
-    Each rank generates its share. Returns the iterable of calculate_stats_for_iterable."""
+    not even loaded); `edm2_exact` runs EDM2's exact op sequence; `vae` replaces the VAE a latent network names;
+    `encoder` decodes the samples of a `net` given as a module (as in generate_images, whose default is the encoder
+    stored with a file). Each rank generates its share. Returns the iterable of calculate_stats_for_iterable."""
     sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
     image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device, verbose=verbose,
-                                 edm2_exact=edm2_exact, vae=vae, **sampler_kwargs)
+                                 edm2_exact=edm2_exact, vae=vae, encoder=encoder, **sampler_kwargs)
     return calculate_stats_for_iterable(image_iter, verbose=verbose, device=device, **stats_kwargs)
 
 def final_stats(stats_iter):

@@ -24,6 +24,7 @@ import tempfile
 import textwrap
 import time
 
+import torch
 import tqdm
 
 import dnnlib
@@ -32,6 +33,7 @@ from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_net
                            load_stats, parse_metric_list)
 from networks import flops
 from networks.loading import load_snapshot
+from sampling.generate import check_guide, require_decoder
 from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils.cli import parse_int_list
@@ -544,10 +546,44 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
 #----------------------------------------------------------------------------
 # One point.
 
+class HeldNetworks:
+    """The networks of the points being measured, each loaded once while it is in use: a reconstruction is measured
+    at each of its guide settings in turn, and the weights of one guide EMA length come one after another. One
+    network per role ('main', 'guide') is held, with the encoder stored with it, under the path it came from; asking
+    for another path of that role loads it in its place. Loading is generate_images' (same checks, same errors
+    naming the file, rank 0 first, onto `device`, by default this process's), so a point measures the same images."""
+
+    def __init__(self, device=None):
+        self.device = torch.device(device) if device is not None else dist.device()
+        self.held = {}  # role -> (path, network, encoder)
+
+    def get(self, path, role):
+        """(network on the device, the encoder stored with it or None) of the network file or URL `path`."""
+        if self.held.get(role, (None,))[0] != path:
+            self.drop(role)  # its memory is freed before the next one is loaded
+            if role == 'main':
+                require_decoder(path)  # a latent network that cannot be decoded is refused before it is loaded
+            snapshot = dist.rank0_first(lambda: load_snapshot(path, verbose=False))
+            self.held[role] = (path, snapshot.ema.to(self.device), snapshot.get('encoder'))
+        return self.held[role][1:]
+
+    def drop(self, role):
+        """Forget the network of `role` (e.g. once its file is to be deleted: a later one may take its name)."""
+        self.held.pop(role, None)
+
 def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_batch_size=32, device=None,
-                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False, vae=None):
-    """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks)."""
-    stats_iter = calculate_stats_for_network(net_path, seeds, gnet=gnet, guidance=guidance,
+                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False, vae=None, held=None):
+    """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks). With
+    `held` (HeldNetworks), the networks come from it, loaded once for all the points that use them; without, they
+    are loaded from their files for this point."""
+    net, encoder = net_path, None
+    if held is not None:
+        net, encoder = held.get(net_path, 'main')
+        if gnet is not None and guidance != 1:
+            gnet_path = gnet
+            gnet, _ = held.get(gnet_path, 'guide')
+            check_guide(net, gnet, os.fspath(gnet_path))  # named by its file, as generate_images names it
+    stats_iter = calculate_stats_for_network(net, seeds, gnet=gnet, guidance=guidance, encoder=encoder,
                                              max_batch_size=max_batch_size, device=device, verbose=False,
                                              edm2_exact=edm2_exact, vae=vae,
                                              metrics=metrics, detectors=detectors, detector_kwargs=detector_kwargs)
@@ -664,6 +700,7 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                        disable=not verbose or dist.get_rank() != 0) as bar:
             if any(w != 1 for *_, w in todo) and guide.run is not None:
                 dist.on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix, verbose))
+            held = HeldNetworks(device)
             for i, nimg, batch in _batches(runs, todo, phema_batch):
                 # A batch of reconstructions shares one pass over the snapshots; each one is written (atomically)
                 # before any is measured, and a rerun reuses those still there.
@@ -677,12 +714,13 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                                                  gnet=guide.paths[gstd] if w != 1 else None, guidance=w,
                                                  max_batch_size=max_batch_size, device=device,
                                                  detector_kwargs=detector_kwargs, detectors=detectors,
-                                                 progress=verbose, edm2_exact=edm2_exact, vae=vae)
+                                                 progress=verbose, edm2_exact=edm2_exact, vae=vae, held=held)
                         sec = time.time() - began + (share if k == 0 else 0)
                         dist.on_rank0(lambda: record_point(run, nimg, std, guide, gstd, w, net_path, values, sec,
                                                            _where(ref_path), runs, metrics, measure, planned, outdir,
                                                            say))
                         bar.update(1)
+                    held.drop('main')
                     if not keep_networks:
                         dist.on_rank0(lambda: _remove(net_path, run.net_dir))
         if not keep_networks and guide is not None and guide.run is not None:

@@ -148,6 +148,18 @@ def on_rank0(fn):
         result = box[0]
     return result
 
+def rank0_first(fn):
+    """Run fn() on every rank, rank 0 before the others (so that a file it downloads is downloaded once, and the
+    others read it from the cache). Rank 0 lets the others go on even when fn() fails there, so that no rank is left
+    waiting for it."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        return fn()
+    finally:
+        if get_rank() == 0:
+            barrier()
+
 #----------------------------------------------------------------------------
 # Hooks through which a cluster scheduler could follow and interrupt training. Nothing here talks to one, so
 # progress reports are dropped and training is never asked to stop or suspend.
