@@ -18,6 +18,7 @@ from metrics import MetricsError
 from metrics.options import detector_kwargs, generation_options, metrics_options, seeds_to_measure
 from networks.loading import NetworkFileError
 from sampling.generate import MissingPackageError
+from training.dataset import is_dataset_file
 from training.encoders import VAEError, vae_error_line, vae_option_problem
 from torch_utils import distributed as dist
 from metrics.detectors import get_detector, metric_specs  # noqa: F401 (EDM2's API)
@@ -33,21 +34,16 @@ def load_reference(ref_path, metrics, metrics_given=True):
     a URL is downloaded once), then the other ranks (which then stop quietly if rank 0 failed). Returns (ref,
     metrics to measure): metrics the reference lacks are an error when --metrics names them, and are left out, with
     a note, when --metrics was left at its default."""
-    ref, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            ref = load_stats(ref_path)
-            metrics = metrics_for_reference(ref, ref_path, metrics, metrics_given)
-        except MetricsError as e:
-            error = e
-    if not dist.broadcast_bool(error is None):
-        if error is not None:
-            raise error
-        raise SystemExit(1)
-    if dist.get_rank() != 0:
-        ref = load_stats(ref_path, verbose=False)
-        metrics = metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=False)
-    return ref, metrics
+    ref = None
+
+    def check():
+        nonlocal ref
+        ref = load_stats(ref_path)
+        return metrics_for_reference(ref, ref_path, metrics, metrics_given)
+    measured = dist.on_rank0(check)  # only the list of metrics is sent; the statistics can be large
+    if ref is None:
+        ref = load_stats(ref_path, verbose=False)  # the other ranks, once rank 0 found it usable
+    return ref, measured
 
 def metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=True):
     """The metrics of `metrics` that `ref` can be compared in (all of them, or an error, when given explicitly)."""
@@ -62,12 +58,6 @@ def metrics_for_reference(ref, ref_path, metrics, metrics_given, verbose=True):
 def metrics_given():
     """Whether --metrics was given on the command line (else its default applies)."""
     return click.get_current_context().get_parameter_source('metrics') != click.core.ParameterSource.DEFAULT
-
-def is_read_as_image(path):
-    """Whether a file of this name in a dataset folder would be read as one of its images."""
-    import PIL.Image  # pylint: disable=import-outside-toplevel
-    PIL.Image.init()
-    return os.path.splitext(path)[1].lower() in set(PIL.Image.EXTENSION) | {'.npy'}
 
 def same_on_all_ranks(fn):
     """Run a step whose errors every rank would hit alike (options, file discovery): only rank 0 reports them."""
@@ -220,7 +210,7 @@ def ref(data_path, dest_path, metrics, detector, dinov2, max_batch_size, num_wor
                                  param_hint='--dest')
     cli.check_output_file(dest_path, overwrite=overwrite)  # before any feature is computed
     cli.check_not_input(dest_path, {'--data': data_path, '--detector': detector, '--dinov2': dinov2})
-    if os.path.isdir(data_path) and cli.is_inside(dest_path, data_path) and is_read_as_image(dest_path):
+    if os.path.isdir(data_path) and cli.is_inside(dest_path, data_path) and is_dataset_file(dest_path):
         raise cli.CliError(f'{dest_path}: lies inside --data={data_path} with the name of an image; the statistics '
                            'would become part of the dataset')
 

@@ -35,7 +35,6 @@ if 'OMP_WAIT_POLICY' not in os.environ:
     os.environ.setdefault('GOMP_SPINCOUNT', '30000')
 
 import contextlib  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
@@ -85,8 +84,7 @@ def run_dir_of(outdir, label):
 def file_id(path):
     """The SHA-1 of a file's bytes: a grid or FID is recorded for a network's content, not its name, so that it is
     not reused for a different network (or reference) that a new run wrote under the same name."""
-    with open(path, 'rb') as f:
-        return hashlib.sha1(f.read()).hexdigest()
+    return dnnlib.util.file_digest(path)
 
 def load_net(net):
     """A network from a snapshot/post-hoc EMA pickle (or a module), on the device, in float32. The pickles hold

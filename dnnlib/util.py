@@ -446,3 +446,12 @@ def _download(url, num_attempts, verbose):
                     say(' failed\n')
                     raise
                 say('.')
+
+def file_digest(path_or_url, algorithm='sha1'):
+    """Hex digest (hashlib's `algorithm`) of the bytes of a file or URL (opened with open_url, so a URL is read
+    from the download cache), read in blocks so that a large network file is never held in memory whole."""
+    digest = hashlib.new(algorithm)
+    with open_url(path_or_url, verbose=False) as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

