@@ -51,7 +51,6 @@ from figures.charts import training_curves  # noqa: E402
 from figures.grids import label_grid  # noqa: E402
 from torch_utils import cli  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from torch_utils import misc  # noqa: E402
 from networks import presets  # noqa: E402
 from metrics import sweeps  # noqa: E402
 from training.posthoc import parse_std_list  # noqa: E402
@@ -557,7 +556,7 @@ def format_summary(summary):
                   f'  images seen:      {run["images_seen"]} in {run["training_sec"] / 60:.1f} min of training',
                   f'  FID:              {run["fid"]:.2f} '
                   f'({run["fid_images"]} generated vs {ref["num_images"]} test images)',
-                  f'  wall time (s):    ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items())]
+                  '  wall time (s):    ' + ', '.join(f'{k} {v:.0f}' for k, v in wall.items())]
     if summary.get('curves'):
         lines += format_curves(summary['curves'])
     if 'sweep' in summary:

@@ -14,7 +14,6 @@ from metrics.options import detector_kwargs, generation_options, metrics_options
 from networks.loading import NetworkFileError
 from torch_utils import cli
 from torch_utils import distributed as dist
-from torch_utils import misc
 from training import posthoc
 from training.encoders import VAEError, vae_error_line, vae_option_problem
 from metrics.sweeps import KEY_FIELDS, SweepError, describe_point, fields_help, parse_kimg_list, sweep

@@ -265,7 +265,7 @@ def test_fid_along_the_run(tiny_demo):
     text = demo.format_summary(summary)
     assert f'FID {common["fid"]:.2f} ({weaker}\'s at its end) was first reached by' in text
     assert curves['plots']['train_sec'] in text and curves['plots']['train_pflop'] in text
-    assert f'cost: 6 points, ' in text and curves['cost_sec'] > 0
+    assert 'cost: 6 points, ' in text and curves['cost_sec'] > 0
 
 @needs_fashion
 @pytest.mark.slow  # the tiny_demo run takes ~2 minutes on 2 cores

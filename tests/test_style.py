@@ -54,7 +54,7 @@ def style_problems(path, text):
             if line[:1].isspace():
                 say(n, 'indented separator: make the section a function of its own, or delete the line')
             else:
-                say(n, f'separator must be "#" and 76 "-" (77 columns), with nothing else on the line')
+                say(n, 'separator must be "#" and 76 "-" (77 columns), with nothing else on the line')
             continue
         if n > 1 and (not blank(n - 1) or blank(n - 2)):
             say(n, 'put exactly one blank line before this separator')
