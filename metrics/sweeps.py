@@ -211,9 +211,7 @@ def file_id(path):
 
 def architecture(path):
     """EasyDict(block, params, gflops) of the network in a snapshot, counted by networks.flops as count_flops.py
-    counts. It runs one evaluation of a float32 copy on the CPU rather than on the meta device: under torchrun with
-    gloo, a process that has run meta-device ops sometimes aborts at exit ("terminate called without an active
-    exception", a quarter of 2-process sweeps here)."""
+    counts, with one evaluation of the loaded network in float32 on the CPU."""
     net = load_snapshot(path, verbose=False).ema
     try:
         block = str(net.init_kwargs.get('block', 'A'))

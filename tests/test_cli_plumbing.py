@@ -177,6 +177,36 @@ SCRIPT = textwrap.dedent('''
     print('left', torch.distributed.is_initialized(), flush=True)
 ''')
 
+FREED_SCRIPT = textwrap.dedent('''
+    import os, torch
+    from networks import flops
+    from torch_utils import distributed as dist
+    threads = lambda: len(os.listdir('/proc/self/task'))
+    before = threads()
+    with dist.process_group():
+        flops.count(flops.build_meta(img_resolution=8, img_channels=3, label_dim=0, model_channels=16,
+                                     channel_mult=[1], num_blocks=1, attn_resolutions=[]))
+    print('threads', before, threads(), flush=True)
+''')
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='counts threads in /proc')
+def test_process_group_is_freed_after_a_flop_count():
+    """A FLOP count inside the group (its TorchDispatchMode imports torch.distributed._shard, which then holds the
+    group) must not keep the group alive past shutdown: gloo's threads are gone when the block ends, so none is
+    left to abort the process at exit (seen as 'terminate called without an active exception' in 2-rank sweeps)."""
+    port = str(dist._find_free_port())  # pylint: disable=protected-access
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, WORLD_SIZE='2', RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                   MASTER_PORT=port, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+        procs.append(subprocess.Popen([sys.executable, '-c', FREED_SCRIPT], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out = p.communicate(timeout=120)[0]
+        assert p.returncode == 0, out
+        before, after = [int(n) for n in out.split('threads ')[-1].split()]
+        assert after == before, out
+
 @pytest.mark.parametrize('mode', ['ok', 'fail'])
 def test_process_group_two_ranks(mode):
     """Both ranks join, work, and leave the group; a rank whose block raises leaves without waiting for a barrier

@@ -7,6 +7,7 @@ The backend is nccl when CUDA is available, else gloo.
 
 import contextlib
 import datetime
+import importlib
 import os
 import re
 import socket
@@ -57,6 +58,12 @@ def init():
         if os.name == 'nt':
             backend = 'gloo'  # NCCL is not available on Windows.
         timeout = datetime.timedelta(minutes=float(os.environ.get('EDM2PLUS_DIST_TIMEOUT_MIN', '30')))
+        # Imported while a process group exists (as the first TorchDispatchMode does, e.g. networks.flops' count),
+        # torch.distributed._shard keeps references to the default group, so that destroy_process_group() cannot
+        # free it: gloo's worker threads then live on into the interpreter's exit, where one of them may abort the
+        # process ("terminate called without an active exception") after all the work is done. Imported before the
+        # group exists, it holds none (a 17 ms import).
+        importlib.import_module('torch.distributed._shard')
         store = _elastic_attempt_store(timeout)
         if store is not None:
             torch.distributed.init_process_group(backend=backend, store=store, rank=int(os.environ['RANK']),
